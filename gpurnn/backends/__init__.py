@@ -1,0 +1,102 @@
+"""Backends: one module each, all with the same two entry points.
+
+    forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_reserve)
+        -> (y, h_n, c_n, reserve)
+    backward(reserve, dy, dh_n, dc_n) -> Grads
+
+Arguments arrive validated and normalised by `gpurnn.functional` (nothing below re-validates):
+  cell      one of gpurnn.cells.CELLS
+  x         (T, B, I) C-contiguous, dtype float32 | float64 (all arrays share it)
+  w_ih      (G*H, I) ; w_hh (G*H, H) ; b_ih, b_hh (G*H,) or both None (bias=False)
+  h0        (B, H), never None ; c0 (B, H) for LSTM, else None
+  lengths   None (all T) or int64 (B,) with 0 <= lengths[b] <= T, on the host
+  reverse   run t = T-1 .. 0 (each sequence starting at its own last step)
+  dy        (T, B, H) ; dh_n (B, H) ; dc_n (B, H) for LSTM else None — zeros where the caller
+            had none
+Returns y (T, B, H) (zeros at t >= lengths[b]), h_n, c_n (None unless LSTM) and a Reserve
+(None unless need_reserve). Layout of the reserve: gpurnn.cells.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+BACKENDS = ("numpy", "sim", "cuda")
+
+
+class Grads(NamedTuple):
+    dx: Any       # (T, B, I)
+    dh0: Any      # (B, H)
+    dc0: Any      # (B, H) LSTM, else None
+    dw_ih: Any    # (G*H, I)
+    dw_hh: Any    # (G*H, H)
+    db_ih: Any    # (G*H,) or None without bias
+    db_hh: Any    # (G*H,) or None without bias
+
+
+@dataclass
+class Reserve:
+    """What a training forward keeps for backward (like cuDNN's reserve space)."""
+    cell: str
+    backend: str
+    reverse: bool
+    x: Any
+    w_ih: Any
+    w_hh: Any
+    has_bias: bool
+    lengths: Any          # None or (B,) int64 host array
+    h: Any                # (T+1, B, H)
+    c: Any                # (T+1, B, H) or None
+    gates: Any            # (T, B, S*H) or None
+    consumed: bool = False
+
+    @property
+    def shape(self):
+        """(T, B, I, H)."""
+        T, B, I = self.x.shape
+        return T, B, I, self.h.shape[2]
+
+
+def is_device_array(a) -> bool:
+    return hasattr(a, "__cuda_array_interface__")
+
+
+def get_backend(name: str):
+    """The backend module for a resolved name ('numpy', 'sim' or 'cuda')."""
+    if name == "numpy":
+        from . import numpy as mod
+    elif name == "sim":
+        from . import sim as mod
+    elif name == "cuda":
+        from . import cuda as mod
+    else:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}; got {name!r}")
+    return mod
+
+
+def resolve(backend: str, arrays) -> str:
+    """Resolve 'auto' (or GPURNN_BACKEND) to a backend name by the types of `arrays`.
+
+    NumPy arrays go to 'numpy'; anything exposing __cuda_array_interface__ goes to 'cuda';
+    mixing the two in one call is a TypeError. An explicit 'sim' takes NumPy arrays.
+    """
+    present = [a for a in arrays if a is not None]
+    kinds = {("device" if is_device_array(a) else "host") for a in present}
+    if len(kinds) > 1:
+        described = ", ".join(sorted({type(a).__module__ + "." + type(a).__name__ for a in present}))
+        raise TypeError(f"arrays in one call must all be host (NumPy) or all device (CuPy / "
+                        f"__cuda_array_interface__) arrays; got a mix: {described}")
+    on_device = kinds == {"device"}
+    if backend == "auto":
+        backend = os.environ.get("GPURNN_BACKEND", "auto") or "auto"
+    if backend == "auto":
+        return "cuda" if on_device else "numpy"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}; got {backend!r}")
+    if backend in ("numpy", "sim") and on_device:
+        raise TypeError(f"backend {backend!r} takes NumPy arrays; got device arrays")
+    if backend == "cuda" and present and not on_device:
+        raise TypeError("backend 'cuda' takes device arrays (CuPy or __cuda_array_interface__); "
+                        "got NumPy arrays")
+    return backend
