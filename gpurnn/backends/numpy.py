@@ -1,0 +1,250 @@
+"""NumPy backend: the CPU fallback and the reference every kernel is tested against.
+
+Plain and readable on purpose, but not wasteful: the input projection is one GEMM over all
+T*B rows before the time loop, the loop does one (B, H) x (H, G*H) GEMM plus pointwise work per
+step writing into preallocated buffers, and backward forms every weight gradient with large
+GEMMs after its loop (DESIGN.md §2). Conventions and reserve layout: gpurnn/cells.py.
+
+NaN/Inf in inputs propagate to the outputs as IEEE arithmetic says; numpy's floating-point
+warnings are silenced inside the loops because producing NaN from Inf is the documented
+behaviour here, not an accident.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import Grads, Reserve
+from ..cells import GATES, RESERVE_GATES
+
+NAME = "numpy"
+
+
+def _sigmoid(a, out):
+    # 0.5*tanh(a/2) + 0.5 is sigmoid without the overflow of exp(-a) for very negative a.
+    np.multiply(a, 0.5, out=out)
+    np.tanh(out, out=out)
+    out *= 0.5
+    out += 0.5
+    return out
+
+
+def input_bias(cell, b_ih, b_hh):
+    """The bias folded into the input projection Gx (all of b_hh except GRU's b_hn)."""
+    if b_ih is None:
+        return None
+    if cell != "gru":
+        return b_ih + b_hh
+    H = b_hh.shape[0] // 3
+    folded = b_ih.copy()
+    folded[: 2 * H] += b_hh[: 2 * H]
+    return folded
+
+
+def _masks(lengths, T):
+    """Per step: None where every sequence is active, else the indices of the inactive rows."""
+    if lengths is None:
+        return [None] * T
+    out = []
+    for t in range(T):
+        idle = np.flatnonzero(lengths <= t)
+        out.append(idle if idle.size else None)
+    return out
+
+
+def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_reserve, *, options=None):
+    T, B, I = x.shape
+    H = w_hh.shape[1]
+    G = GATES[cell]
+    dtype = x.dtype
+    rev = 1 if reverse else 0
+
+    gx = np.matmul(x.reshape(T * B, I), w_ih.T).reshape(T, B, G * H)
+    bias = input_bias(cell, b_ih, b_hh)
+    if bias is not None:
+        gx += bias
+    w_hh_t = np.ascontiguousarray(w_hh.T)              # (H, G*H): h @ w_hh_t
+    b_hn = b_hh[2 * H:] if (cell == "gru" and b_hh is not None) else None
+
+    h = np.empty((T + 1, B, H), dtype)
+    h[T if rev else 0] = h0
+    c = None
+    if cell == "lstm":
+        c = np.empty((T + 1, B, H), dtype)
+        c[T if rev else 0] = c0
+    S = RESERVE_GATES[cell]
+    gates = np.empty((T, B, S * H), dtype) if (S and need_reserve) else None
+    step_gates = np.empty((B, max(S, G) * H), dtype)   # used when no reserve is kept
+    rec = np.empty((B, G * H), dtype)
+    tmp = np.empty((B, H), dtype)
+    y = np.empty((T, B, H), dtype)
+    idle_rows = _masks(lengths, T)
+
+    with np.errstate(over="ignore", invalid="ignore"):
+        for s in range(T):
+            t = T - 1 - s if rev else s
+            h_in, h_out = h[t + rev], h[t + 1 - rev]
+            np.matmul(h_in, w_hh_t, out=rec)
+            if cell == "lstm":
+                a = gates[t] if gates is not None else step_gates
+                np.add(rec, gx[t], out=a)
+                _sigmoid(a[:, : 2 * H], a[:, : 2 * H])
+                np.tanh(a[:, 2 * H: 3 * H], out=a[:, 2 * H: 3 * H])
+                _sigmoid(a[:, 3 * H:], a[:, 3 * H:])
+                i, f, g, o = a[:, :H], a[:, H: 2 * H], a[:, 2 * H: 3 * H], a[:, 3 * H:]
+                c_in, c_out = c[t + rev], c[t + 1 - rev]
+                np.multiply(f, c_in, out=c_out)
+                np.multiply(i, g, out=tmp)
+                c_out += tmp
+                np.tanh(c_out, out=h_out)
+                h_out *= o
+            elif cell == "gru":
+                a = gates[t] if gates is not None else step_gates
+                if b_hn is not None:
+                    rec[:, 2 * H:] += b_hn
+                np.add(rec[:, : 2 * H], gx[t, :, : 2 * H], out=a[:, : 2 * H])
+                _sigmoid(a[:, : 2 * H], a[:, : 2 * H])
+                r, z = a[:, :H], a[:, H: 2 * H]
+                n, hn = a[:, 2 * H: 3 * H], a[:, 3 * H:]
+                hn[...] = rec[:, 2 * H:]
+                np.multiply(r, hn, out=n)
+                n += gx[t, :, 2 * H:]
+                np.tanh(n, out=n)
+                np.subtract(h_in, n, out=h_out)    # h' = n + z*(h - n)
+                h_out *= z
+                h_out += n
+            else:
+                np.add(rec, gx[t], out=h_out)
+                if cell == "rnn_tanh":
+                    np.tanh(h_out, out=h_out)
+                else:
+                    np.maximum(h_out, 0, out=h_out)
+            y[t] = h_out
+            idle = idle_rows[t]
+            if idle is not None:
+                h_out[idle] = h_in[idle]
+                if c is not None:
+                    c_out[idle] = c_in[idle]
+                y[t, idle] = 0
+
+    h_n = h[0 if rev else T].copy()
+    c_n = c[0 if rev else T].copy() if c is not None else None
+    reserve = None
+    if need_reserve:
+        reserve = Reserve(cell=cell, backend=NAME, reverse=bool(reverse), x=x, w_ih=w_ih, w_hh=w_hh,
+                          has_bias=b_ih is not None, lengths=lengths, h=h, c=c, gates=gates)
+    return y, h_n, c_n, reserve
+
+
+def backward(reserve, dy, dh_n, dc_n, *, options=None):
+    cell, x, w_ih, w_hh, h, c, gates = (reserve.cell, reserve.x, reserve.w_ih, reserve.w_hh,
+                                        reserve.h, reserve.c, reserve.gates)
+    T, B, I, H = reserve.shape
+    G = GATES[cell]
+    rev = 1 if reserve.reverse else 0
+    dtype = x.dtype
+
+    dgx = np.empty((T, B, G * H), dtype)                       # input-side gate gradients
+    dgh = np.empty((T, B, G * H), dtype) if cell == "gru" else dgx   # recurrent side
+    dh = dh_n.astype(dtype, copy=True)
+    dc = dc_n.astype(dtype, copy=True) if cell == "lstm" else None
+    dh_t = np.empty((B, H), dtype)
+    tmp = np.empty((B, H), dtype)
+    tmp2 = np.empty((B, H), dtype)
+    idle_rows = _masks(reserve.lengths, T)
+
+    with np.errstate(over="ignore", invalid="ignore"):
+        for s in range(T):
+            t = s if rev else T - 1 - s          # the forward's steps, last first
+            idle = idle_rows[t]
+            if idle is not None:
+                carried_h = dh[idle].copy()
+                carried_c = dc[idle].copy() if dc is not None else None
+            np.add(dh, dy[t], out=dh_t)
+            h_in, h_out = h[t + rev], h[t + 1 - rev]
+            dg = dgx[t]
+            if cell == "lstm":
+                a = gates[t]
+                i, f, g, o = a[:, :H], a[:, H: 2 * H], a[:, 2 * H: 3 * H], a[:, 3 * H:]
+                di, df, dgg, do = dg[:, :H], dg[:, H: 2 * H], dg[:, 2 * H: 3 * H], dg[:, 3 * H:]
+                c_in, c_out = c[t + rev], c[t + 1 - rev]
+                tanh_c = np.tanh(c_out, out=tmp)
+                # do = dh * tanh(c) * o(1-o)
+                np.multiply(dh_t, tanh_c, out=do)
+                np.subtract(1, o, out=tmp2)
+                tmp2 *= o
+                do *= tmp2
+                # dc += dh * o * (1 - tanh(c)^2)
+                np.multiply(tanh_c, tanh_c, out=tmp2)
+                np.subtract(1, tmp2, out=tmp2)
+                tmp2 *= o
+                tmp2 *= dh_t
+                dc += tmp2
+                # di = dc*g*i(1-i); df = dc*c_prev*f(1-f); dg = dc*i*(1-g^2)
+                np.subtract(1, i, out=tmp2)
+                tmp2 *= i
+                np.multiply(dc, g, out=di)
+                di *= tmp2
+                np.subtract(1, f, out=tmp2)
+                tmp2 *= f
+                np.multiply(dc, c_in, out=df)
+                df *= tmp2
+                np.multiply(g, g, out=tmp2)
+                np.subtract(1, tmp2, out=tmp2)
+                tmp2 *= i
+                np.multiply(dc, tmp2, out=dgg)
+                dc *= f
+                np.matmul(dg, w_hh, out=dh)
+            elif cell == "gru":
+                a = gates[t]
+                r, z, n, hn = a[:, :H], a[:, H: 2 * H], a[:, 2 * H: 3 * H], a[:, 3 * H:]
+                dr, dz, dn = dg[:, :H], dg[:, H: 2 * H], dg[:, 2 * H: 3 * H]
+                # dn_pre = dh*(1-z)*(1-n^2)
+                np.subtract(1, z, out=tmp)
+                tmp *= dh_t
+                np.multiply(n, n, out=tmp2)
+                np.subtract(1, tmp2, out=tmp2)
+                np.multiply(tmp, tmp2, out=dn)
+                # dz_pre = dh*(h_prev - n)*z(1-z)
+                np.subtract(h_in, n, out=dz)
+                dz *= dh_t
+                np.subtract(1, z, out=tmp2)
+                tmp2 *= z
+                dz *= tmp2
+                # dr_pre = dn_pre*hn*r(1-r)
+                np.multiply(dn, hn, out=dr)
+                np.subtract(1, r, out=tmp2)
+                tmp2 *= r
+                dr *= tmp2
+                dgr = dgh[t]
+                dgr[:, : 2 * H] = dg[:, : 2 * H]
+                np.multiply(dn, r, out=dgr[:, 2 * H:])
+                np.matmul(dgr, w_hh, out=dh)
+                np.multiply(dh_t, z, out=tmp)
+                dh += tmp
+            else:
+                if cell == "rnn_tanh":
+                    np.multiply(h_out, h_out, out=tmp)
+                    np.subtract(1, tmp, out=tmp)
+                    np.multiply(dh_t, tmp, out=dg)
+                else:
+                    np.multiply(dh_t, h_out > 0, out=dg)
+                np.matmul(dg, w_hh, out=dh)
+            if idle is not None:
+                # masked steps copied the state through and output zeros
+                dgx[t, idle] = 0
+                if dgh is not dgx:
+                    dgh[t, idle] = 0
+                dh[idle] = carried_h
+                if dc is not None:
+                    dc[idle] = carried_c
+
+    TB = T * B
+    dgx2, dgh2 = dgx.reshape(TB, G * H), dgh.reshape(TB, G * H)
+    dx = np.matmul(dgx2, w_ih).reshape(T, B, I)
+    dw_ih = np.matmul(dgx2.T, x.reshape(TB, I))
+    dw_hh = np.matmul(dgh2.T, h[rev: rev + T].reshape(TB, H))
+    db_ih = db_hh = None
+    if reserve.has_bias:
+        db_ih = dgx2.sum(axis=0)
+        db_hh = dgh2.sum(axis=0) if dgh is not dgx else db_ih.copy()
+    return Grads(dx=dx, dh0=dh, dc0=dc, dw_ih=dw_ih, dw_hh=dw_hh, db_ih=db_ih, db_hh=db_hh)
