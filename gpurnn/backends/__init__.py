@@ -100,3 +100,36 @@ def resolve(backend: str, arrays) -> str:
         raise TypeError("backend 'cuda' takes device arrays (CuPy or __cuda_array_interface__); "
                         "got NumPy arrays")
     return backend
+
+
+def availability(name: str):
+    """(available, reason) for a backend on this machine, without side effects on numba."""
+    import importlib.util
+    import sys
+    if name == "numpy":
+        return True, "always (CPU reference)"
+    if name == "sim":
+        if importlib.util.find_spec("numba_cuda") is None and importlib.util.find_spec("numba.cuda") is None:
+            return False, "numba-cuda is not installed (pip install 'gpurnn[sim]')"
+        if importlib.util.find_spec("gpurnn.backends.sim") is None:
+            return False, "the simulator backend is not part of this build"
+        if "numba.cuda" in sys.modules and os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+            return False, ("numba.cuda was imported in hardware mode before the simulator was asked "
+                           "for; set NUMBA_ENABLE_CUDASIM=1 before importing numba.cuda")
+        return True, "Numba CUDA simulator (same kernel source, NumPy arrays)"
+    if name == "cuda":
+        if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+            return False, "NUMBA_ENABLE_CUDASIM=1 is set: numba.cuda is the simulator in this process"
+        if importlib.util.find_spec("cupy") is None:
+            return False, "CuPy is not installed (pip install 'gpurnn[cuda13]' or '[cuda12]')"
+        if importlib.util.find_spec("numba_cuda") is None:
+            return False, "numba-cuda is not installed (pip install 'gpurnn[cuda13]')"
+        try:
+            import cupy
+            count = cupy.cuda.runtime.getDeviceCount()
+        except Exception as exc:  # CuPy raises its own CUDARuntimeError types; report, don't hide
+            return False, f"no usable CUDA device: {type(exc).__name__}: {exc}"
+        if count < 1:
+            return False, "no CUDA device"
+        return True, f"{count} CUDA device(s)"
+    raise ValueError(f"backend must be one of {BACKENDS}; got {name!r}")

@@ -1,0 +1,173 @@
+"""`gpurnn check`: a self-test that runs forward and backward of every cell on every available
+backend at small sizes and compares it with a reference, printing a pass table.
+
+The NumPy backend (the reference itself) is checked against directional finite differences in
+float64 and, when torch is installed, against torch.nn in float64; every other backend is checked
+against the NumPy backend in float32. Exit status 1 on any mismatch.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+TOL32, TOL64, TOL_FD = 1e-5, 1e-10, 1e-7
+
+
+def add_parser(sub):
+    p = sub.add_parser("check", help="self-test every cell on every available backend",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--backend", action="append", choices=("numpy", "sim", "cuda"),
+                   help="check only these backends (repeatable); default: every available one")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+    return p
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return np.inf
+    d = np.linalg.norm(b)
+    return np.linalg.norm(a - b) / (d if d > 0 else 1.0)
+
+
+def _problem(cell, dtype, rng, T=5, B=3, I=4, H=6):
+    from gpurnn.cells import GATES
+    G = GATES[cell]
+    args = {
+        "x": rng.standard_normal((T, B, I)), "w_ih": rng.uniform(-0.5, 0.5, (G * H, I)),
+        "w_hh": rng.uniform(-0.5, 0.5, (G * H, H)), "b_ih": rng.uniform(-0.5, 0.5, G * H),
+        "b_hh": rng.uniform(-0.5, 0.5, G * H), "h0": rng.standard_normal((B, H)),
+        "c0": rng.standard_normal((B, H)) if cell == "lstm" else None,
+    }
+    args = {k: (v.astype(dtype) if v is not None else None) for k, v in args.items()}
+    lengths = np.array([T, 2, T - 1][:B])
+    seeds = {"dy": rng.standard_normal((T, B, H)).astype(dtype),
+             "dh": rng.standard_normal((B, H)).astype(dtype),
+             "dc": rng.standard_normal((B, H)).astype(dtype) if cell == "lstm" else None}
+    return args, lengths, seeds
+
+
+def _run(cell, args, lengths, seeds, backend, reverse=True):
+    from gpurnn import functional as F
+    y, h_n, c_n, res = F.forward(cell, **args, lengths=lengths, reverse=reverse, backend=backend)
+    g = F.backward(res, seeds["dy"], seeds["dh"], seeds["dc"])
+    outs = {"y": y, "h_n": h_n, "c_n": c_n}
+    grads = {"dx": g.dx, "dh0": g.dh0, "dc0": g.dc0, "dw_ih": g.dw_ih, "dw_hh": g.dw_hh,
+             "db_ih": g.db_ih, "db_hh": g.db_hh}
+    return outs, grads
+
+
+def _objective(outs, seeds):
+    total = float(np.sum(outs["y"] * seeds["dy"]) + np.sum(outs["h_n"] * seeds["dh"]))
+    if outs["c_n"] is not None:
+        total += float(np.sum(outs["c_n"] * seeds["dc"]))
+    return total
+
+
+def _check_numpy_fd(cell, rng):
+    """Directional finite difference of the objective against <grad, direction>, float64."""
+    from gpurnn import functional as F
+    args, lengths, seeds = _problem(cell, np.float64, rng)
+    _, grads = _run(cell, args, lengths, seeds, "numpy")
+    names = {"x": "dx", "w_ih": "dw_ih", "w_hh": "dw_hh", "b_ih": "db_ih", "b_hh": "db_hh",
+             "h0": "dh0", "c0": "dc0"}
+    direction = {k: rng.standard_normal(v.shape) for k, v in args.items() if v is not None}
+    eps = 1e-6
+
+    def value(sign):
+        moved = {k: (v + sign * eps * direction[k] if v is not None else None) for k, v in args.items()}
+        y, h_n, c_n, _ = F.forward(cell, **moved, lengths=lengths, reverse=True, training=False,
+                                   backend="numpy")
+        return _objective({"y": y, "h_n": h_n, "c_n": c_n}, seeds)
+
+    numeric = (value(1) - value(-1)) / (2 * eps)
+    analytic = sum(float(np.sum(grads[names[k]] * d)) for k, d in direction.items())
+    return abs(numeric - analytic) / max(abs(analytic), 1e-12)
+
+
+def _check_numpy_torch(cell, rng):
+    try:
+        import torch
+    except ImportError:
+        return None
+    args, lengths, seeds = _problem(cell, np.float64, rng)
+    outs, grads = _run(cell, args, lengths, seeds, "numpy", reverse=False)
+    kind = {"lstm": ("LSTM", {}), "gru": ("GRU", {}), "rnn_tanh": ("RNN", {"nonlinearity": "tanh"}),
+            "rnn_relu": ("RNN", {"nonlinearity": "relu"})}[cell]
+    T, B, I = args["x"].shape
+    H = args["h0"].shape[1]
+    m = getattr(torch.nn, kind[0])(I, H, **kind[1]).double()
+    with torch.no_grad():
+        for name, key in (("weight_ih_l0", "w_ih"), ("weight_hh_l0", "w_hh"), ("bias_ih_l0", "b_ih"),
+                          ("bias_hh_l0", "b_hh")):
+            getattr(m, name).copy_(torch.from_numpy(args[key]))
+    t = {k: torch.tensor(v, requires_grad=True) for k, v in args.items() if k in ("x", "h0", "c0") and v is not None}
+    packed = torch.nn.utils.rnn.pack_padded_sequence(t["x"], torch.tensor(lengths), enforce_sorted=False)
+    hx = (t["h0"][None], t["c0"][None]) if cell == "lstm" else t["h0"][None]
+    out, state = m(packed, hx)
+    y, _ = torch.nn.utils.rnn.pad_packed_sequence(out, total_length=T)
+    states = state if cell == "lstm" else (state,)
+    loss = (y * torch.from_numpy(seeds["dy"])).sum() + (states[0][0] * torch.from_numpy(seeds["dh"])).sum()
+    if cell == "lstm":
+        loss = loss + (states[1][0] * torch.from_numpy(seeds["dc"])).sum()
+    loss.backward()
+    errs = [_rel(outs["y"], y.detach().numpy()), _rel(outs["h_n"], states[0][0].detach().numpy()),
+            _rel(grads["dx"], t["x"].grad.numpy()), _rel(grads["dh0"], t["h0"].grad.numpy()),
+            _rel(grads["dw_ih"], m.weight_ih_l0.grad.numpy()), _rel(grads["dw_hh"], m.weight_hh_l0.grad.numpy()),
+            _rel(grads["db_ih"], m.bias_ih_l0.grad.numpy()), _rel(grads["db_hh"], m.bias_hh_l0.grad.numpy())]
+    return max(errs)
+
+
+def _check_against_numpy(cell, backend, rng):
+    args, lengths, seeds = _problem(cell, np.float32, rng)
+    ref_o, ref_g = _run(cell, args, lengths, seeds, "numpy")
+    o, g = _run(cell, args, lengths, seeds, backend)
+    to_host = (lambda a: a.get()) if backend == "cuda" else (lambda a: a)
+    errs = [_rel(to_host(o[k]), ref_o[k]) for k in ref_o if ref_o[k] is not None]
+    errs += [_rel(to_host(g[k]), ref_g[k]) for k in ref_g if ref_g[k] is not None]
+    return max(errs)
+
+
+def run(args):
+    from gpurnn.backends import availability
+    rng = np.random.default_rng(args.seed)
+    wanted = args.backend or ["numpy", "sim", "cuda"]
+    rows, failed = [], False
+    print("gpurnn check: forward + backward (BPTT) of every cell at T=5, B=3, I=4, H=6, "
+          "lengths (5, 2, 4), reverse, with biases")
+    for name in wanted:
+        ok, why = availability(name)
+        if name == "sim" and ok:
+            from gpurnn.backends import sim as _  # noqa: F401  (sets up the simulator early)
+        if not ok:
+            rows.append((name, "-", "skipped", "-", why))
+            if args.backend:
+                failed = True  # explicitly asked for and not there
+            continue
+        for cell in CELLS:
+            start = time.perf_counter()
+            checks = []
+            if name == "numpy":
+                checks.append(("finite differences f64", _check_numpy_fd(cell, rng), TOL_FD))
+                err = _check_numpy_torch(cell, rng)
+                if err is not None:
+                    checks.append(("torch.nn f64", err, TOL64))
+            else:
+                checks.append(("NumPy backend f32", _check_against_numpy(cell, name, rng), TOL32))
+            ms = (time.perf_counter() - start) * 1e3
+            for what, err, tol in checks:
+                good = err <= tol
+                failed |= not good
+                rows.append((name, cell, "PASS" if good else "FAIL", f"{err:.1e} <= {tol:.0e}" if good
+                             else f"{err:.1e} > {tol:.0e}", f"vs {what} ({ms:.0f} ms)"))
+    widths = [max(len(str(r[i])) for r in rows + [("backend", "cell", "result", "rel. error", "against")])
+              for i in range(5)]
+    header = ("backend", "cell", "result", "rel. error", "against")
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    print("FAILED" if failed else "all checks passed")
+    return 1 if failed else 0
