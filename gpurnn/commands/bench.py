@@ -1,0 +1,173 @@
+"""`gpurnn bench`: forward and forward+backward of LSTM/GRU/RNN over a grid of (T, B, I, H) for
+every available gpurnn backend and peer (torch CPU; on a GPU torch cuDNN and gpurnn's stepwise
+path), with median time, tokens/s, GFLOP/s from an explicit FLOP model (gpurnn.bench), and the
+ratio to the peer timed in the same run."""
+from __future__ import annotations
+
+import json
+import sys
+
+CELL_NAMES = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+
+
+def add_parser(sub):
+    p = sub.add_parser("bench", help="time gpurnn against torch (CPU, cuDNN) on a case grid",
+                       description=__doc__)
+    p.add_argument("--quick", action="store_true", help="a small grid (under a minute on a CPU)")
+    p.add_argument("--cell", action="append", choices=CELL_NAMES, help="repeatable; default lstm, gru, rnn_tanh")
+    p.add_argument("--mode", action="append", choices=("fwd", "fwdbw"), help="repeatable; default both")
+    p.add_argument("--impl", action="append", help="implementations to time (repeatable); default: every "
+                   "available one except gpurnn-sim")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    p.add_argument("--shape", action="append", metavar="T,B,I,H", help="custom case shape (repeatable)")
+    p.add_argument("--repeat", type=int, default=None, help="timed repetitions per case (median reported)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and NumPy's BLAS")
+    p.add_argument("--json", metavar="FILE", help="write machine-readable results")
+    p.add_argument("--plot", metavar="FILE.png", help="draw throughput against batch size (matplotlib)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+    return p
+
+
+def _shape(text):
+    try:
+        T, B, I, H = (int(v) for v in text.split(","))
+    except ValueError:
+        raise SystemExit(f"gpurnn bench: --shape must be T,B,I,H (four integers); got {text!r}")
+    if min(T, B, I, H) < 1:
+        raise SystemExit(f"gpurnn bench: --shape values must be >= 1; got {text!r}")
+    return T, B, I, H
+
+
+def format_table(results):
+    header = ("case", "impl", "median ms", "tokens/s", "GFLOP/s", "vs peer")
+    rows = []
+    for r in results:
+        ratio = (f"{r['ratio_to_peer']:.2f}x {r['peer']}" if r.get("ratio_to_peer") is not None
+                 and r["impl"] != r.get("peer") else "")
+        rows.append((r["case"], r["impl"], f"{r['median_s'] * 1e3:.2f}", f"{r['tokens_per_s']:.3g}",
+                     f"{r['gflops']:.2f}", ratio))
+    widths = [max(len(x[i]) for x in rows + [header]) for i in range(len(header))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def plot(results, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("gpurnn bench: --plot needs matplotlib (pip install 'gpurnn[bench]')")
+    panels = sorted({(r["cell"], r["mode"], r["T"], r["I"], r["H"]) for r in results})
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, panels):
+        sel = [r for r in results if (r["cell"], r["mode"], r["T"], r["I"], r["H"]) == key]
+        for impl in sorted({r["impl"] for r in sel}):
+            pts = sorted((r["B"], r["tokens_per_s"]) for r in sel if r["impl"] == impl)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size B")
+        ax.set_ylabel("tokens/s")
+        ax.set_title(f"{key[0]} {key[1]} T={key[2]} I={key[3]} H={key[4]}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(args):
+    from gpurnn import bench
+    avail = bench.available_impls()
+    if args.impl:
+        unknown = [i for i in args.impl if i not in bench.IMPLS]
+        if unknown:
+            print(f"gpurnn bench: unknown --impl {unknown}; choose from {list(bench.IMPLS)}", file=sys.stderr)
+            return 2
+        missing = [f"{i} ({avail[i][1]})" for i in args.impl if not avail[i][0]]
+        if missing:
+            print(f"gpurnn bench: not available here: {'; '.join(missing)}", file=sys.stderr)
+            return 2
+        impls = list(args.impl)
+    else:
+        impls = [i for i in bench.IMPLS if avail[i][0] and i != "gpurnn-sim"]
+    skipped = {i: avail[i][1] for i in bench.IMPLS if i not in impls}
+    cells = tuple(args.cell or ("lstm", "gru", "rnn_tanh"))
+    modes = tuple(args.mode or ("fwd", "fwdbw"))
+    if args.shape:
+        cases = [bench.Case(c, m, *_shape(s), args.dtype) for c in cells for m in modes for s in args.shape]
+    else:
+        cases = bench.grid(args.quick, cells, modes, args.dtype)
+    repeat = args.repeat or 5
+
+    limiter = None
+    if args.threads:
+        try:
+            import torch
+            torch.set_num_threads(args.threads)
+        except ImportError:
+            pass  # torch absent: nothing to limit on its side
+        try:
+            import threadpoolctl
+            limiter = threadpoolctl.threadpool_limits(limits=args.threads)
+        except ImportError:
+            print("gpurnn bench: threadpoolctl is not installed; NumPy's BLAS threads not limited",
+                  file=sys.stderr)
+
+    bar = None
+    if not args.no_progress:
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=len(cases) * len(impls), desc="gpurnn bench", unit="case", file=sys.stderr)
+        except ImportError:
+            bar = None
+
+    def progress(case, impl):
+        if bar is not None:
+            bar.set_postfix_str(f"{case.id} {impl}")
+            bar.update(1)
+
+    try:
+        results = bench.run_cases(cases, impls, repeat=repeat, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+        if limiter is not None:
+            limiter.unregister()
+
+    env = bench.environment()
+    print(f"gpurnn bench: {len(cases)} cases x {len(impls)} implementations, median of {repeat}; "
+          f"{env['cpu_count']} CPUs, torch threads {env.get('torch_threads')}")
+    for impl, why in skipped.items():
+        print(f"  not timed: {impl}: {why}")
+    print(format_table(results))
+    print("Read it: 'vs peer' is this implementation's median time over its peer's in the same run "
+          "(below 1.00x = faster). GFLOP/s uses the FLOP model in gpurnn.bench for every implementation.")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"schema": "gpurnn-bench/1", "environment": env, "device": _device(),
+                       "implementations": impls, "not_timed": skipped, "repeat": repeat,
+                       "cases": results}, fh, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(results, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _device():
+    from gpurnn.backends import availability
+    ok, why = availability("cuda")
+    if not ok:
+        return {"kind": "cpu", "gpu": None, "why_no_gpu": why}
+    import cupy
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    return {"kind": "gpu", "gpu": props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
+            "sm_count": props["multiProcessorCount"]}
