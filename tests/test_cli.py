@@ -1,0 +1,106 @@
+"""The `gpurnn` command line: info, check, bench (output shape, exit codes, JSON schema, PNG)."""
+import json
+
+import numpy as np
+import pytest
+
+from gpurnn.cli import main
+
+
+def test_info_text(capsys):
+    assert main(["info", "--device", "H100"]) == 0
+    out = capsys.readouterr().out
+    assert "backends:" in out and "numpy  yes" in out
+    assert "persistent capacity on H100" in out
+    assert "lstm      float32" in out
+
+
+def test_info_json_schema(capsys):
+    assert main(["info", "--device", "A100", "--batch", "1", "--batch", "16", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert set(info) >= {"gpurnn", "backends", "devices", "profile", "capacity", "traffic"}
+    assert info["backends"]["numpy"]["available"] is True
+    for b in info["backends"].values():
+        assert isinstance(b["why"], str) and b["why"]
+    assert info["profile"].startswith("A100")
+    caps = {(r["cell"], r["dtype"]): r for r in info["capacity"]}
+    assert len(caps) == 12
+    # more batch rows and wider elements leave room for fewer hidden units
+    for cell in ("lstm", "gru", "rnn_tanh"):
+        assert caps[(cell, "float32")]["B1"] > caps[(cell, "float32")]["B16"] > 0
+        assert caps[(cell, "float64")]["B1"] < caps[(cell, "float32")]["B1"] < caps[(cell, "bfloat16")]["B1"]
+    assert caps[("lstm", "float32")]["B1"] < caps[("gru", "float32")]["B1"] < caps[("rnn_tanh", "float32")]["B1"]
+    for r in info["traffic"]:
+        assert r["stepwise_dram_bytes"] > r["persistent_dram_bytes"] > 0
+
+
+def test_info_rejects_unknown_profile():
+    with pytest.raises(ValueError, match="device must be one of"):
+        main(["info", "--device", "Z80"])
+
+
+def test_check_numpy_passes(capsys):
+    assert main(["check", "--backend", "numpy"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("numpy ")]
+    cells = {line.split()[1] for line in rows}
+    assert cells == {"lstm", "gru", "rnn_tanh", "rnn_relu"}
+    assert all(" PASS " in line for line in rows)
+    assert "all checks passed" in out
+
+
+def test_check_fails_on_a_wrong_gradient(monkeypatch, capsys):
+    from gpurnn.backends import numpy as npb
+    real = npb.backward
+
+    def skewed(*args, **kwargs):
+        g = real(*args, **kwargs)
+        return g._replace(dw_hh=g.dw_hh * 1.001)
+    monkeypatch.setattr(npb, "backward", skewed)
+    assert main(["check", "--backend", "numpy"]) == 1
+    out = capsys.readouterr().out
+    assert " FAIL " in out and "FAILED" in out
+
+
+def test_bench_quick_json_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    js, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    rc = main(["bench", "--quick", "--cell", "lstm", "--cell", "gru", "--repeat", "1",
+               "--no-progress", "--json", str(js), "--plot", str(png), "--threads", "2"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "lstm-fwdbw-f32-T32-B8-I64-H64" in out and "gpurnn-numpy" in out
+    data = json.loads(js.read_text())
+    assert data["schema"] == "gpurnn-bench/1"
+    assert {"environment", "device", "implementations", "not_timed", "cases"} <= set(data)
+    assert "gpurnn-numpy" in data["implementations"]
+    cases = data["cases"]
+    assert len(cases) == 2 * 2 * 3 * len(data["implementations"])
+    for c in cases:
+        assert c["median_s"] > 0 and c["tokens_per_s"] > 0 and c["gflops"] > 0
+        assert c["tokens_per_s"] == pytest.approx(c["T"] * c["B"] / c["median_s"])
+    if "torch-cpu" in data["implementations"]:
+        mine = [c for c in cases if c["impl"] == "gpurnn-numpy"]
+        assert all(c["peer"] == "torch-cpu" and c["ratio_to_peer"] > 0 for c in mine)
+    import matplotlib.image
+    img = matplotlib.image.imread(str(png))
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    assert np.ptp(img) > 0          # not a blank canvas
+
+
+def test_bench_rejects_unknown_impl(capsys):
+    assert main(["bench", "--quick", "--impl", "nope"]) == 2
+    assert "unknown --impl" in capsys.readouterr().err
+
+
+def test_bench_flop_model():
+    from gpurnn.bench import Case, flops
+    c = Case("lstm", "fwd", 10, 2, 3, 5)
+    assert flops(c) == 2 * 10 * 2 * 4 * 5 * (3 + 5) + 12 * 10 * 2 * 5
+    bw = Case("lstm", "fwdbw", 10, 2, 3, 5)
+    assert flops(bw) == 3 * 2 * 10 * 2 * 4 * 5 * (3 + 5) + 3 * 12 * 10 * 2 * 5
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "usage" in capsys.readouterr().out
