@@ -1,0 +1,302 @@
+"""Persistent recurrence kernels: one cooperative launch runs a range of steps of one layer and
+direction, with the recurrent weights held in shared memory for the whole launch.
+
+Ownership and barriers (layout contract: gpurnn/kernels/layout.py):
+  Grid      P blocks, 1-D. Block j owns hidden units U_j = [j*U, min((j+1)*U, H)), U = `units`;
+            a block may own no unit (P*U > H) and then only takes part in the grid barriers.
+  Forward   block j keeps W_hh rows of every gate of U_j in shared memory, loaded once per
+            launch, transposed so that consecutive threads (consecutive units) read
+            consecutive words: w_slice[(m*G + g)*U + k] = W_hh[g*H + j*U + k, m].
+            Per step: all threads stage h_in (B x H) -> syncthreads -> thread per (b, g, k)
+            forms the recurrent pre-activation into `pre` -> syncthreads -> thread per (b, k)
+            does the pointwise update and writes h, c, gates, y -> grid barrier (the next
+            step reads every block's h_out).
+  Backward  block j keeps the columns W_hh[:, U_j]: w_cols[row*U + k] = W_hh[row, j*U + k].
+            Phase kk = 0..T (kk = T is the tail that only finishes dh0): stage the gate
+            gradients dgh of the step processed in phase kk-1 (B x G*H) -> syncthreads ->
+            thread per (b, k) forms dh_rec = W_hh[:, u]^T dgh_next[b] (fixed order, no
+            atomics: deterministic) and does the pointwise backward of its step, writing dgh
+            (and GRU dgx) and its own carries -> grid barrier.
+  Threads   any multiple of 32; every loop strides by blockDim.x.
+Step ranges: forward launches cover processing steps s in [t_begin, t_end) (s = 0 is the first
+step taken: t = s forward, t = T-1-s reverse); backward launches cover phases [k_begin,
+k_end) within [0, T+1). On a GPU one launch covers everything; in the simulator (where the
+grid barrier is only a block barrier) a multi-block grid is launched once per step/phase.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+from numba import cuda
+from numba.cuda.core import config
+
+from ..cells import GATES
+
+if config.ENABLE_CUDASIM:
+    # The simulator has no cooperative-groups intrinsics; its grid.sync() is a block barrier,
+    # which the host compensates for by launching once per step when P > 1.
+    def _this_grid():
+        return cuda.cg.this_grid()
+
+    def _grid_group_sync(grid):
+        grid.sync()
+else:
+    # The intrinsics, unlike cuda.cg.this_grid(), compile without a driver (static checks).
+    from numba.cuda.cg import _grid_group_sync, _this_grid
+
+NP_DTYPES = {"float32": np.float32, "float64": np.float64}
+SHORT = {"float32": "f32", "float64": "f64"}
+
+
+@functools.lru_cache(maxsize=None)
+def make_fwd(cell: str, dtype: str):
+    """The persistent forward kernel (plain Python function, cuda.jit-able) for cell, dtype.
+
+    Arguments (all C-contiguous, compute dtype unless said otherwise):
+      gx       (T, B, G*H)  input projection with folded biases; read only
+      w_hh     (G*H, H)     recurrent weights; read only, once per launch
+      b_rec    (G*H,)       GRU: b_hh (zeros without bias); other cells: any (1,) placeholder
+      h        (T+1, B, H)  reserve states: h0 at h[0] (forward) / h[T] (reverse) on entry
+      c        (T+1, B, H)  LSTM cell states, c0 placed like h0; other cells: (1,1,1) placeholder
+      gates    (T, B, 4*H)  LSTM/GRU activated gates (written); RNN: (1,1,1) placeholder
+      y        (T, B, H)    outputs (written); none of the arrays may alias each other
+      lengths  int32 (B,)   per-sequence lengths (T for all when the caller had none)
+      reverse, t_begin, t_end, units : int32 (see the module docstring)
+    Dynamic shared memory: layout.smem_bytes('fwd', G, H, B, units, itemsize).
+    """
+    G = GATES[cell]
+    DT = NP_DTYPES[dtype]
+    ZERO, HALF = DT(0), DT(0.5)   # typed constants: a float64 literal would promote f32 math
+    IS_LSTM, IS_GRU, IS_RELU = cell == "lstm", cell == "gru", cell == "rnn_relu"
+
+    def kernel(gx, w_hh, b_rec, h, c, gates, y, lengths, reverse, t_begin, t_end, units):
+        grid = _this_grid()
+        smem = cuda.shared.array(0, dtype=DT)
+        T = gx.shape[0]
+        B = h.shape[1]
+        H = h.shape[2]
+        tid = cuda.threadIdx.x
+        stride = cuda.blockDim.x
+        u0 = cuda.blockIdx.x * units
+        nu = min(units, H - u0)
+        if nu < 0:
+            nu = 0
+        gu = G * units
+        h_off = gu * H
+        pre_off = h_off + B * H
+
+        # consecutive threads read consecutive columns m of one W_hh row: coalesced
+        for idx in range(tid, G * nu * H, stride):
+            m = idx % H
+            row = idx // H
+            k = row % nu
+            g = row // nu
+            smem[m * gu + g * units + k] = w_hh[g * H + u0 + k, m]
+        cuda.syncthreads()
+
+        for s in range(t_begin, t_end):
+            t = T - 1 - s if reverse else s
+            t_in = t + reverse
+            t_out = t + 1 - reverse
+            for idx in range(tid, B * H, stride):
+                smem[h_off + idx] = h[t_in, idx // H, idx % H]
+            cuda.syncthreads()
+            for idx in range(tid, B * G * nu, stride):
+                k = idx % nu
+                bg = idx // nu
+                g = bg % G
+                b = bg // G
+                w_at = g * units + k
+                h_at = h_off + b * H
+                acc = ZERO
+                for m in range(H):
+                    acc += smem[m * gu + w_at] * smem[h_at + m]
+                smem[pre_off + (b * G + g) * units + k] = acc
+            cuda.syncthreads()
+            for idx in range(tid, B * nu, stride):
+                k = idx % nu
+                b = idx // nu
+                p = pre_off + b * gu + k
+                r0 = smem[p]
+                r1 = ZERO
+                r2 = ZERO
+                r3 = ZERO
+                if G > 1:
+                    r1 = smem[p + units]
+                    r2 = smem[p + 2 * units]
+                if G > 3:
+                    r3 = smem[p + 3 * units]
+                u = u0 + k
+                h_in = smem[h_off + b * H + u]
+                active = t < lengths[b]
+                # --- cell math, identical in pointwise.make_fwd (device functions cannot be
+                # compiled without a driver in numba-cuda 0.30, so it is written out twice) ---
+                if IS_LSTM:
+                    # sigmoid as 0.5*tanh(a/2)+0.5: no exp overflow; the NumPy reference's form
+                    i = HALF * math.tanh(HALF * (gx[t, b, u] + r0)) + HALF
+                    f = HALF * math.tanh(HALF * (gx[t, b, H + u] + r1)) + HALF
+                    gg = math.tanh(gx[t, b, 2 * H + u] + r2)
+                    o = HALF * math.tanh(HALF * (gx[t, b, 3 * H + u] + r3)) + HALF
+                    gates[t, b, u] = i
+                    gates[t, b, H + u] = f
+                    gates[t, b, 2 * H + u] = gg
+                    gates[t, b, 3 * H + u] = o
+                    c_in = c[t_in, b, u]
+                    c_out = c_in
+                    h_out = h_in
+                    if active:
+                        c_out = f * c_in + i * gg
+                        h_out = o * math.tanh(c_out)
+                    c[t_out, b, u] = c_out
+                elif IS_GRU:
+                    r = HALF * math.tanh(HALF * (gx[t, b, u] + r0)) + HALF
+                    z = HALF * math.tanh(HALF * (gx[t, b, H + u] + r1)) + HALF
+                    hn = r2 + b_rec[2 * H + u]
+                    n = math.tanh(gx[t, b, 2 * H + u] + r * hn)
+                    gates[t, b, u] = r
+                    gates[t, b, H + u] = z
+                    gates[t, b, 2 * H + u] = n
+                    gates[t, b, 3 * H + u] = hn
+                    h_out = h_in
+                    if active:
+                        h_out = n + z * (h_in - n)
+                else:
+                    h_out = h_in
+                    if active:
+                        a = gx[t, b, u] + r0
+                        if IS_RELU:
+                            h_out = a if a > ZERO else ZERO
+                        else:
+                            h_out = math.tanh(a)
+                # masked steps (t >= lengths[b]) keep their gates but copy the state through
+                h[t_out, b, u] = h_out
+                y[t, b, u] = h_out if active else ZERO
+            if s + 1 < t_end:
+                _grid_group_sync(grid)
+
+    kernel.__name__ = f"{cell}_persistent_fwd_{SHORT[dtype]}"
+    kernel.__qualname__ = kernel.__name__
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def make_bwd(cell: str, dtype: str):
+    """The persistent backward (BPTT) kernel for cell, dtype.
+
+    Arguments (all C-contiguous, compute dtype unless said otherwise):
+      w_hh      (G*H, H)     recurrent weights; read only, columns of U_j once per launch
+      h, c, gates            the forward's reserve (layout: gpurnn.cells); read only; c and
+                             gates are (1,1,1) placeholders where the cell has none
+      dy        (T, B, H)    output gradient; read only
+      dgh       (T, B, G*H)  recurrent-side pre-activation gradients (written; read back by
+                             every block one phase later)
+      dgx       (T, B, G*H)  GRU: input-side gradients (written); else (1,1,1) placeholder
+      dh_carry  (B, H)       in: dL/dh_n; out: dL/dh0
+      dc_carry  (B, H)       LSTM: in dL/dc_n, out dL/dc0; else (1,1) placeholder
+      lengths   int32 (B,) ; reverse, k_begin, k_end, units : int32 (module docstring)
+    No argument may alias another. Dynamic shared memory: layout.smem_bytes('bwd', ...).
+    """
+    G = GATES[cell]
+    DT = NP_DTYPES[dtype]
+    ZERO, ONE = DT(0), DT(1)
+    IS_LSTM, IS_GRU, IS_RELU = cell == "lstm", cell == "gru", cell == "rnn_relu"
+
+    def kernel(w_hh, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, reverse,
+               k_begin, k_end, units):
+        grid = _this_grid()
+        smem = cuda.shared.array(0, dtype=DT)
+        T = dy.shape[0]
+        B = h.shape[1]
+        H = h.shape[2]
+        GH = G * H
+        tid = cuda.threadIdx.x
+        stride = cuda.blockDim.x
+        u0 = cuda.blockIdx.x * units
+        nu = min(units, H - u0)
+        if nu < 0:
+            nu = 0
+        dg_off = GH * units
+
+        for idx in range(tid, GH * nu, stride):
+            k = idx % nu
+            row = idx // nu
+            smem[row * units + k] = w_hh[row, u0 + k]
+        cuda.syncthreads()
+
+        for kk in range(k_begin, k_end):
+            s = T - 1 - kk          # processing step of this phase; -1 in the dh0 tail
+            has_next = kk > 0       # uniform over the block: the syncthreads below is safe
+            if has_next:
+                t_next = T - 2 - s if reverse else s + 1
+                for idx in range(tid, B * GH, stride):
+                    smem[dg_off + idx] = dgh[t_next, idx // GH, idx % GH]
+                cuda.syncthreads()
+            t = T - 1 - s if reverse else s
+            t_in = t + reverse
+            t_out = t + 1 - reverse
+            for idx in range(tid, B * nu, stride):
+                k = idx % nu
+                b = idx // nu
+                u = u0 + k
+                dh_rec = ZERO
+                if has_next:
+                    dg_at = dg_off + b * GH
+                    for row in range(GH):
+                        dh_rec += smem[row * units + k] * smem[dg_at + row]
+                dh = dh_carry[b, u] + dh_rec
+                if s < 0:
+                    dh_carry[b, u] = dh
+                elif t >= lengths[b]:
+                    # masked step: the state was copied through, y was a constant 0
+                    dh_carry[b, u] = dh
+                    for g in range(G):
+                        dgh[t, b, g * H + u] = ZERO
+                        if IS_GRU:
+                            dgx[t, b, g * H + u] = ZERO
+                else:
+                    dh += dy[t, b, u]
+                    # --- cell math, identical in pointwise.make_bwd ---
+                    if IS_LSTM:
+                        i = gates[t, b, u]
+                        f = gates[t, b, H + u]
+                        gg = gates[t, b, 2 * H + u]
+                        o = gates[t, b, 3 * H + u]
+                        tanh_c = math.tanh(c[t_out, b, u])
+                        dc = dc_carry[b, u] + dh * o * (ONE - tanh_c * tanh_c)
+                        dgh[t, b, u] = dc * gg * (i * (ONE - i))
+                        dgh[t, b, H + u] = dc * c[t_in, b, u] * (f * (ONE - f))
+                        dgh[t, b, 2 * H + u] = dc * i * (ONE - gg * gg)
+                        dgh[t, b, 3 * H + u] = dh * tanh_c * (o * (ONE - o))
+                        dc_carry[b, u] = dc * f
+                        dh_carry[b, u] = ZERO
+                    elif IS_GRU:
+                        r = gates[t, b, u]
+                        z = gates[t, b, H + u]
+                        n = gates[t, b, 2 * H + u]
+                        hn = gates[t, b, 3 * H + u]
+                        dan = dh * (ONE - z) * (ONE - n * n)
+                        daz = dh * (h[t_in, b, u] - n) * (z * (ONE - z))
+                        dar = dan * hn * (r * (ONE - r))
+                        dgx[t, b, u] = dar
+                        dgx[t, b, H + u] = daz
+                        dgx[t, b, 2 * H + u] = dan
+                        dgh[t, b, u] = dar
+                        dgh[t, b, H + u] = daz
+                        dgh[t, b, 2 * H + u] = dan * r
+                        dh_carry[b, u] = dh * z
+                    else:
+                        h_out = h[t_out, b, u]
+                        if IS_RELU:
+                            da = dh if h_out > ZERO else ZERO
+                        else:
+                            da = dh * (ONE - h_out * h_out)
+                        dgh[t, b, u] = da
+                        dh_carry[b, u] = ZERO
+            if kk + 1 < k_end:
+                _grid_group_sync(grid)
+
+    kernel.__name__ = f"{cell}_persistent_bwd_{SHORT[dtype]}"
+    kernel.__qualname__ = kernel.__name__
+    return kernel
