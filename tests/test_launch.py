@@ -82,7 +82,11 @@ class FakeDispatcher:
         self.launches = []
 
     def compile(self, sig):
+        self.compiled_for = sig
         return self.compiled
+
+    def typeof_pyval(self, value):
+        return type(value).__name__
 
     def __getitem__(self, config):
         def run(*args):
@@ -149,6 +153,7 @@ def test_launch_opts_in_above_48k_then_launches_the_plan():
     disp = FakeDispatcher(compiled)
     launch.launch_persistent(disp, p, 0, ("x",), direction="bwd", driver=d)
     assert ("cuFuncSetAttribute", drv.CUfunction, 0x3010, MAX_DYN, p.smem_bytes_bwd) in d.calls
+    assert disp.compiled_for == ("str",)  # the overload for the launch's argument types
     assert compiled.occupancy_queries == [(p.threads, p.smem_bytes_bwd)]
     assert disp.launches == [((p.blocks, p.threads, 0, p.smem_bytes_bwd), ("x",))]
     # A second launch of the same size does not call the driver again.
