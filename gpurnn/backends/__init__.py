@@ -50,6 +50,7 @@ class Reserve:
     c: Any                # (T+1, B, H) or None
     gates: Any            # (T, B, S*H) or None
     consumed: bool = False
+    plan: Any = None      # kernel backends: the launch configuration their forward used
 
     @property
     def shape(self):
