@@ -29,7 +29,7 @@ import functools
 import math
 
 import numpy as np
-from numba import cuda
+from numba import cuda, float32, float64
 from numba.cuda.core import config
 
 from ..cells import GATES
@@ -47,6 +47,8 @@ else:
     from numba.cuda.cg import _grid_group_sync, _this_grid
 
 NP_DTYPES = {"float32": np.float32, "float64": np.float64}
+# shared-array element types: Numba types work in compiled kernels and in the simulator alike
+NUMBA_TYPES = {"float32": float32, "float64": float64}
 SHORT = {"float32": "f32", "float64": "f64"}
 
 
@@ -68,12 +70,13 @@ def make_fwd(cell: str, dtype: str):
     """
     G = GATES[cell]
     DT = NP_DTYPES[dtype]
+    SMEM_TYPE = NUMBA_TYPES[dtype]
     ZERO, HALF = DT(0), DT(0.5)   # typed constants: a float64 literal would promote f32 math
     IS_LSTM, IS_GRU, IS_RELU = cell == "lstm", cell == "gru", cell == "rnn_relu"
 
     def kernel(gx, w_hh, b_rec, h, c, gates, y, lengths, reverse, t_begin, t_end, units):
         grid = _this_grid()
-        smem = cuda.shared.array(0, dtype=DT)
+        smem = cuda.shared.array(0, dtype=SMEM_TYPE)
         T = gx.shape[0]
         B = h.shape[1]
         H = h.shape[2]
@@ -200,13 +203,14 @@ def make_bwd(cell: str, dtype: str):
     """
     G = GATES[cell]
     DT = NP_DTYPES[dtype]
+    SMEM_TYPE = NUMBA_TYPES[dtype]
     ZERO, ONE = DT(0), DT(1)
     IS_LSTM, IS_GRU, IS_RELU = cell == "lstm", cell == "gru", cell == "rnn_relu"
 
     def kernel(w_hh, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, reverse,
                k_begin, k_end, units):
         grid = _this_grid()
-        smem = cuda.shared.array(0, dtype=DT)
+        smem = cuda.shared.array(0, dtype=SMEM_TYPE)
         T = dy.shape[0]
         B = h.shape[1]
         H = h.shape[2]

@@ -1,0 +1,293 @@
+"""CUDA backend: CuPy arrays, cuBLAS GEMMs through CuPy, gpurnn's Numba CUDA kernels.
+
+The host side of the algorithm (DESIGN.md §2) lives here once, written against an array module
+`xp` and a `Runtime` that knows how to compile and launch; the simulator backend (sim.py) runs
+the same code with NumPy and Numba's CUDA simulator:
+  forward   Gx = x W_ih^T + folded bias (one GEMM) -> persistent kernel over all steps, or per
+            step one GEMM h_in W_hh^T + one pointwise kernel (stepwise path)
+  backward  persistent kernel over T+1 phases (the last only finishes dh0), or per step one
+            GEMM dgh_next W_hh + one pointwise kernel; then dW_hh, dW_ih, dx, db as GEMMs.
+The launch configuration comes from gpurnn.plan unless `options` says otherwise:
+  {"path": "persistent" | "stepwise", "blocks": P, "threads": n}. The forward records the one it
+used on `Reserve.plan`; backward reuses it (its own `options` may override).
+Nothing here imports CuPy or numba.cuda at module import: importing numba.cuda fixes hardware
+or simulator mode for the whole process.
+"""
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from . import Grads, Reserve
+from ..cells import GATES, RESERVE_GATES
+from ..kernels import layout
+
+NAME = "cuda"
+PATHS = ("persistent", "stepwise")
+OPTION_KEYS = ("path", "blocks", "threads")
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """What a forward ran with (kept on Reserve.plan)."""
+    path: str               # "persistent" | "stepwise"
+    blocks: int             # P (persistent grid); unused by the stepwise path
+    threads: int            # threads per block
+    units_per_block: int    # U = ceil(H / P)
+    plan: Any               # the gpurnn.plan.Plan consulted (None if every choice was forced)
+
+
+def _check_options(options):
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise TypeError(f"options must be a dict or None; got {type(options).__name__}")
+    unknown = sorted(set(options) - set(OPTION_KEYS))
+    if unknown:
+        raise ValueError(f"options has unknown keys {unknown}; expected a subset of {OPTION_KEYS}")
+    path = options.get("path")
+    if path is not None and path not in PATHS:
+        raise ValueError(f"options['path'] must be one of {PATHS}; got {path!r}")
+    for key in ("blocks", "threads"):
+        v = options.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
+            raise ValueError(f"options[{key!r}] must be a positive int; got {v!r}")
+    threads = options.get("threads")
+    if threads is not None and (threads % 32 or threads > 1024):
+        raise ValueError(f"options['threads'] must be a multiple of 32 in 32..1024; got {threads}")
+    return options
+
+
+def choose_launch(cell, input_size, hidden, batch, dtype, device, options) -> LaunchConfig:
+    """The launch configuration: options where given, gpurnn.plan for the rest."""
+    from ..plan import plan as make_plan
+    options = _check_options(options)
+    blocks, threads = options.get("blocks"), options.get("threads")
+    p = make_plan(cell, input_size, hidden, batch, dtype, device=device,
+                  blocks=None if blocks is None else int(blocks),
+                  threads=None if threads is None else int(threads))
+    path = options.get("path", p.path)
+    P = int(blocks) if blocks is not None else p.blocks
+    return LaunchConfig(path=path, blocks=P, threads=p.threads,
+                        units_per_block=layout.units_per_block(hidden, P), plan=p)
+
+
+class Runtime:
+    """Array module, kernel compilation and launches for one backend. Subclassed by sim.py."""
+    name = NAME
+    device = None                   # gpurnn.plan device: None = the current CUDA device
+    # True where grid.sync() cannot be trusted across blocks (the simulator): multi-block
+    # persistent grids then run one step per launch, the launch boundary being the barrier.
+    per_step_grid = False
+
+    def __init__(self):
+        self._kernels = {}
+
+    @property
+    def xp(self):
+        import cupy
+        return cupy
+
+    def compile(self, spec):
+        from numba import cuda
+        return cuda.jit(spec.signature)(spec.func)
+
+    def kernel(self, cell, kind, dtype):
+        from ..kernels.registry import spec as kernel_spec
+        key = (cell, kind, dtype)
+        if key not in self._kernels:
+            sp = kernel_spec(cell, kind, dtype)
+            self._kernels[key] = (sp, self.compile(sp))
+        return self._kernels[key]
+
+    def on_launch(self, info: dict):
+        """Called before every kernel launch (a hook for tests and tracing)."""
+
+    def launch_persistent(self, cell, kind, dtype, blocks, threads, smem, args, step_range):
+        from ..kernels.launch import launch_persistent
+        sp, kern = self.kernel(cell, kind, dtype)
+        single = step_range[1] - step_range[0] == 1
+        self.on_launch(dict(name=sp.name, kind=kind, blocks=blocks, threads=threads, smem=smem,
+                            step_range=step_range))
+        with _small_grids_allowed():
+            launch_persistent(kern, (blocks, threads, smem), 0, args,
+                              direction="fwd" if kind.endswith("fwd") else "bwd",
+                              signature=None if self.per_step_grid else sp.signature,
+                              single_step=single)
+
+    def launch_pointwise(self, cell, kind, dtype, n, threads, args, step):
+        sp, kern = self.kernel(cell, kind, dtype)
+        blocks = -(-n // threads)
+        self.on_launch(dict(name=sp.name, kind=kind, blocks=blocks, threads=threads, smem=0,
+                            step_range=(step, step + 1)))
+        with _small_grids_allowed():
+            kern[blocks, threads, 0, 0](*args)
+
+
+@contextmanager
+def _small_grids_allowed():
+    # Numba warns below 128 blocks; a persistent grid is sized to the SMs and the work on
+    # purpose, and a small batch's pointwise step is small. Only that warning is silenced.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Grid size \d+ will likely result in GPU "
+                                r"under-utilization")
+        yield
+
+
+def _dtype_name(a):
+    return np.dtype(a.dtype).name
+
+
+def _steps(T, rev):
+    """Processing step s -> time index t."""
+    return (lambda s: T - 1 - s) if rev else (lambda s: s)
+
+
+def run_forward(rt: Runtime, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse,
+                need_reserve, options):
+    from .numpy import input_bias
+    xp = rt.xp
+    T, B, I = x.shape
+    H = w_hh.shape[1]
+    G, S = GATES[cell], RESERVE_GATES[cell]
+    dtype = _dtype_name(x)
+    rev = 1 if reverse else 0
+    cfg = choose_launch(cell, I, H, B, dtype, rt.device, options)
+
+    gx = xp.matmul(x.reshape(T * B, I), w_ih.T).reshape(T, B, G * H)
+    bias = input_bias(cell, b_ih, b_hh)
+    if bias is not None:
+        gx += bias
+    gx = xp.ascontiguousarray(gx)
+    placeholder3 = xp.zeros((1, 1, 1), x.dtype)
+    if cell == "gru":
+        b_rec = xp.ascontiguousarray(b_hh) if b_hh is not None else xp.zeros(G * H, x.dtype)
+    else:
+        b_rec = xp.zeros(1, x.dtype)
+    h = xp.empty((T + 1, B, H), x.dtype)
+    h[T if rev else 0] = h0
+    c = placeholder3
+    if cell == "lstm":
+        c = xp.empty((T + 1, B, H), x.dtype)
+        c[T if rev else 0] = c0
+    gates = xp.empty((T, B, S * H), x.dtype) if S else xp.zeros((1, 1, 1), x.dtype)
+    y = xp.empty((T, B, H), x.dtype)
+    lengths_k = xp.asarray(np.full(B, T, np.int32) if lengths is None
+                           else np.asarray(lengths).astype(np.int32))
+    w_hh_c = xp.ascontiguousarray(w_hh)
+
+    if cfg.path == "persistent":
+        P, U = cfg.blocks, cfg.units_per_block
+        smem = layout.smem_bytes("fwd", G, H, B, U, x.dtype.itemsize)
+        ranges = ([(s, s + 1) for s in range(T)] if (rt.per_step_grid and P > 1) else [(0, T)])
+        for t_begin, t_end in ranges:
+            rt.launch_persistent(cell, "persistent_fwd", dtype, P, cfg.threads, smem,
+                                 (gx, w_hh_c, b_rec, h, c, gates, y, lengths_k, rev, t_begin,
+                                  t_end, U), (t_begin, t_end))
+    else:
+        w_hh_t = xp.ascontiguousarray(w_hh.T)
+        gh = xp.empty((B, G * H), x.dtype)
+        time_of = _steps(T, rev)
+        for s in range(T):
+            xp.matmul(h[time_of(s) + rev], w_hh_t, out=gh)
+            rt.launch_pointwise(cell, "pointwise_fwd", dtype, B * H, cfg.threads,
+                                (gx, gh, b_rec, h, c, gates, y, lengths_k, rev, s), s)
+
+    h_n = h[0 if rev else T].copy()
+    c_n = c[0 if rev else T].copy() if cell == "lstm" else None
+    reserve = None
+    if need_reserve:
+        reserve = Reserve(cell=cell, backend=rt.name, reverse=bool(reverse), x=x, w_ih=w_ih,
+                          w_hh=w_hh, has_bias=b_ih is not None, lengths=lengths, h=h,
+                          c=c if cell == "lstm" else None, gates=gates if S else None, plan=cfg)
+    return y, h_n, c_n, reserve
+
+
+def run_backward(rt: Runtime, reserve: Reserve, dy, dh_n, dc_n, options):
+    xp = rt.xp
+    cell = reserve.cell
+    x, w_ih, w_hh, h = reserve.x, reserve.w_ih, reserve.w_hh, reserve.h
+    T, B, I, H = reserve.shape
+    G = GATES[cell]
+    GH = G * H
+    dtype = _dtype_name(x)
+    rev = 1 if reserve.reverse else 0
+    cfg = reserve.plan if isinstance(reserve.plan, LaunchConfig) else None
+    if options or cfg is None:
+        merged = {} if cfg is None else {"path": cfg.path, "blocks": cfg.blocks,
+                                         "threads": cfg.threads}
+        merged.update(_check_options(options))
+        cfg = choose_launch(cell, I, H, B, dtype, rt.device, merged)
+
+    placeholder3 = xp.zeros((1, 1, 1), x.dtype)
+    c = reserve.c if reserve.c is not None else placeholder3
+    gates = reserve.gates if reserve.gates is not None else placeholder3
+    dgh = xp.empty((T, B, GH), x.dtype)
+    dgx = xp.empty((T, B, GH), x.dtype) if cell == "gru" else placeholder3
+    dh_carry = xp.array(dh_n, dtype=x.dtype, copy=True, order="C")
+    dc_carry = (xp.array(dc_n, dtype=x.dtype, copy=True, order="C") if cell == "lstm"
+                else xp.zeros((1, 1), x.dtype))
+    dy = xp.ascontiguousarray(dy)
+    lengths = reserve.lengths
+    lengths_k = xp.asarray(np.full(B, T, np.int32) if lengths is None
+                           else np.asarray(lengths).astype(np.int32))
+    w_hh_c = xp.ascontiguousarray(w_hh)
+
+    if cfg.path == "persistent":
+        P, U = cfg.blocks, cfg.units_per_block
+        smem = layout.smem_bytes("bwd", G, H, B, U, x.dtype.itemsize)
+        ranges = ([(k, k + 1) for k in range(T + 1)] if (rt.per_step_grid and P > 1)
+                  else [(0, T + 1)])
+        for k_begin, k_end in ranges:
+            rt.launch_persistent(cell, "persistent_bwd", dtype, P, cfg.threads, smem,
+                                 (w_hh_c, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry,
+                                  lengths_k, rev, k_begin, k_end, U), (k_begin, k_end))
+        dh0 = dh_carry
+    else:
+        time_of = _steps(T, rev)
+        dh_rec = xp.zeros((B, H), x.dtype)
+        for s in range(T - 1, -1, -1):
+            if s + 1 < T:
+                xp.matmul(dgh[time_of(s + 1)], w_hh_c, out=dh_rec)
+            rt.launch_pointwise(cell, "pointwise_bwd", dtype, B * H, cfg.threads,
+                                (h, c, gates, dy, dh_rec, dgh, dgx, dh_carry, dc_carry,
+                                 lengths_k, rev, s), s)
+        dh0 = dh_carry + xp.matmul(dgh[time_of(0)], w_hh_c)
+
+    if cell != "gru":
+        dgx = dgh
+    TB = T * B
+    dgx2, dgh2 = dgx.reshape(TB, GH), dgh.reshape(TB, GH)
+    dx = xp.matmul(dgx2, w_ih).reshape(T, B, I)
+    dw_ih = xp.matmul(dgx2.T, x.reshape(TB, I))
+    dw_hh = xp.matmul(dgh2.T, h[rev: rev + T].reshape(TB, H))
+    db_ih = db_hh = None
+    if reserve.has_bias:
+        db_ih = dgx2.sum(axis=0)
+        db_hh = dgh2.sum(axis=0) if cell == "gru" else db_ih.copy()
+    return Grads(dx=dx, dh0=dh0, dc0=dc_carry if cell == "lstm" else None, dw_ih=dw_ih,
+                 dw_hh=dw_hh, db_ih=db_ih, db_hh=db_hh)
+
+
+_RUNTIME: Optional[Runtime] = None
+
+
+def _runtime() -> Runtime:
+    global _RUNTIME
+    if _RUNTIME is None:
+        _RUNTIME = Runtime()
+    return _RUNTIME
+
+
+def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_reserve, *,
+            options=None):
+    return run_forward(_runtime(), cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse,
+                       need_reserve, options)
+
+
+def backward(reserve, dy, dh_n, dc_n, *, options=None):
+    return run_backward(_runtime(), reserve, dy, dh_n, dc_n, options)
