@@ -106,11 +106,15 @@ def to_compute(name, a):
         if kind_of(a, name) == "device":
             return _cupy(name).from_dlpack(a)
         return np.from_dlpack(a)
+    cause = None
     try:
-        return np.asarray(a)
+        converted = np.asarray(a)
+        if converted.dtype != object:     # object arrays mean NumPy could not read it as numbers
+            return converted
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be an array (NumPy, CuPy, torch, or anything with "
-                        f"__cuda_array_interface__ / __dlpack__); got {type(a).__name__}") from exc
+        cause = exc
+    raise TypeError(f"{name} must be an array (NumPy, CuPy, torch, or anything with "
+                    f"__cuda_array_interface__ / __dlpack__); got {type(a).__name__}") from cause
 
 
 def _cupy(name):
