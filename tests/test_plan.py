@@ -1,0 +1,288 @@
+"""The plan: device profiles, the persistent/stepwise choice and its reasons, the grid it picks
+(never an impossible cooperative grid), the capacity table, and the per-step traffic model."""
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from gpurnn import plan as planmod
+from gpurnn.kernels.layout import smem_bytes
+from gpurnn.plan import PROFILES, DeviceProfile, capacity, plan, step_floor_seconds, step_traffic
+
+KB = 1024
+
+
+def test_named_profiles_hold_the_documented_numbers():
+    h100, a100, rtx = PROFILES["H100"], PROFILES["A100"], PROFILES["RTX4090"]
+    assert (h100.sm_count, h100.smem_per_block_optin, h100.smem_per_sm) == (132, 227 * KB, 228 * KB)
+    assert (a100.sm_count, a100.smem_per_block_optin, a100.smem_per_sm) == (108, 163 * KB, 164 * KB)
+    assert (rtx.sm_count, rtx.smem_per_block_optin, rtx.smem_per_sm) == (128, 99 * KB, 100 * KB)
+    assert h100.mem_bandwidth == 3.35e12 and h100.l2_bytes == 50 * KB * KB
+    assert PROFILES["H200"].sm_count == 132 and PROFILES["H200"].mem_bandwidth > h100.mem_bandwidth
+    assert PROFILES["sim"].simulator and PROFILES["sim"].default_threads == 32
+
+
+def test_device_argument_forms():
+    assert planmod.device_profile("h100") is PROFILES["H100"]
+    custom = dataclasses.replace(PROFILES["A100"], name="mine", sm_count=7)
+    assert planmod.device_profile(custom) is custom
+    assert plan("gru", 8, 64, 2, device=custom).device.sm_count == 7
+    with pytest.raises(ValueError, match=r"device must be one of .*'H100'.*got 'V100'"):
+        planmod.device_profile("V100")
+    with pytest.raises(TypeError, match="device must be a profile name.*got int"):
+        planmod.device_profile(3)
+
+
+def test_profile_from_a_numba_device():
+    class FakeDevice:
+        name = b"NVIDIA H100 80GB HBM3"
+        compute_capability = (9, 0)
+        MULTIPROCESSOR_COUNT = 132
+        MAX_SHARED_MEMORY_PER_BLOCK_OPTIN = 232448
+        MAX_SHARED_MEMORY_PER_MULTIPROCESSOR = 233472
+        RESERVED_SHARED_MEMORY_PER_BLOCK = 1024
+        MAX_REGISTERS_PER_MULTIPROCESSOR = 65536
+        MAX_REGISTERS_PER_BLOCK = 65536
+        MAX_THREADS_PER_BLOCK = 1024
+        MAX_THREADS_PER_MULTI_PROCESSOR = 2048
+        MAX_BLOCKS_PER_MULTIPROCESSOR = 32
+        L2_CACHE_SIZE = 52428800
+        MEMORY_CLOCK_RATE = 2619000        # kHz
+        GLOBAL_MEMORY_BUS_WIDTH = 5120     # bits
+
+    prof = planmod.profile_from_numba_device(FakeDevice())
+    assert prof.name == "NVIDIA H100 80GB HBM3" and prof.compute_capability == (9, 0)
+    assert prof.mem_bandwidth == pytest.approx(3.352e12, rel=1e-3)
+    same = dataclasses.replace(prof, name="H100", mem_bandwidth=3.35e12)
+    assert same == PROFILES["H100"]
+
+
+NO_DEVICE = textwrap.dedent("""
+    import os
+    from gpurnn import plan as planmod
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        print("PROFILE", planmod.device_profile(None).name)
+    else:
+        from numba import cuda
+        if cuda.is_available():
+            print("PROFILE", planmod.device_profile(None).name)
+        else:
+            try:
+                planmod.plan("lstm", 8, 8, 1)
+            except RuntimeError as e:
+                print("ERROR", e)
+""")
+
+
+@pytest.mark.parametrize("sim", [False, True])
+def test_current_device_in_a_subprocess(sim):
+    # device=None imports numba.cuda, which fixes the simulator mode: never in this process.
+    pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    if sim:
+        env["NUMBA_ENABLE_CUDASIM"] = "1"
+    r = subprocess.run([sys.executable, "-c", NO_DEVICE], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    if sim:
+        assert r.stdout.strip() == "PROFILE sim"
+    elif r.stdout.startswith("ERROR"):
+        assert "pass a profile name" in r.stdout and "'H100'" in r.stdout
+    else:
+        assert r.stdout.startswith("PROFILE "), r.stdout
+
+
+def test_persistent_plan_uses_the_layout_model():
+    p = plan("lstm", 256, 512, 8, device="H100")
+    assert p.path == "persistent"
+    assert (p.blocks, p.units_per_block, p.threads) == (128, 4, 256)
+    assert p.smem_bytes_fwd == smem_bytes("fwd", 4, 512, 8, 4, 4) == 49664
+    assert p.smem_bytes_bwd == smem_bytes("bwd", 4, 512, 8, 4, 4)
+    assert p.max_cooperative_blocks == 132 and p.blocks_per_sm == 1
+    text = str(p)
+    assert "persistent, 128 blocks x 256 threads, 4 units per block" in text
+    assert "opt-in limit of H100" in text and "cuFuncSetAttribute" in text
+    assert len(text.splitlines()) == 1 + len(p.reasons)
+
+
+def test_stepwise_plan_says_which_limit_failed_and_by_how_much():
+    p = plan("lstm", 256, 2048, 8, device="H100")
+    assert p.path == "stepwise"
+    fwd_over = p.smem_bytes_fwd - 227 * KB
+    assert any(r.startswith("forward needs") and f"{fwd_over:,} B" in r and "over the" in r
+               for r in p.reasons), p.reasons
+    assert any(r.startswith("backward needs") for r in p.reasons)
+    assert "stepwise" in str(p).splitlines()[0]
+    assert p.stepwise_grid == -(-8 * 2048 // 256)
+
+
+def test_batch_alone_can_push_a_layer_to_stepwise():
+    assert plan("gru", 64, 768, 1, device="A100").path == "persistent"
+    p = plan("gru", 64, 768, 64, device="A100")
+    assert p.path == "stepwise" and any("opt-in limit" in r for r in p.reasons)
+
+
+AWKWARD_H = (1, 7, 33, 59, 97, 131, 132, 133, 264, 1151)
+
+
+@pytest.mark.parametrize("device", ["H100", "A100", "RTX4090", "sim"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_relu"])
+def test_auto_grid_has_no_empty_block_and_minimal_slices(device, cell):
+    dev = planmod.device_profile(device)
+    for h in AWKWARD_H:
+        for b in (1, 3, 8):
+            p = plan(cell, 16, h, b, device=dev)
+            if p.path != "persistent":
+                continue
+            assert p.units_per_block == -(-h // p.blocks)
+            assert -(-h // p.units_per_block) == p.blocks, (h, b)   # no block left without units
+            assert p.blocks <= min(h, p.max_cooperative_blocks)
+            if h <= dev.sm_count:
+                assert p.units_per_block == 1
+
+
+@pytest.mark.parametrize("device", ["H100", "A100", "RTX4090", "sim"])
+def test_never_a_cooperative_grid_above_the_limit(device):
+    dev = planmod.device_profile(device)
+    for h in AWKWARD_H:
+        for threads in (32, 256, 1024):
+            for blocks in (None, 1, 5, dev.sm_count, dev.sm_count + 1, 4 * dev.sm_count, 5000):
+                if blocks is not None and blocks > h:
+                    continue
+                for regs in (None, 32):
+                    p = plan("lstm", 16, h, 2, device=dev, blocks=blocks, threads=threads,
+                             regs_per_thread=regs)
+                    if p.path != "persistent":
+                        continue
+                    resident = p.blocks_per_sm
+                    assert p.blocks <= p.max_cooperative_blocks == resident * dev.sm_count
+                    assert resident * (max(p.smem_bytes_fwd, p.smem_bytes_bwd)
+                                       + dev.smem_reserved_per_block) <= dev.smem_per_sm
+                    assert resident * threads <= dev.max_threads_per_sm
+                    assert resident <= dev.max_blocks_per_sm
+                    assert max(p.smem_bytes_fwd, p.smem_bytes_bwd) <= dev.smem_per_block_optin
+
+
+def test_explicit_blocks():
+    p = plan("lstm", 8, 100, 2, device="H100", blocks=7)
+    assert p.path == "persistent" and (p.blocks, p.units_per_block) == (7, 15)
+    assert "blocks=7 forced by the caller" in p.reasons
+    idle = plan("lstm", 8, 10, 1, device="H100", blocks=6)
+    assert idle.blocks == 6 and idle.units_per_block == 2
+    assert any("1 of the 6 blocks owns no unit" in r for r in idle.reasons)
+    too_many = plan("lstm", 8, 1024, 1, device="H100", blocks=200, threads=1024)
+    assert too_many.path == "stepwise"
+    assert any("cannot be co-resident" in r and "= 132" in r for r in too_many.reasons)
+    with pytest.raises(ValueError, match="blocks must be >= 1; got 0"):
+        plan("lstm", 8, 64, 1, device="H100", blocks=0)
+
+
+def test_lower_register_budget_allows_more_resident_blocks():
+    base = plan("lstm", 64, 512, 8, device="H100")
+    lean = plan("lstm", 64, 512, 8, device="H100", regs_per_thread=64)
+    assert base.regs_per_thread == 255 and base.blocks_per_sm == 1
+    assert lean.blocks_per_sm > 1 and lean.blocks > base.blocks
+    assert lean.units_per_block < base.units_per_block
+    with pytest.raises(ValueError, match="regs_per_thread must be <= 255"):
+        plan("lstm", 64, 512, 8, device="H100", regs_per_thread=300)
+
+
+def test_threads_defaults_and_validation():
+    assert plan("gru", 8, 64, 1, device="H100").threads == 256
+    assert plan("gru", 8, 64, 1, device="sim").threads == 32
+    with pytest.raises(ValueError, match="threads must be a multiple of 32 in 32..1024 on H100; got 48"):
+        plan("gru", 8, 64, 1, device="H100", threads=48)
+    with pytest.raises(ValueError, match="got 2048"):
+        plan("gru", 8, 64, 1, device="H100", threads=2048)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(cell="rnn"), ValueError, "rnn_tanh"),
+    (dict(cell="LSTM"), ValueError, "cell must be one of"),
+    (dict(dtype="float16"), ValueError, "dtype must be one of"),
+    (dict(hidden_size=0), ValueError, "hidden_size must be >= 1; got 0"),
+    (dict(batch=2.0), TypeError, "batch must be an int; got float"),
+    (dict(input_size=True), TypeError, "input_size must be an int"),
+])
+def test_argument_errors(kwargs, exc, match):
+    args = dict(cell="lstm", input_size=8, hidden_size=16, batch=2, dtype="float32", device="H100")
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        plan(**args)
+
+
+def test_numpy_dtypes_are_accepted():
+    np = pytest.importorskip("numpy")
+    assert plan("lstm", 8, 16, 2, np.float64, "H100").dtype == "float64"
+    assert plan("lstm", 8, 16, 2, np.dtype("float32"), "H100").dtype == "float32"
+
+
+def test_capacity_is_the_persistent_edge():
+    for cell, dtype, device, batch in [("lstm", "float32", "H100", 1), ("gru", "float64", "A100", 8),
+                                       ("rnn_tanh", "float32", "sim", 3)]:
+        h = capacity(cell, dtype, device, batch=batch)
+        assert plan(cell, 8, h, batch, dtype, device).path == "persistent"
+        assert plan(cell, 8, h + 1, batch, dtype, device).path == "stepwise"
+
+
+def test_capacity_numbers_are_sane():
+    lstm = capacity("lstm", "float32", "H100", batch=1)
+    # DESIGN.md's ~1370 ignores that U = ceil(H / 132) is an integer: 132 x 10 units is the edge.
+    assert 1250 <= lstm <= 1400 and lstm == 1320
+    assert capacity("lstm", "float64", "H100") < lstm < capacity("lstm", "bfloat16", "H100")
+    assert capacity("lstm", "bfloat16", "H100") / lstm == pytest.approx(1.4, abs=0.05)
+    gru = capacity("gru", "float32", "H100")
+    assert lstm < gru < capacity("rnn_tanh", "float32", "H100")
+    assert capacity("rnn_relu", "float32", "H100") == capacity("rnn_tanh", "float32", "H100")
+    assert capacity("lstm", "float32", "A100") < lstm
+    assert capacity("lstm", "float32", "RTX4090") < capacity("lstm", "float32", "A100")
+    assert capacity("lstm", "float32", "H100", batch=8) < lstm
+    assert capacity("lstm", "float32", "H200") == lstm     # same SMs and shared memory
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        capacity("lstm", "int8", "H100")
+
+
+def test_traffic_model_persistent_vs_stepwise():
+    p = plan("lstm", 256, 512, 8, device="H100")
+    s, G, H, B, P = 4, 4, 512, 8, p.blocks
+    per = step_traffic(p, "persistent")
+    stp = step_traffic(p, "stepwise")
+    assert step_traffic(p) == per                      # the plan's own path by default
+    assert per["flops"] == stp["flops"] == 2 * B * G * H * H + B * G * H + 10 * B * H
+    assert (per["launches"], stp["launches"]) == (1, 2)
+    assert per["bytes"]["read h_prev (every block)"] == P * B * H * s
+    assert stp["bytes"]["gemm read w_hh"] == G * H * H * s == stp["w_hh_bytes"]
+    assert stp["w_hh_fits_l2"]
+    saving = planmod.traffic_saving(p)
+    assert saving["dram_bytes"] == G * H * H * s + 2 * B * G * H * s == 4_325_376
+    assert saving["global_bytes"] == G * H * H * s + 2 * B * G * H * s - (P - 1) * B * H * s
+    assert saving["global_bytes"] == stp["global_bytes"] - per["global_bytes"]
+    assert per["dram_bytes"] == sum(v for k, v in per["bytes"].items() if "h_prev" not in k) + B * H * s
+    assert stp["dram_bytes"] == stp["global_bytes"]
+    inference = step_traffic(p, "persistent", training=False)
+    assert per["dram_bytes"] - inference["dram_bytes"] == B * 4 * H * s   # the reserve gates
+    assert step_floor_seconds(p) == pytest.approx(per["dram_bytes"] / 3.35e12)
+    assert step_floor_seconds(p, "stepwise") > 10 * step_floor_seconds(p)
+
+
+def test_traffic_model_cell_details_and_errors():
+    rnn = step_traffic(plan("rnn_tanh", 8, 256, 4, device="H100"))
+    assert "write reserve gates" not in rnn["bytes"] and "read c_prev" not in rnn["bytes"]
+    gru = step_traffic(plan("gru", 8, 256, 4, device="H100"))
+    assert gru["bytes"]["read b_hh"] == 3 * 256 * 4
+    assert gru["bytes"]["write reserve gates"] == 4 * 4 * 256 * 4    # r, z, n, hn
+    p = plan("lstm", 8, 64, 1, device="H100")
+    with pytest.raises(ValueError, match="path must be"):
+        step_traffic(p, "fused")
+    blind = dataclasses.replace(p, device=dataclasses.replace(p.device, mem_bandwidth=None))
+    with pytest.raises(ValueError, match="has no mem_bandwidth"):
+        step_floor_seconds(blind)
+
+
+def test_device_profile_str_is_readable():
+    text = str(PROFILES["H100"])
+    assert "132 SMs" in text and "227 KB opt-in" in text and "3.35 TB/s" in text
+    assert isinstance(PROFILES["sim"], DeviceProfile)
