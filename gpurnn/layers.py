@@ -125,23 +125,33 @@ class _RNNBase:
         return f"{type(self).__name__}({self.input_size}, {self.hidden_size}{extra})"
 
     # ---- forward / backward -----------------------------------------------------------
-    def _split_hx(self, hx, B, xp):
+    def _split_hx(self, hx, B, names=("h0", "c0", "hx")):
+        """(h0, c0) from hx (torch's form), each (L*D, B, H) or None; c0 is None except LSTM.
+        `names` are what the messages call the arguments (backward passes its own)."""
         shape = (self.num_layers * self.num_directions, B, self.hidden_size)
-        if self.cell == "lstm":
-            if hx is None:
-                return None, None
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise TypeError("hx for LSTM must be a tuple (h0, c0)")
-            h0, c0 = hx
-            for name, a in (("h0", h0), ("c0", c0)):
-                if tuple(a.shape) != shape:
-                    raise ValueError(f"{name} has shape {tuple(a.shape)}; expected (L*D, B, H) = {shape}")
-            return h0, c0
         if hx is None:
             return None, None
-        if tuple(hx.shape) != shape:
-            raise ValueError(f"hx has shape {tuple(hx.shape)}; expected (L*D, B, H) = {shape}")
-        return hx, None
+        if self.cell == "lstm":
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise TypeError(f"{names[2]} for LSTM must be a tuple ({names[0]}, {names[1]}); "
+                                f"got {type(hx).__name__}")
+            pairs = zip(names[:2], hx)
+        else:
+            if isinstance(hx, (tuple, list)):
+                raise TypeError(f"{names[2]} for {type(self).__name__} must be an array of shape "
+                                f"(L*D, B, H) = {shape}; got a {type(hx).__name__}")
+            pairs = [(names[2], hx)]
+        out = []
+        for name, a in pairs:
+            if not hasattr(a, "shape"):
+                raise TypeError(f"{name} must be an array of shape (L*D, B, H) = {shape}; "
+                                f"got {type(a).__name__}")
+            if tuple(a.shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(a.shape)}; expected (L*D, B, H) = {shape}")
+            if a.dtype != self.dtype:
+                raise TypeError(f"{name} has dtype {a.dtype}; expected {self.dtype} (the module's dtype)")
+            out.append(a)
+        return (out[0], out[1]) if self.cell == "lstm" else (out[0], None)
 
     def _device_params(self, backend):
         if backend != "cuda":
@@ -172,7 +182,7 @@ class _RNNBase:
             x = x.transpose(1, 0, 2)
         x = xp.ascontiguousarray(x)
         T, B = x.shape[0], x.shape[1]
-        h0_all, c0_all = self._split_hx(hx, B, xp)
+        h0_all, c0_all = self._split_hx(hx, B)
         params = self._device_params(backend)
         H, D = self.hidden_size, self.num_directions
         training = self.training
@@ -226,10 +236,12 @@ class _RNNBase:
         want = (B, T, D * H) if self.batch_first else (T, B, D * H)
         if tuple(dy.shape) != want:
             raise ValueError(f"dy has shape {tuple(dy.shape)}; expected the shape of y = {want}")
+        if dy.dtype != self.dtype:
+            raise TypeError(f"dy has dtype {dy.dtype}; expected {self.dtype} (the module's dtype)")
         if self.batch_first:
             dy = dy.transpose(1, 0, 2)
-        dh_all, dc_all = self._split_hx(dhx, B, xp)
-        self._saved = None
+        dh_all, dc_all = self._split_hx(dhx, B, names=("dh_n", "dc_n", "dhx"))
+        self._saved = None          # only once the arguments are known good: a bad call can be retried
         dh0, dc0 = [None] * (L * D), [None] * (L * D)
         grad_out = dy
         for layer in reversed(range(L)):

@@ -423,12 +423,10 @@ def test_layer_lstm_hx_must_be_a_pair():
 
 def test_layer_hx_dtype():
     m = gpurnn.GRU(I, H)
-    with pytest.raises(TypeError, match=msg("h0 has dtype float64; expected float32")):
+    with pytest.raises(TypeError, match=msg("hx has dtype float64; expected float32")):
         m(np.zeros((T, B, I), np.float32), np.zeros((1, B, H), np.float64))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: layers.py _split_hx reads hx.shape without checking hx is an "
-                                       "array; a (h0, c0) tuple given to GRU/RNN raises AttributeError")
 @pytest.mark.parametrize("cls", [gpurnn.GRU, gpurnn.RNN], ids=["GRU", "RNN"])
 def test_layer_tuple_hx_for_gru_rnn(cls):
     m = cls(I, H)
@@ -437,8 +435,6 @@ def test_layer_tuple_hx_for_gru_rnn(cls):
         m(np.zeros((T, B, I), np.float32), (h, h))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: layers.py _split_hx calls a.shape on each of (h0, c0); "
-                                       "hx=(h0, None) raises AttributeError instead of a clear TypeError")
 def test_layer_lstm_hx_with_none_member():
     m = gpurnn.LSTM(I, H)
     with pytest.raises(TypeError, match=msg("c0")):
@@ -490,9 +486,6 @@ def test_layer_backward_dy_shape(batch_first):
     assert dx.shape == x.shape and np.isfinite(dx).all()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: layers.py backward validates dhx through _split_hx, whose "
-                                       "messages name 'h0'/'c0'/'hx' (forward's arguments), not the "
-                                       "gradient the caller passed")
 def test_layer_backward_dhx_shape_names_the_gradient():
     m = gpurnn.LSTM(I, H)
     y, (h_n, c_n) = m(np.ones((T, B, I), np.float32))
@@ -574,10 +567,6 @@ def test_inf_inputs_forward_does_not_raise(cell, where, value):
         np.testing.assert_array_equal(h_n[1:], clean_h[1:])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: numpy.py backward's post-loop GEMMs (dx, dw_ih, dw_hh, lines "
-                                       "~243-245) run outside np.errstate, so Inf inputs raise a "
-                                       "RuntimeWarning 'invalid value encountered in matmul' (an error "
-                                       "under -W error)")
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
 @pytest.mark.parametrize("value", [np.inf, -np.inf], ids=["inf", "-inf"])
 def test_inf_inputs_backward_does_not_warn(cell, value):
@@ -599,9 +588,6 @@ def test_layer_nan_forward_backward_do_not_raise():
     assert np.isfinite(dx[:, 1:]).all()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: numpy backend backward forms dw_ih = dgx^T @ x over all steps; "
-                                       "dgx is 0 at padded steps (t >= lengths[b]) but 0*NaN = NaN, so padding "
-                                       "content leaks into dw_ih")
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
 def test_nan_in_padding_is_ignored(cell):
     args = make(cell, dtype=np.float64, seed=9)

@@ -5,11 +5,12 @@ T*B rows before the time loop, the loop does one (B, H) x (H, G*H) GEMM plus poi
 step writing into preallocated buffers, and backward forms every weight gradient with large
 GEMMs after its loop (DESIGN.md §2). Conventions and reserve layout: gpurnn/cells.py.
 
-NaN/Inf in inputs propagate to the outputs as IEEE arithmetic says; numpy's floating-point
-warnings are silenced inside the loops because producing NaN from Inf is the documented
-behaviour here, not an accident.
+NaN/Inf in inputs propagate to the outputs as IEEE arithmetic says (see _ieee). Padded steps
+(t >= lengths[b]) never touch the results, whatever they contain.
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -51,6 +52,17 @@ def _masks(lengths, T):
     return out
 
 
+def _ieee(fn):
+    """NaN/Inf in inputs propagate as IEEE arithmetic says; producing NaN from Inf is the
+    documented behaviour here, so numpy's floating-point warnings are not raised."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
+@_ieee
 def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_reserve, *, options=None):
     T, B, I = x.shape
     H = w_hh.shape[1]
@@ -79,52 +91,51 @@ def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_rese
     y = np.empty((T, B, H), dtype)
     idle_rows = _masks(lengths, T)
 
-    with np.errstate(over="ignore", invalid="ignore"):
-        for s in range(T):
-            t = T - 1 - s if rev else s
-            h_in, h_out = h[t + rev], h[t + 1 - rev]
-            np.matmul(h_in, w_hh_t, out=rec)
-            if cell == "lstm":
-                a = gates[t] if gates is not None else step_gates
-                np.add(rec, gx[t], out=a)
-                _sigmoid(a[:, : 2 * H], a[:, : 2 * H])
-                np.tanh(a[:, 2 * H: 3 * H], out=a[:, 2 * H: 3 * H])
-                _sigmoid(a[:, 3 * H:], a[:, 3 * H:])
-                i, f, g, o = a[:, :H], a[:, H: 2 * H], a[:, 2 * H: 3 * H], a[:, 3 * H:]
-                c_in, c_out = c[t + rev], c[t + 1 - rev]
-                np.multiply(f, c_in, out=c_out)
-                np.multiply(i, g, out=tmp)
-                c_out += tmp
-                np.tanh(c_out, out=h_out)
-                h_out *= o
-            elif cell == "gru":
-                a = gates[t] if gates is not None else step_gates
-                if b_hn is not None:
-                    rec[:, 2 * H:] += b_hn
-                np.add(rec[:, : 2 * H], gx[t, :, : 2 * H], out=a[:, : 2 * H])
-                _sigmoid(a[:, : 2 * H], a[:, : 2 * H])
-                r, z = a[:, :H], a[:, H: 2 * H]
-                n, hn = a[:, 2 * H: 3 * H], a[:, 3 * H:]
-                hn[...] = rec[:, 2 * H:]
-                np.multiply(r, hn, out=n)
-                n += gx[t, :, 2 * H:]
-                np.tanh(n, out=n)
-                np.subtract(h_in, n, out=h_out)    # h' = n + z*(h - n)
-                h_out *= z
-                h_out += n
+    for s in range(T):
+        t = T - 1 - s if rev else s
+        h_in, h_out = h[t + rev], h[t + 1 - rev]
+        np.matmul(h_in, w_hh_t, out=rec)
+        if cell == "lstm":
+            a = gates[t] if gates is not None else step_gates
+            np.add(rec, gx[t], out=a)
+            _sigmoid(a[:, : 2 * H], a[:, : 2 * H])
+            np.tanh(a[:, 2 * H: 3 * H], out=a[:, 2 * H: 3 * H])
+            _sigmoid(a[:, 3 * H:], a[:, 3 * H:])
+            i, f, g, o = a[:, :H], a[:, H: 2 * H], a[:, 2 * H: 3 * H], a[:, 3 * H:]
+            c_in, c_out = c[t + rev], c[t + 1 - rev]
+            np.multiply(f, c_in, out=c_out)
+            np.multiply(i, g, out=tmp)
+            c_out += tmp
+            np.tanh(c_out, out=h_out)
+            h_out *= o
+        elif cell == "gru":
+            a = gates[t] if gates is not None else step_gates
+            if b_hn is not None:
+                rec[:, 2 * H:] += b_hn
+            np.add(rec[:, : 2 * H], gx[t, :, : 2 * H], out=a[:, : 2 * H])
+            _sigmoid(a[:, : 2 * H], a[:, : 2 * H])
+            r, z = a[:, :H], a[:, H: 2 * H]
+            n, hn = a[:, 2 * H: 3 * H], a[:, 3 * H:]
+            hn[...] = rec[:, 2 * H:]
+            np.multiply(r, hn, out=n)
+            n += gx[t, :, 2 * H:]
+            np.tanh(n, out=n)
+            np.subtract(h_in, n, out=h_out)    # h' = n + z*(h - n)
+            h_out *= z
+            h_out += n
+        else:
+            np.add(rec, gx[t], out=h_out)
+            if cell == "rnn_tanh":
+                np.tanh(h_out, out=h_out)
             else:
-                np.add(rec, gx[t], out=h_out)
-                if cell == "rnn_tanh":
-                    np.tanh(h_out, out=h_out)
-                else:
-                    np.maximum(h_out, 0, out=h_out)
-            y[t] = h_out
-            idle = idle_rows[t]
-            if idle is not None:
-                h_out[idle] = h_in[idle]
-                if c is not None:
-                    c_out[idle] = c_in[idle]
-                y[t, idle] = 0
+                np.maximum(h_out, 0, out=h_out)
+        y[t] = h_out
+        idle = idle_rows[t]
+        if idle is not None:
+            h_out[idle] = h_in[idle]
+            if c is not None:
+                c_out[idle] = c_in[idle]
+            y[t, idle] = 0
 
     h_n = h[0 if rev else T].copy()
     c_n = c[0 if rev else T].copy() if c is not None else None
@@ -135,6 +146,7 @@ def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_rese
     return y, h_n, c_n, reserve
 
 
+@_ieee
 def backward(reserve, dy, dh_n, dc_n, *, options=None):
     cell, x, w_ih, w_hh, h, c, gates = (reserve.cell, reserve.x, reserve.w_ih, reserve.w_hh,
                                         reserve.h, reserve.c, reserve.gates)
@@ -152,96 +164,99 @@ def backward(reserve, dy, dh_n, dc_n, *, options=None):
     tmp2 = np.empty((B, H), dtype)
     idle_rows = _masks(reserve.lengths, T)
 
-    with np.errstate(over="ignore", invalid="ignore"):
-        for s in range(T):
-            t = s if rev else T - 1 - s          # the forward's steps, last first
-            idle = idle_rows[t]
-            if idle is not None:
-                carried_h = dh[idle].copy()
-                carried_c = dc[idle].copy() if dc is not None else None
-            np.add(dh, dy[t], out=dh_t)
-            h_in, h_out = h[t + rev], h[t + 1 - rev]
-            dg = dgx[t]
-            if cell == "lstm":
-                a = gates[t]
-                i, f, g, o = a[:, :H], a[:, H: 2 * H], a[:, 2 * H: 3 * H], a[:, 3 * H:]
-                di, df, dgg, do = dg[:, :H], dg[:, H: 2 * H], dg[:, 2 * H: 3 * H], dg[:, 3 * H:]
-                c_in, c_out = c[t + rev], c[t + 1 - rev]
-                tanh_c = np.tanh(c_out, out=tmp)
-                # do = dh * tanh(c) * o(1-o)
-                np.multiply(dh_t, tanh_c, out=do)
-                np.subtract(1, o, out=tmp2)
-                tmp2 *= o
-                do *= tmp2
-                # dc += dh * o * (1 - tanh(c)^2)
-                np.multiply(tanh_c, tanh_c, out=tmp2)
-                np.subtract(1, tmp2, out=tmp2)
-                tmp2 *= o
-                tmp2 *= dh_t
-                dc += tmp2
-                # di = dc*g*i(1-i); df = dc*c_prev*f(1-f); dg = dc*i*(1-g^2)
-                np.subtract(1, i, out=tmp2)
-                tmp2 *= i
-                np.multiply(dc, g, out=di)
-                di *= tmp2
-                np.subtract(1, f, out=tmp2)
-                tmp2 *= f
-                np.multiply(dc, c_in, out=df)
-                df *= tmp2
-                np.multiply(g, g, out=tmp2)
-                np.subtract(1, tmp2, out=tmp2)
-                tmp2 *= i
-                np.multiply(dc, tmp2, out=dgg)
-                dc *= f
-                np.matmul(dg, w_hh, out=dh)
-            elif cell == "gru":
-                a = gates[t]
-                r, z, n, hn = a[:, :H], a[:, H: 2 * H], a[:, 2 * H: 3 * H], a[:, 3 * H:]
-                dr, dz, dn = dg[:, :H], dg[:, H: 2 * H], dg[:, 2 * H: 3 * H]
-                # dn_pre = dh*(1-z)*(1-n^2)
-                np.subtract(1, z, out=tmp)
-                tmp *= dh_t
-                np.multiply(n, n, out=tmp2)
-                np.subtract(1, tmp2, out=tmp2)
-                np.multiply(tmp, tmp2, out=dn)
-                # dz_pre = dh*(h_prev - n)*z(1-z)
-                np.subtract(h_in, n, out=dz)
-                dz *= dh_t
-                np.subtract(1, z, out=tmp2)
-                tmp2 *= z
-                dz *= tmp2
-                # dr_pre = dn_pre*hn*r(1-r)
-                np.multiply(dn, hn, out=dr)
-                np.subtract(1, r, out=tmp2)
-                tmp2 *= r
-                dr *= tmp2
-                dgr = dgh[t]
-                dgr[:, : 2 * H] = dg[:, : 2 * H]
-                np.multiply(dn, r, out=dgr[:, 2 * H:])
-                np.matmul(dgr, w_hh, out=dh)
-                np.multiply(dh_t, z, out=tmp)
-                dh += tmp
+    for s in range(T):
+        t = s if rev else T - 1 - s          # the forward's steps, last first
+        idle = idle_rows[t]
+        if idle is not None:
+            carried_h = dh[idle].copy()
+            carried_c = dc[idle].copy() if dc is not None else None
+        np.add(dh, dy[t], out=dh_t)
+        h_in, h_out = h[t + rev], h[t + 1 - rev]
+        dg = dgx[t]
+        if cell == "lstm":
+            a = gates[t]
+            i, f, g, o = a[:, :H], a[:, H: 2 * H], a[:, 2 * H: 3 * H], a[:, 3 * H:]
+            di, df, dgg, do = dg[:, :H], dg[:, H: 2 * H], dg[:, 2 * H: 3 * H], dg[:, 3 * H:]
+            c_in, c_out = c[t + rev], c[t + 1 - rev]
+            tanh_c = np.tanh(c_out, out=tmp)
+            # do = dh * tanh(c) * o(1-o)
+            np.multiply(dh_t, tanh_c, out=do)
+            np.subtract(1, o, out=tmp2)
+            tmp2 *= o
+            do *= tmp2
+            # dc += dh * o * (1 - tanh(c)^2)
+            np.multiply(tanh_c, tanh_c, out=tmp2)
+            np.subtract(1, tmp2, out=tmp2)
+            tmp2 *= o
+            tmp2 *= dh_t
+            dc += tmp2
+            # di = dc*g*i(1-i); df = dc*c_prev*f(1-f); dg = dc*i*(1-g^2)
+            np.subtract(1, i, out=tmp2)
+            tmp2 *= i
+            np.multiply(dc, g, out=di)
+            di *= tmp2
+            np.subtract(1, f, out=tmp2)
+            tmp2 *= f
+            np.multiply(dc, c_in, out=df)
+            df *= tmp2
+            np.multiply(g, g, out=tmp2)
+            np.subtract(1, tmp2, out=tmp2)
+            tmp2 *= i
+            np.multiply(dc, tmp2, out=dgg)
+            dc *= f
+            np.matmul(dg, w_hh, out=dh)
+        elif cell == "gru":
+            a = gates[t]
+            r, z, n, hn = a[:, :H], a[:, H: 2 * H], a[:, 2 * H: 3 * H], a[:, 3 * H:]
+            dr, dz, dn = dg[:, :H], dg[:, H: 2 * H], dg[:, 2 * H: 3 * H]
+            # dn_pre = dh*(1-z)*(1-n^2)
+            np.subtract(1, z, out=tmp)
+            tmp *= dh_t
+            np.multiply(n, n, out=tmp2)
+            np.subtract(1, tmp2, out=tmp2)
+            np.multiply(tmp, tmp2, out=dn)
+            # dz_pre = dh*(h_prev - n)*z(1-z)
+            np.subtract(h_in, n, out=dz)
+            dz *= dh_t
+            np.subtract(1, z, out=tmp2)
+            tmp2 *= z
+            dz *= tmp2
+            # dr_pre = dn_pre*hn*r(1-r)
+            np.multiply(dn, hn, out=dr)
+            np.subtract(1, r, out=tmp2)
+            tmp2 *= r
+            dr *= tmp2
+            dgr = dgh[t]
+            dgr[:, : 2 * H] = dg[:, : 2 * H]
+            np.multiply(dn, r, out=dgr[:, 2 * H:])
+            np.matmul(dgr, w_hh, out=dh)
+            np.multiply(dh_t, z, out=tmp)
+            dh += tmp
+        else:
+            if cell == "rnn_tanh":
+                np.multiply(h_out, h_out, out=tmp)
+                np.subtract(1, tmp, out=tmp)
+                np.multiply(dh_t, tmp, out=dg)
             else:
-                if cell == "rnn_tanh":
-                    np.multiply(h_out, h_out, out=tmp)
-                    np.subtract(1, tmp, out=tmp)
-                    np.multiply(dh_t, tmp, out=dg)
-                else:
-                    np.multiply(dh_t, h_out > 0, out=dg)
-                np.matmul(dg, w_hh, out=dh)
-            if idle is not None:
-                # masked steps copied the state through and output zeros
-                dgx[t, idle] = 0
-                if dgh is not dgx:
-                    dgh[t, idle] = 0
-                dh[idle] = carried_h
-                if dc is not None:
-                    dc[idle] = carried_c
+                np.multiply(dh_t, h_out > 0, out=dg)
+            np.matmul(dg, w_hh, out=dh)
+        if idle is not None:
+            # masked steps copied the state through and output zeros
+            dgx[t, idle] = 0
+            if dgh is not dgx:
+                dgh[t, idle] = 0
+            dh[idle] = carried_h
+            if dc is not None:
+                dc[idle] = carried_c
 
     TB = T * B
     dgx2, dgh2 = dgx.reshape(TB, G * H), dgh.reshape(TB, G * H)
     dx = np.matmul(dgx2, w_ih).reshape(T, B, I)
-    dw_ih = np.matmul(dgx2.T, x.reshape(TB, I))
+    x_seen = x
+    if reserve.lengths is not None:
+        # padded steps never reached the recurrence: keep their contents (NaN, say) out of dW_ih
+        x_seen = np.where((np.arange(T)[:, None] < reserve.lengths[None, :])[..., None], x, 0)
+    dw_ih = np.matmul(dgx2.T, x_seen.reshape(TB, I))
     dw_hh = np.matmul(dgh2.T, h[rev: rev + T].reshape(TB, H))
     db_ih = db_hh = None
     if reserve.has_bias:
