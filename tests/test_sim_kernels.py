@@ -1,0 +1,303 @@
+"""Every kernel (persistent and stepwise, every cell, both dtypes) in Numba's CUDA simulator,
+against the NumPy reference backend: outputs, final states, the reserve and every gradient.
+
+The cases are a covering set, not the cross product: each cell meets the persistent path with
+one block (a single cooperative launch over all steps) and with several (one launch per step:
+the simulator's grid.sync() is only a block barrier), and the stepwise path, each with and
+without lengths and reverse; sizes are awkward (H 7 and 33, P not dividing H, a block owning
+no unit, T = 1, B = 1, a length 0 and a length T, unsorted lengths, bias=False).
+"""
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import numpy as np
+import pytest
+
+# Imported before anything else touches numba.cuda: it switches numba to the simulator.
+from gpurnn.backends import sim
+from gpurnn.backends import numpy as ref
+from gpurnn.backends.cuda import LaunchConfig
+from gpurnn.cells import CELLS, GATES
+
+pytestmark = pytest.mark.sim
+
+TOL = {np.float32: 1e-5, np.float64: 1e-10}
+
+
+def rel_err(actual, expected):
+    """||actual - expected|| / ||expected|| in float64; anything non-finite fails."""
+    a = np.asarray(actual, np.float64)
+    b = np.asarray(expected, np.float64)
+    assert a.shape == b.shape, f"shape {a.shape} != {b.shape}"
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return np.inf
+    scale = np.linalg.norm(b)
+    return np.linalg.norm(a - b) / scale if scale > 0 else np.linalg.norm(a)
+
+
+def assert_close(actual, expected, tol, what):
+    err = rel_err(actual, expected)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}"
+
+
+def make_case(cell, T, B, I, H, dtype, bias, seed):
+    rng = np.random.default_rng(seed)
+    G = GATES[cell]
+
+    def rand(*shape):
+        return (0.5 * rng.standard_normal(shape)).astype(dtype)
+
+    args = dict(x=rand(T, B, I), w_ih=rand(G * H, I), w_hh=rand(G * H, H),
+                b_ih=rand(G * H) if bias else None, b_hh=rand(G * H) if bias else None,
+                h0=rand(B, H), c0=rand(B, H) if cell == "lstm" else None)
+    cotangents = dict(dy=rand(T, B, H), dh_n=rand(B, H), dc_n=rand(B, H) if cell == "lstm" else None)
+    return args, cotangents
+
+
+def run(backend, cell, args, lengths, reverse, options=None):
+    kw = {} if options is None else {"options": options}
+    return backend.forward(cell, args["x"], args["w_ih"], args["w_hh"], args["b_ih"], args["b_hh"],
+                           args["h0"], args["c0"], lengths, reverse, True, **kw)
+
+
+def assert_forward_matches(out, expected, tol):
+    y, h_n, c_n, res = out
+    y_r, h_n_r, c_n_r, res_r = expected
+    assert_close(y, y_r, tol, "y")
+    assert_close(h_n, h_n_r, tol, "h_n")
+    assert (c_n is None) == (c_n_r is None)
+    if c_n_r is not None:
+        assert_close(c_n, c_n_r, tol, "c_n")
+    for name in ("h", "c", "gates"):
+        a, b = getattr(res, name), getattr(res_r, name)
+        assert (a is None) == (b is None), f"reserve.{name}: {type(a)} vs {type(b)}"
+        if b is not None:
+            assert_close(a, b, tol, f"reserve.{name}")
+
+
+def assert_grads_match(grads, expected, tol):
+    for name in expected._fields:
+        a, b = getattr(grads, name), getattr(expected, name)
+        assert (a is None) == (b is None), f"{name}: {type(a)} vs {type(b)}"
+        if b is not None:
+            assert a.dtype == b.dtype, f"{name}: dtype {a.dtype} vs {b.dtype}"
+            assert_close(a, b, tol, name)
+
+
+# (T, B, I, H, P or "stepwise", lengths or None, reverse, bias, dtype). P is forced through
+# options; P = 3 with H = 7 gives units 3, 3, 1; P = 6 with H = 7 gives 2, 2, 2, 1, 0, 0.
+CASES = [
+    (5, 3, 5, 7, 1, [5, 2, 0], False, True, np.float32),
+    (1, 1, 16, 33, 1, None, True, False, np.float32),
+    (5, 3, 16, 7, 2, [3, 5, 1], True, True, np.float64),
+    (5, 1, 5, 7, 3, None, False, False, np.float32),
+    (5, 3, 5, 33, "stepwise", [5, 1, 4], True, True, np.float32),
+    (1, 1, 16, 7, "stepwise", None, False, False, np.float64),
+]
+# Extra cases for coverage of the remaining (path, lengths, reverse) combinations, spread over
+# the cells instead of repeating each for every cell.
+EXTRA = {
+    "lstm": [(5, 3, 5, 7, 3, [2, 5, 4], True, True, np.float32),
+             (4, 2, 5, 7, 6, None, False, True, np.float32)],
+    "gru": [(5, 3, 5, 7, 3, [2, 5, 4], False, True, np.float32),
+            (5, 3, 16, 33, 1, [4, 5, 2], True, True, np.float64)],
+    "rnn_tanh": [(5, 2, 5, 7, 2, [5, 3], False, True, np.float32),
+                 (5, 3, 5, 7, "stepwise", [1, 5, 3], False, True, np.float32)],
+    "rnn_relu": [(5, 2, 5, 7, 2, [5, 3], True, True, np.float32),
+                 (3, 3, 5, 7, "stepwise", None, True, False, np.float32)],
+}
+
+
+def _params():
+    out = []
+    for cell in CELLS:
+        for case in CASES + EXTRA[cell]:
+            T, B, I, H, P, lengths, reverse, bias, dtype = case
+            cid = (f"{cell}-T{T}-B{B}-I{I}-H{H}-{'P%d' % P if P != 'stepwise' else 'stepwise'}"
+                   f"{'-len' if lengths else ''}{'-rev' if reverse else ''}"
+                   f"{'' if bias else '-nobias'}-{np.dtype(dtype).name}")
+            out.append(pytest.param(cell, *case, id=cid))
+    return out
+
+
+def _options(P):
+    return {"path": "stepwise"} if P == "stepwise" else {"path": "persistent", "blocks": P}
+
+
+@pytest.mark.parametrize("cell,T,B,I,H,P,lengths,reverse,bias,dtype", _params())
+def test_matches_numpy_reference(request, cell, T, B, I, H, P, lengths, reverse, bias, dtype):
+    seed = zlib.crc32(request.node.callspec.id.encode())   # fresh data per case, reproducible
+    args, cot = make_case(cell, T, B, I, H, dtype, bias, seed)
+    lengths = None if lengths is None else np.asarray(lengths, np.int64)
+    tol = TOL[dtype]
+    options = _options(P)
+
+    out = run(sim, cell, args, lengths, reverse, options)
+    expected = run(ref, cell, args, lengths, reverse)
+    assert out[0].dtype == np.dtype(dtype)
+    assert_forward_matches(out, expected, tol)
+    cfg = out[3].plan
+    assert isinstance(cfg, LaunchConfig)
+    assert cfg.path == options["path"]
+    if P != "stepwise":
+        assert cfg.blocks == P and cfg.units_per_block == -(-H // P)
+    if lengths is not None:
+        masked = np.arange(T)[:, None] >= lengths[None, :]
+        assert np.all(out[0][masked] == 0), "y must be exactly 0 at masked steps"
+
+    grads = sim.backward(out[3], cot["dy"], cot["dh_n"], cot["dc_n"])
+    expected_grads = ref.backward(expected[3], cot["dy"], cot["dh_n"], cot["dc_n"])
+    assert_grads_match(grads, expected_grads, tol)
+
+
+def test_every_cell_meets_every_path_with_lengths_and_reverse():
+    # The covering set above is hand-picked; this keeps it honest when cases are edited.
+    seen = set()
+    for p in _params():
+        cell, T, B, I, H, P, lengths, reverse, bias, dtype = p.values
+        mode = "stepwise" if P == "stepwise" else ("P=1" if P == 1 else "P>1")
+        seen.add((cell, mode, "lengths" if lengths else "full", "reverse" if reverse else "fwd"))
+    for cell in CELLS:
+        for mode in ("P=1", "P>1", "stepwise"):
+            assert any(c == cell and m == mode and ln == "lengths" for c, m, ln, _ in seen), (cell, mode)
+            assert any(c == cell and m == mode and d == "reverse" for c, m, _, d in seen), (cell, mode)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    log = []
+    monkeypatch.setattr(sim.RUNTIME, "launch_hook", log.append)
+    return log
+
+
+@pytest.mark.parametrize("P", [1, 3])
+def test_launch_mode_single_cooperative_launch_or_per_step(P, launches):
+    # One block: one launch covers every step (and the backward's T+1 phases) as on a GPU.
+    # Several blocks: the simulator's grid.sync() does not order blocks, so one launch per step.
+    T = 4
+    args, cot = make_case("gru", T, 2, 5, 7, np.float32, True, 11)
+    out = run(sim, "gru", args, None, False, {"blocks": P, "path": "persistent"})
+    sim.backward(out[3], cot["dy"], cot["dh_n"], None)
+    fwd = [(d["blocks"], d["step_range"]) for d in launches if d["kind"] == "persistent_fwd"]
+    bwd = [(d["blocks"], d["step_range"]) for d in launches if d["kind"] == "persistent_bwd"]
+    assert all(d["kind"].startswith("persistent") for d in launches)
+    if P == 1:
+        assert fwd == [(1, (0, T))]
+        assert bwd == [(1, (0, T + 1))]
+    else:
+        assert fwd == [(P, (s, s + 1)) for s in range(T)]
+        assert bwd == [(P, (k, k + 1)) for k in range(T + 1)]
+
+
+def test_stepwise_launches_one_pointwise_kernel_per_step(launches):
+    T = 3
+    args, cot = make_case("lstm", T, 2, 5, 7, np.float32, True, 12)
+    out = run(sim, "lstm", args, None, True, {"path": "stepwise"})
+    sim.backward(out[3], cot["dy"], cot["dh_n"], cot["dc_n"])
+    assert [d["kind"] for d in launches] == ["pointwise_fwd"] * T + ["pointwise_bwd"] * T
+    assert [d["step_range"][0] for d in launches] == list(range(T)) + list(range(T - 1, -1, -1))
+
+
+@pytest.mark.parametrize("options", [{"path": "persistent", "blocks": 3}, {"path": "stepwise"}],
+                         ids=["persistent-P3", "stepwise"])
+def test_backward_is_deterministic(options):
+    args, cot = make_case("lstm", 4, 3, 5, 7, np.float32, True, 13)
+    lengths = np.array([4, 2, 3], np.int64)
+    out = run(sim, "lstm", args, lengths, False, options)
+    first = sim.backward(out[3], cot["dy"], cot["dh_n"], cot["dc_n"])
+    second = sim.backward(out[3], cot["dy"], cot["dh_n"], cot["dc_n"])
+    for name in first._fields:
+        a, b = getattr(first, name), getattr(second, name)
+        assert np.all(np.isfinite(a)), name
+        assert np.array_equal(a, b), f"{name} differs between two identical backward runs"
+
+
+def test_reserve_is_interchangeable_with_numpy_backend():
+    # Same layout (gpurnn.cells): a NumPy reserve feeds the kernels' backward and vice versa.
+    args, cot = make_case("gru", 5, 3, 5, 7, np.float32, True, 14)
+    lengths = np.array([5, 1, 3], np.int64)
+    expected = run(ref, "gru", args, lengths, True)
+    expected_grads = ref.backward(expected[3], cot["dy"], cot["dh_n"], None)
+    from_numpy = sim.backward(expected[3], cot["dy"], cot["dh_n"], None,
+                              options={"path": "persistent", "blocks": 2})
+    assert_grads_match(from_numpy, expected_grads, TOL[np.float32])
+    out = run(sim, "gru", args, lengths, True, {"path": "stepwise"})
+    from_sim = ref.backward(out[3], cot["dy"], cot["dh_n"], None)
+    assert_grads_match(from_sim, expected_grads, TOL[np.float32])
+
+
+def test_backward_options_override_the_forward_launch(launches):
+    args, cot = make_case("rnn_tanh", 3, 2, 5, 7, np.float32, True, 15)
+    out = run(sim, "rnn_tanh", args, None, False, {"path": "persistent", "blocks": 2})
+    grads = sim.backward(out[3], cot["dy"], cot["dh_n"], None, options={"path": "stepwise"})
+    assert [d["kind"] for d in launches][-3:] == ["pointwise_bwd"] * 3
+    expected = ref.backward(run(ref, "rnn_tanh", args, None, False)[3], cot["dy"], cot["dh_n"], None)
+    assert_grads_match(grads, expected, TOL[np.float32])
+
+
+def test_plan_chooses_when_options_are_silent():
+    args, _ = make_case("lstm", 2, 2, 5, 7, np.float32, True, 16)
+    out = run(sim, "lstm", args, None, False)
+    cfg = out[3].plan
+    assert cfg.plan is not None and cfg.plan.device.name == "sim"
+    assert (cfg.path, cfg.blocks, cfg.threads) == (cfg.plan.path, cfg.plan.blocks, cfg.plan.threads)
+    assert_forward_matches(out, run(ref, "lstm", args, None, False), TOL[np.float32])
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"paths": "stepwise"}, "unknown keys"),
+    ({"path": "fused"}, "options\\['path'\\] must be one of"),
+    ({"blocks": 0}, "options\\['blocks'\\] must be a positive int"),
+    ({"threads": 48}, "multiple of 32"),
+])
+def test_bad_options_are_rejected(options, match):
+    args, _ = make_case("rnn_relu", 2, 1, 5, 7, np.float32, True, 17)
+    with pytest.raises(ValueError, match=match):
+        run(sim, "rnn_relu", args, None, False, options)
+
+
+def test_functional_api_passes_backend_options_through(launches):
+    from gpurnn import functional
+    args, cot = make_case("lstm", 3, 2, 5, 7, np.float32, True, 18)
+    y, h_n, c_n, res = functional.forward(
+        "lstm", args["x"], args["w_ih"], args["w_hh"], args["b_ih"], args["b_hh"], args["h0"],
+        args["c0"], backend="sim", backend_options={"path": "persistent", "blocks": 2})
+    assert res.backend == "sim" and res.plan.blocks == 2
+    assert {d["blocks"] for d in launches} == {2}
+    assert_close(y, run(ref, "lstm", args, None, False)[0], TOL[np.float32], "y")
+
+
+def _python(code, env_sim):
+    import os
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    if env_sim:
+        env["NUMBA_ENABLE_CUDASIM"] = "1"
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_sim_backend_enables_the_simulator_itself():
+    r = _python("""
+        import gpurnn.backends.sim
+        from numba.cuda.core import config
+        assert config.ENABLE_CUDASIM
+        print("SIMULATOR-ON")
+    """, env_sim=False)
+    assert r.returncode == 0, r.stderr
+    assert "SIMULATOR-ON" in r.stdout
+
+
+def test_sim_backend_says_why_after_numba_cuda_in_hardware_mode():
+    r = _python("""
+        import numba.cuda
+        try:
+            import gpurnn.backends.sim
+        except RuntimeError as e:
+            print("REFUSED:", e)
+        else:
+            raise SystemExit("imported the sim backend over a hardware-mode numba.cuda")
+    """, env_sim=False)
+    assert r.returncode == 0, r.stderr
+    assert "REFUSED:" in r.stdout and "already imported in hardware mode" in r.stdout
