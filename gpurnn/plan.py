@@ -6,9 +6,9 @@ model the kernels allocate by) fits the device's opt-in limit per block and the 
 resident at once (a cooperative launch never waits for a block to finish). Otherwise the layer
 runs stepwise: per step one GEMM + one pointwise kernel.
 
-    >>> p = plan("lstm", 256, 1024, 8, device="H100")
+    >>> p = plan("lstm", 256, 512, 8, device="H100")
     >>> p.path, p.blocks, p.units_per_block
-    ('persistent', 128, 8)
+    ('persistent', 128, 4)
     >>> print(p)                                    # the reasons, in a few lines
 
 Named profiles never touch numba.cuda (importing it fixes simulator mode for the process);
@@ -167,7 +167,7 @@ class Plan:
     units_per_block: int            # U = ceil(H / P)
     smem_bytes_fwd: int             # dynamic shared memory per block, persistent forward
     smem_bytes_bwd: int             # ... persistent backward
-    blocks_per_sm: int              # resident blocks per SM the grid relies on
+    blocks_per_sm: int              # resident blocks per SM the device allows at these resources
     max_cooperative_blocks: int     # SMs x resident blocks per SM at this block's resources
     regs_per_thread: int
     reasons: tuple = field(default=())
