@@ -9,7 +9,10 @@ runs stepwise: per step one GEMM + one pointwise kernel.
     >>> p = plan("lstm", 256, 512, 8, device="H100")
     >>> p.path, p.blocks, p.units_per_block
     ('persistent', 128, 4)
-    >>> print(p)                                    # the reasons, in a few lines
+    >>> p.reasons[-1]
+    'shared memory above 48 KB per block: the launch opts in with cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)'
+
+`print(p)` explains the choice in a few lines.
 
 Named profiles never touch numba.cuda (importing it fixes simulator mode for the process);
 `device=None` reads the current device through numba.cuda, and means the "sim" profile when
