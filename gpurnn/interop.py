@@ -174,22 +174,23 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, lengths
             reverse=False, training=True, backend="auto", backend_options=None):
     """`gpurnn.functional.forward` for any supported array family; y, h_n, c_n come back in
     x's family. The reserve stays in NumPy/CuPy (it only feeds `backward`)."""
-    _, family, a = convert_all({"x": x, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh,
-                                "h0": h0, "c0": c0})
     with torch_stream(x):
+        _, family, a = convert_all({"x": x, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh,
+                                    "h0": h0, "c0": c0})
         y, h_n, c_n, reserve = F.forward(cell, a["x"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"],
                                          a["h0"], a["c0"], lengths, reverse, training, backend,
                                          backend_options)
-    return from_compute(y, family), from_compute(h_n, family), from_compute(c_n, family), reserve
+        return (from_compute(y, family), from_compute(h_n, family), from_compute(c_n, family),
+                reserve)
 
 
 def backward(reserve, dy=None, dh_n=None, dc_n=None, backend_options=None):
     """`gpurnn.functional.backward` for any supported array family. The gradients come back in
     the family of the first of dy, dh_n, dc_n given (else the reserve's: NumPy or CuPy)."""
-    _, family, a = convert_all({"dy": dy, "dh_n": dh_n, "dc_n": dc_n})
-    if all(v is None for v in (dy, dh_n, dc_n)):
-        family = "cupy" if getattr(reserve, "backend", None) == "cuda" else "numpy"
     anchor = next((v for v in (dy, dh_n, dc_n) if v is not None), None)
     with torch_stream(anchor):
+        _, family, a = convert_all({"dy": dy, "dh_n": dh_n, "dc_n": dc_n})
+        if anchor is None:
+            family = "cupy" if getattr(reserve, "backend", None) == "cuda" else "numpy"
         grads = F.backward(reserve, a["dy"], a["dh_n"], a["dc_n"], backend_options)
-    return Grads(*(from_compute(g, family) for g in grads))
+        return Grads(*(from_compute(g, family) for g in grads))

@@ -46,20 +46,22 @@ class _Layer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cell, reverse, backend, lengths, keep_reserve, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
-        _, family, a = convert_all({"x": x, "h0": h0, "c0": c0, "w_ih": w_ih, "w_hh": w_hh,
-                                    "b_ih": b_ih, "b_hh": b_hh})
+        # DLPack exchanges inside the stream context too: CuPy then consumes and produces on
+        # torch's current stream, and no exchange needs a synchronisation.
         with torch_stream(x):
+            _, family, a = convert_all({"x": x, "h0": h0, "c0": c0, "w_ih": w_ih, "w_hh": w_hh,
+                                        "b_ih": b_ih, "b_hh": b_hh})
             y, h_n, c_n, reserve = F.forward(cell, a["x"], a["w_ih"], a["w_hh"], a["b_ih"],
                                              a["b_hh"], a["h0"], a["c0"], lengths, reverse,
                                              keep_reserve, backend)
+            outs = tuple(from_compute(o, family) for o in ((y, h_n) if c_n is None else (y, h_n, c_n)))
         ctx.reserve = reserve
         ctx.has_h0, ctx.has_c0, ctx.has_bias = h0 is not None, c0 is not None, b_ih is not None
         ctx.family = family
         # The reserve aliases these tensors' memory (zero copy); saving them lets autograd's
         # version counters turn an in-place change before backward into an error, not wrong grads.
         ctx.save_for_backward(x, w_ih, w_hh)
-        outs = (y, h_n) if c_n is None else (y, h_n, c_n)
-        return tuple(from_compute(o, family) for o in outs)
+        return outs
 
     @staticmethod
     @once_differentiable
@@ -70,15 +72,13 @@ class _Layer(torch.autograd.Function):
                                "module.train() before the forward you differentiate")
         x = ctx.saved_tensors[0]
         reserve, ctx.reserve = ctx.reserve, None      # a reserve feeds one backward; free it now
-        a = {"dy": to_compute("dy", dy), "dh_n": to_compute("dh_n", dh_n),
-             "dc_n": to_compute("dc_n", dc_n)}
         with torch_stream(x):
-            g = F.backward(reserve, a["dy"], a["dh_n"], a["dc_n"])
-        t = lambda v: from_compute(v, ctx.family)   # noqa: E731
-        return (None, None, None, None, None, t(g.dx),
-                t(g.dh0) if ctx.has_h0 else None, t(g.dc0) if ctx.has_c0 else None,
-                t(g.dw_ih), t(g.dw_hh),
-                t(g.db_ih) if ctx.has_bias else None, t(g.db_hh) if ctx.has_bias else None)
+            g = F.backward(reserve, to_compute("dy", dy), to_compute("dh_n", dh_n),
+                           to_compute("dc_n", dc_n))
+            keep = (True, ctx.has_h0, ctx.has_c0, True, True, ctx.has_bias, ctx.has_bias)
+            dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh = (
+                from_compute(v, ctx.family) if wanted else None for v, wanted in zip(g, keep))
+        return None, None, None, None, None, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh
 
 
 class _RNNBase(nn.Module):

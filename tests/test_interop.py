@@ -217,3 +217,14 @@ def test_cupy_forward_backward_matches_numpy(cell, rng):
         if b is not None:
             assert isinstance(a, cupy.ndarray), name
             assert_close(a.get(), b, 1e-5, name)
+
+
+def test_gpurnn_and_interop_import_without_torch():
+    import subprocess
+    code = ("import sys; sys.modules['torch'] = None\n"     # any `import torch` now raises
+            "import gpurnn, gpurnn.interop, gpurnn.functional\n"
+            "import numpy as np\n"
+            "y = gpurnn.interop.forward('gru', np.ones((2, 1, 3)), np.ones((6, 3)), np.ones((6, 2)))[0]\n"
+            "assert isinstance(y, np.ndarray), type(y)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
