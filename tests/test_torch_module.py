@@ -102,6 +102,22 @@ def test_module_matches_torch(case, dtype, rng):
         assert_close(dp_m[key], dp_r[key], tol, f"d {key}")
 
 
+def test_packed_sorted_input_without_indices(rng):
+    """pack_padded_sequence(enforce_sorted=True) leaves sorted_indices None; so must we."""
+    ref, mine = _pair("GRU", 5, 7, torch.float64, 13, num_layers=2, bidirectional=True)
+    x = torch.tensor(rng.standard_normal((6, 3, 5)), requires_grad=True)
+    lengths = torch.tensor([6, 4, 1])
+    out_r, h_r = ref(pack_padded_sequence(x, lengths))
+    out_m, h_m = mine(pack_padded_sequence(x, lengths))
+    assert out_m.sorted_indices is None and out_m.unsorted_indices is None
+    assert torch.equal(out_m.batch_sizes, out_r.batch_sizes)
+    assert_close(out_m.data.detach(), out_r.data.detach(), 1e-10, "output")
+    assert_close(h_m.detach(), h_r.detach(), 1e-10, "h_n")
+    (dx_r,) = torch.autograd.grad(out_r.data.sum() + h_r.sum(), x)
+    (dx_m,) = torch.autograd.grad(out_m.data.sum() + h_m.sum(), x)
+    assert_close(dx_m, dx_r, 1e-10, "d input")
+
+
 @pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
 def test_state_dict_interchange_both_ways(cell):
     torch.manual_seed(1)
