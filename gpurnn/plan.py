@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .cells import CELLS, GATES, RESERVE_GATES
-from .kernels.layout import smem_bytes, units_per_block
+from .kernels.layout import KERNEL_REGS_MAX, smem_bytes, units_per_block
 
 KB = 1024
 # Dtypes the kernels exist for; the capacity model also takes 16-bit storage (see capacity()).
@@ -356,6 +356,10 @@ def _plan(cell, input_size, hidden, batch, dtype, itemsize, dev, blocks, threads
     if cap < 1:
         failures.append(f"{threads} threads x {regs} registers per thread do not fit one SM "
                         f"({dev.regs_per_sm} registers)")
+    elif regs < KERNEL_REGS_MAX:
+        failures.append(f"{threads} threads per block leave {regs} registers per thread; the "
+                        f"persistent kernels are built to use up to {KERNEL_REGS_MAX} (at most "
+                        f"{dev.regs_per_block // KERNEL_REGS_MAX} threads per block)")
     elif not failures and f.blocks > f.coop:
         failures.append(f"a cooperative grid of P={f.blocks} blocks cannot be co-resident: at most "
                         f"{f.per_sm} per SM x {dev.sm_count} SMs = {f.coop}")

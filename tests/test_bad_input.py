@@ -589,14 +589,15 @@ def test_layer_nan_forward_backward_do_not_raise():
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
-def test_nan_in_padding_is_ignored(cell):
+@pytest.mark.parametrize("backend", ["numpy", "sim"])
+def test_nan_in_padding_is_ignored(cell, backend):
     args = make(cell, dtype=np.float64, seed=9)
     lengths = [T, 1, 2]
-    clean_y, clean_h, _, clean_res = F.forward(cell, **args, lengths=lengths)
+    clean_y, clean_h, _, clean_res = F.forward(cell, **args, lengths=lengths, backend=backend)
     args["x"] = args["x"].copy()
     args["x"][2, 1] = np.nan                    # padding of sequence 1 (length 1) and ...
     args["x"][2, 2] = np.nan                    # ... of sequence 2 (length 2)
-    y, h_n, _, res = F.forward(cell, **args, lengths=lengths)
+    y, h_n, _, res = F.forward(cell, **args, lengths=lengths, backend=backend)
     np.testing.assert_array_equal(y, clean_y)
     np.testing.assert_array_equal(h_n, clean_h)
     dy = np.ones_like(y)

@@ -173,7 +173,7 @@ def test_explicit_blocks():
     idle = plan("lstm", 8, 10, 1, device="H100", blocks=6)
     assert idle.blocks == 6 and idle.units_per_block == 2
     assert any("1 of the 6 blocks owns no unit" in r for r in idle.reasons)
-    too_many = plan("lstm", 8, 1024, 1, device="H100", blocks=200, threads=1024)
+    too_many = plan("lstm", 8, 1024, 1, device="H100", blocks=200, threads=512)
     assert too_many.path == "stepwise"
     assert any("cannot be co-resident" in r and "= 132" in r for r in too_many.reasons)
     with pytest.raises(ValueError, match="blocks must be >= 1; got 0"):

@@ -10,6 +10,7 @@ import pytest
 
 from gpurnn import plan as planmod
 from gpurnn.kernels import compile as kcompile
+from gpurnn.kernels.layout import KERNEL_REGS_MAX
 
 ARCHS = ("sm_80", "sm_90")
 PROFILE = {"sm_80": "A100", "sm_90": "H100"}
@@ -57,6 +58,15 @@ def test_registers_within_the_plans_budget(rows):
         budget = min(255, 65536 // p.threads)
         assert p.regs_per_thread == budget
         assert r.registers is not None and 0 < r.registers <= budget, (r.kernel, r.arch, r.registers)
+        # the ceiling the plan assumes when it sizes persistent blocks
+        assert r.registers <= KERNEL_REGS_MAX, (r.kernel, r.arch, r.registers)
+
+
+def test_plan_refuses_blocks_that_starve_the_kernels_of_registers():
+    p = planmod.plan("lstm", 64, 64, 1, "float32", "H100", threads=1024)
+    assert p.path == "stepwise"
+    assert any(f"up to {KERNEL_REGS_MAX}" in r for r in p.reasons)
+    assert planmod.plan("lstm", 64, 64, 1, "float32", "H100", threads=512).path == "persistent"
 
 
 @needs_ptxas

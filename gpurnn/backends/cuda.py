@@ -23,6 +23,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import Grads, Reserve
+from .numpy import input_bias, inputs_seen
 from ..cells import GATES, RESERVE_GATES
 from ..kernels import layout
 
@@ -149,7 +150,6 @@ def _steps(T, rev):
 
 def run_forward(rt: Runtime, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse,
                 need_reserve, options):
-    from .numpy import input_bias
     xp = rt.xp
     T, B, I = x.shape
     H = w_hh.shape[1]
@@ -263,7 +263,7 @@ def run_backward(rt: Runtime, reserve: Reserve, dy, dh_n, dc_n, options):
     TB = T * B
     dgx2, dgh2 = dgx.reshape(TB, GH), dgh.reshape(TB, GH)
     dx = xp.matmul(dgx2, w_ih).reshape(T, B, I)
-    dw_ih = xp.matmul(dgx2.T, x.reshape(TB, I))
+    dw_ih = xp.matmul(dgx2.T, inputs_seen(x, reserve.lengths, xp).reshape(TB, I))
     dw_hh = xp.matmul(dgh2.T, h[rev: rev + T].reshape(TB, H))
     db_ih = db_hh = None
     if reserve.has_bias:

@@ -41,6 +41,16 @@ def input_bias(cell, b_ih, b_hh):
     return folded
 
 
+def inputs_seen(x, lengths, xp):
+    """x with its padded steps (t >= lengths[b]) zeroed: they never reached the recurrence, so
+    whatever they hold (NaN, say) must stay out of dW_ih even though their gate gradients are 0."""
+    if lengths is None:
+        return x
+    T = x.shape[0]
+    seen = (np.arange(T)[:, None] < np.asarray(lengths)[None, :])[..., None]
+    return xp.where(xp.asarray(seen), x, 0)
+
+
 def _masks(lengths, T):
     """Per step: None where every sequence is active, else the indices of the inactive rows."""
     if lengths is None:
@@ -252,11 +262,7 @@ def backward(reserve, dy, dh_n, dc_n, *, options=None):
     TB = T * B
     dgx2, dgh2 = dgx.reshape(TB, G * H), dgh.reshape(TB, G * H)
     dx = np.matmul(dgx2, w_ih).reshape(T, B, I)
-    x_seen = x
-    if reserve.lengths is not None:
-        # padded steps never reached the recurrence: keep their contents (NaN, say) out of dW_ih
-        x_seen = np.where((np.arange(T)[:, None] < reserve.lengths[None, :])[..., None], x, 0)
-    dw_ih = np.matmul(dgx2.T, x_seen.reshape(TB, I))
+    dw_ih = np.matmul(dgx2.T, inputs_seen(x, reserve.lengths, np).reshape(TB, I))
     dw_hh = np.matmul(dgh2.T, h[rev: rev + T].reshape(TB, H))
     db_ih = db_hh = None
     if reserve.has_bias:

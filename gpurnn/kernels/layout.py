@@ -19,6 +19,12 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 
+# Registers per thread every kernel is held to (tests/test_static_compile.py checks the ptxas
+# counts against it). The plan refuses block sizes that would leave a thread fewer: with ~100
+# registers in use, a 1024-thread persistent block cannot launch at all.
+KERNEL_REGS_MAX = 128
+
+
 def units_per_block(hidden: int, blocks: int) -> int:
     return -(-hidden // blocks)
 
