@@ -55,7 +55,7 @@ class _Layer(torch.autograd.Function):
                                              a["b_hh"], a["h0"], a["c0"], lengths, reverse,
                                              keep_reserve, backend)
             outs = tuple(from_compute(o, family) for o in ((y, h_n) if c_n is None else (y, h_n, c_n)))
-        ctx.reserve = reserve
+        ctx.reserve, ctx.kept_reserve = reserve, reserve is not None
         ctx.has_h0, ctx.has_c0, ctx.has_bias = h0 is not None, c0 is not None, b_ih is not None
         ctx.family = family
         # The reserve aliases these tensors' memory (zero copy); saving them lets autograd's
@@ -66,10 +66,14 @@ class _Layer(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, dh_n, dc_n=None):
-        if ctx.reserve is None:
+        if not ctx.kept_reserve:
             raise RuntimeError("gpurnn: backward through a forward run in eval mode (or with "
                                "autograd off) is not supported, as with cuDNN; call "
                                "module.train() before the forward you differentiate")
+        if ctx.reserve is None:
+            raise RuntimeError("gpurnn: a second backward through the same forward (retain_graph"
+                               "=True) is not supported: the reserve feeds exactly one backward; "
+                               "run the forward again")
         x = ctx.saved_tensors[0]
         reserve, ctx.reserve = ctx.reserve, None      # a reserve feeds one backward; free it now
         with torch_stream(x):

@@ -187,6 +187,14 @@ def test_no_reserve_in_eval_or_no_grad(monkeypatch):
     assert flags == [True] * 4
 
 
+def test_second_backward_through_one_forward_is_a_clear_error():
+    _, mine = _pair("RNN", 5, 7, torch.float64, 5)
+    y, _ = mine(torch.randn(4, 2, 5, dtype=torch.float64))
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward through the same forward"):
+        y.sum().backward()
+
+
 def test_inplace_change_before_backward_is_an_error():
     _, mine = _pair("LSTM", 5, 7, torch.float64, 5)
     x = torch.randn(4, 2, 5, dtype=torch.float64, requires_grad=True)
