@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .arrays import _cupy, kind_of, to_compute
 from .backends import Grads, get_backend, is_device_array, resolve
 from .cells import CELLS, GATES, rnn_cell
 
@@ -38,22 +39,15 @@ def _shape(a):
 
 
 def _as_array(name, a, device):
-    """Host inputs become C-contiguous NumPy arrays; device arrays are made contiguous by
-    their own library (CuPy's ascontiguousarray is a no-op when already contiguous)."""
+    """`a` as the C-contiguous NumPy (host) or CuPy (device) array the backends compute on;
+    zero copy where the layout allows (conversion rules: gpurnn.interop)."""
+    if (kind_of(a, name) == "device") != device:
+        raise TypeError(f"{name} must be a {'device' if device else 'host'} array like x; got "
+                        f"a {'host' if device else 'device'} {type(a).__name__}")
+    a = to_compute(name, a)
     if device:
-        if not is_device_array(a):
-            raise TypeError(f"{name} must be a device array like the others; got {type(a).__name__}")
-        flags = getattr(a, "flags", None)
-        if flags is not None and not flags.c_contiguous:
-            import cupy
-            a = cupy.ascontiguousarray(a)
-        return a
-    if hasattr(a, "detach") and hasattr(a, "numpy"):      # a torch CPU tensor
-        a = a.detach().numpy()
-    try:
-        return np.ascontiguousarray(a)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be an array; got {type(a).__name__}") from exc
+        return a if a.flags.c_contiguous else _cupy(name).ascontiguousarray(a)
+    return np.ascontiguousarray(a)
 
 
 def _check_dtype(name, a, dtype):
@@ -115,7 +109,7 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, lengths
         for bname, b in (("b_ih", b_ih), ("b_hh", b_hh)):
             _check_shape(bname, b, (G * H,), "(G*H,)")
             _check_dtype(bname, b, dtype)
-    xp = np if not device else __import__("cupy")
+    xp = _cupy("x") if device else np
     if h0 is None:
         h0 = xp.zeros((B, H), dtype)
     else:
@@ -151,7 +145,7 @@ def backward(reserve, dy=None, dh_n=None, dc_n=None, backend_options=None):
     device = reserve.backend == "cuda"
     T, B, I, H = reserve.shape
     dtype = str(reserve.x.dtype)
-    xp = np if not device else __import__("cupy")
+    xp = _cupy("x") if device else np
     resolve(reserve.backend, (dy, dh_n, dc_n))      # mixing host and device arrays is an error
     if dy is None:
         dy = xp.zeros((T, B, H), dtype)

@@ -17,6 +17,7 @@ from collections import OrderedDict
 import numpy as np
 
 from . import functional as F
+from .arrays import _cupy
 from .backends import is_device_array, resolve
 from .cells import GATES, rnn_cell
 
@@ -171,7 +172,7 @@ class _RNNBase:
         hx_arrays = hx if isinstance(hx, (tuple, list)) else (hx,)
         backend = resolve(self.backend, (x,) + tuple(hx_arrays))
         device = backend == "cuda"
-        xp = __import__("cupy") if device else np
+        xp = _cupy("x") if device else np
         if not device:
             x = np.asarray(x)
         if x.dtype != self.dtype:
@@ -231,7 +232,7 @@ class _RNNBase:
         reserves, masks, backend = self._saved
         T, B, _, _ = reserves[0][0].shape
         H, D, L = self.hidden_size, self.num_directions, self.num_layers
-        xp = __import__("cupy") if backend == "cuda" else np
+        xp = _cupy("dy") if backend == "cuda" else np
         dy = F._as_array("dy", dy, backend == "cuda")
         want = (B, T, D * H) if self.batch_first else (T, B, D * H)
         if tuple(dy.shape) != want:

@@ -228,3 +228,17 @@ def test_gpurnn_and_interop_import_without_torch():
             "assert isinstance(y, np.ndarray), type(y)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_functional_sees_gpu_dlpack_arrays_as_device_arrays():
+    """A GPU array that only speaks DLPack is a device array to the functional API too: mixed
+    with NumPy weights it is the mixing TypeError, not a misread host array."""
+    from gpurnn import functional as F
+    x = FakeDLPack(np.zeros((2, 1, 3), np.float32), 2)
+    w_ih, w_hh = np.zeros((4, 3), np.float32), np.zeros((4, 1), np.float32)
+    with pytest.raises(TypeError, match="must all be host .* or all device"):
+        F.forward("rnn_tanh", x, w_ih, w_hh)
+    host = FakeDLPack(np.zeros((2, 1, 3), np.float32), 1)     # a host DLPack array is NumPy's
+    y, h_n, _, _ = F.forward("lstm", host, np.zeros((4, 3), np.float32),
+                             np.zeros((4, 1), np.float32), training=False)
+    assert isinstance(y, np.ndarray) and y.shape == (2, 1, 1)

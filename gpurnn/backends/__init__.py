@@ -60,7 +60,9 @@ class Reserve:
 
 
 def is_device_array(a) -> bool:
-    return hasattr(a, "__cuda_array_interface__")
+    """CuPy, torch CUDA tensors, __cuda_array_interface__ or GPU DLPack arrays (gpurnn.arrays)."""
+    from ..arrays import kind_of
+    return kind_of(a) == "device"
 
 
 def get_backend(name: str):
