@@ -232,8 +232,11 @@ def _threads(threads, dev):
 
 
 def _regs_budget(regs_per_thread, threads, dev):
-    """The registers a thread may use; by default what one block of `threads` per SM allows."""
-    limit = min(_MAX_REGS_PER_THREAD, dev.regs_per_block // threads, dev.regs_per_sm // threads)
+    """The registers a thread may use; by default what one block of `threads` per SM allows,
+    in whole allocation units (registers are handed out per warp, _REG_ALLOC_UNIT at a time)."""
+    warps = threads // 32
+    per_warp = min(dev.regs_per_block, dev.regs_per_sm) // warps // _REG_ALLOC_UNIT * _REG_ALLOC_UNIT
+    limit = min(_MAX_REGS_PER_THREAD, per_warp // 32)
     if regs_per_thread is None:
         return limit
     _validate_int("regs_per_thread", regs_per_thread)
@@ -264,10 +267,10 @@ class _Fit:
         return max(self.fwd, self.bwd)
 
 
-def _fit_at(gates, hidden, batch, itemsize, blocks, cap, dev):
+def _fit_at(gates, hidden, batch, itemsize, blocks, cap, dev, threads):
     units = units_per_block(hidden, blocks)
-    fwd = smem_bytes("fwd", gates, hidden, batch, units, itemsize)
-    bwd = smem_bytes("bwd", gates, hidden, batch, units, itemsize)
+    fwd = smem_bytes("fwd", gates, hidden, batch, units, itemsize, threads=threads)
+    bwd = smem_bytes("bwd", gates, hidden, batch, units, itemsize, threads=threads)
     by_smem = dev.smem_per_sm // (max(fwd, bwd) + dev.smem_reserved_per_block)
     per_sm = min(cap, by_smem)
     return _Fit(blocks, units, fwd, bwd, per_sm, per_sm * dev.sm_count)
@@ -277,7 +280,7 @@ def _fits(f, dev):
     return f.smem <= dev.smem_per_block_optin and 1 <= f.blocks <= f.coop
 
 
-def _search(gates, hidden, batch, itemsize, cap, dev):
+def _search(gates, hidden, batch, itemsize, cap, dev, threads):
     """The persistent grid with the smallest slice per block: P = min(H, SMs x k) for the most
     resident blocks per SM k that still fit, then U = ceil(H/P) and P = ceil(H/U) (no empty
     block). Returns the fit, or the k = 1 attempt (which explains the failure)."""
@@ -285,7 +288,7 @@ def _search(gates, hidden, batch, itemsize, cap, dev):
     for k in range(max(cap, 1), 0, -1):
         blocks = min(hidden, dev.sm_count * k)
         units = units_per_block(hidden, blocks)
-        f = _fit_at(gates, hidden, batch, itemsize, -(-hidden // units), cap, dev)
+        f = _fit_at(gates, hidden, batch, itemsize, -(-hidden // units), cap, dev, threads)
         if _fits(f, dev):
             return f
         first = f
@@ -334,9 +337,9 @@ def _plan(cell, input_size, hidden, batch, dtype, itemsize, dev, blocks, threads
     cap = _resident_limit(threads, regs, dev)
     reasons = []
     if blocks is None:
-        f = _search(gates, hidden, batch, itemsize, cap, dev)
+        f = _search(gates, hidden, batch, itemsize, cap, dev, threads)
     else:
-        f = _fit_at(gates, hidden, batch, itemsize, blocks, cap, dev)
+        f = _fit_at(gates, hidden, batch, itemsize, blocks, cap, dev, threads)
         reasons.append(f"blocks={blocks} forced by the caller")
         used = -(-hidden // f.units)
         if used < blocks:

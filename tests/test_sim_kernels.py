@@ -301,3 +301,44 @@ def test_sim_backend_says_why_after_numba_cuda_in_hardware_mode():
     """, env_sim=False)
     assert r.returncode == 0, r.stderr
     assert "REFUSED:" in r.stdout and "already imported in hardware mode" in r.stdout
+
+
+# (cell, T, B, H, P, threads): launches whose dot products are split over 32 lanes, a few, and
+# one (gpurnn.kernels.layout.lanes_per_output), checked against the reference like any other.
+LANE_CASES = [
+    ("rnn_tanh", 4, 1, 7, 7, 32),     # one unit per block, B = 1: forward and backward L = 32
+    ("lstm", 4, 1, 7, 2, 32),         # forward 16 outputs -> L = 2, backward 4 -> L = 8
+    ("gru", 3, 2, 9, 3, 64),          # forward 18 -> L = 2, backward 6 -> L = 8
+    ("lstm", 3, 3, 33, 1, 64),        # 396 and 99 outputs: one lane each
+]
+
+
+@pytest.mark.parametrize("cell,T,B,H,P,threads", LANE_CASES,
+                         ids=[f"{c[0]}-B{c[2]}-H{c[3]}-P{c[4]}-threads{c[5]}" for c in LANE_CASES])
+def test_split_dot_products_match_reference(cell, T, B, H, P, threads):
+    from gpurnn.kernels.layout import lanes_per_output, units_per_block
+    U = units_per_block(H, P)
+    G = GATES[cell]
+    fwd_lanes = lanes_per_output(B * G * U, threads)
+    bwd_lanes = lanes_per_output(B * U, threads)
+    assert 1 <= fwd_lanes <= bwd_lanes <= 32
+    args, cot = make_case(cell, T, B, 5, H, np.float32, True, seed=T * 1000 + H)
+    lengths = np.arange(B, dtype=np.int64) % T + 1 if B > 1 else None
+    options = {"path": "persistent", "blocks": P, "threads": threads}
+    out = run(sim, cell, args, lengths, False, options)
+    expected = run(ref, cell, args, lengths, False)
+    assert_forward_matches(out, expected, 1e-5)
+    grads = sim.backward(out[3], cot["dy"], cot["dh_n"], cot["dc_n"])
+    want = ref.backward(expected[3], cot["dy"], cot["dh_n"], cot["dc_n"])
+    assert_grads_match(grads, want, 1e-5)
+
+
+def test_lanes_per_output():
+    from gpurnn.kernels.layout import lanes_per_output
+    assert lanes_per_output(1, 32) == 32
+    assert lanes_per_output(1, 1024) == 32          # never more than a warp
+    assert lanes_per_output(16, 32) == 2
+    assert lanes_per_output(17, 32) == 1
+    assert lanes_per_output(300, 256) == 1
+    assert lanes_per_output(8, 256) == 32
+    assert lanes_per_output(9, 256) == 16

@@ -182,7 +182,7 @@ def run_forward(rt: Runtime, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, r
 
     if cfg.path == "persistent":
         P, U = cfg.blocks, cfg.units_per_block
-        smem = layout.smem_bytes("fwd", G, H, B, U, x.dtype.itemsize)
+        smem = layout.smem_bytes("fwd", G, H, B, U, x.dtype.itemsize, threads=cfg.threads)
         ranges = ([(s, s + 1) for s in range(T)] if (rt.per_step_grid and P > 1) else [(0, T)])
         for t_begin, t_end in ranges:
             rt.launch_persistent(cell, "persistent_fwd", dtype, P, cfg.threads, smem,
@@ -239,7 +239,7 @@ def run_backward(rt: Runtime, reserve: Reserve, dy, dh_n, dc_n, options):
 
     if cfg.path == "persistent":
         P, U = cfg.blocks, cfg.units_per_block
-        smem = layout.smem_bytes("bwd", G, H, B, U, x.dtype.itemsize)
+        smem = layout.smem_bytes("bwd", G, H, B, U, x.dtype.itemsize, threads=cfg.threads)
         ranges = ([(k, k + 1) for k in range(T + 1)] if (rt.per_step_grid and P > 1)
                   else [(0, T + 1)])
         for k_begin, k_end in ranges:

@@ -10,6 +10,13 @@ Persistent backward: block j keeps the columns W_hh[:, U_j] and stages the step'
 gate gradients of every unit:
     w_cols    G*H*U
     dgates    B*G*H
+Both also hold
+    scratch   threads one partial sum per thread
+because every dot product (length H forward, G*H backward) is split over a group of L lanes
+(L a power of two <= 32, as many as the block's threads allow for its outputs) whose partial
+sums meet in `scratch` and are added in a fixed order — the short serial chains keep small
+batches fast and the reduction stays deterministic without atomics or warp shuffles (which
+Numba's simulator lacks).
 All in the compute dtype (float32 or float64). Threads per block is a launch parameter
 (a multiple of 32, 32..1024); kernels loop with a block stride, so any such value is correct.
 """
@@ -20,26 +27,39 @@ from typing import Any, Callable
 
 
 # Registers per thread every kernel is held to (tests/test_static_compile.py checks the ptxas
-# counts against it). The plan refuses block sizes that would leave a thread fewer: with ~100
-# registers in use, a 1024-thread persistent block cannot launch at all.
-KERNEL_REGS_MAX = 128
+# counts against it). The plan refuses block sizes that would leave a thread fewer: with ~160
+# registers in use (sm_80, the split dot products), a persistent block of more than 384
+# threads cannot launch at all. 168 = 162 rounded up to the 8-register allocation unit.
+KERNEL_REGS_MAX = 168
 
 
 def units_per_block(hidden: int, blocks: int) -> int:
     return -(-hidden // blocks)
 
 
-def smem_elements(direction: str, gates: int, hidden: int, batch: int, units: int) -> int:
+def smem_elements(direction: str, gates: int, hidden: int, batch: int, units: int, *,
+                  threads: int) -> int:
     """Elements of dynamic shared memory one persistent block needs ('fwd' or 'bwd')."""
     if direction == "fwd":
-        return gates * units * hidden + batch * hidden + batch * gates * units
+        return gates * units * hidden + batch * hidden + batch * gates * units + threads
     if direction == "bwd":
-        return gates * hidden * units + batch * gates * hidden
+        return gates * hidden * units + batch * gates * hidden + threads
     raise ValueError(f"direction must be 'fwd' or 'bwd'; got {direction!r}")
 
 
-def smem_bytes(direction: str, gates: int, hidden: int, batch: int, units: int, itemsize: int) -> int:
-    return smem_elements(direction, gates, hidden, batch, units) * itemsize
+def smem_bytes(direction: str, gates: int, hidden: int, batch: int, units: int, itemsize: int, *,
+               threads: int) -> int:
+    return smem_elements(direction, gates, hidden, batch, units, threads=threads) * itemsize
+
+
+def lanes_per_output(outputs: int, threads: int) -> int:
+    """L: lanes that share one dot product — the largest power of two <= 32 with
+    outputs * L <= threads (1 when the outputs alone fill the block). The kernels compute the
+    same value on the device; it only depends on the launch, so results are reproducible."""
+    lanes = 1
+    while lanes < 32 and 2 * lanes * outputs <= threads:
+        lanes *= 2
+    return lanes
 
 
 @dataclass(frozen=True)

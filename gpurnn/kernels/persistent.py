@@ -7,16 +7,22 @@ Ownership and barriers (layout contract: gpurnn/kernels/layout.py):
   Forward   block j keeps W_hh rows of every gate of U_j in shared memory, loaded once per
             launch, transposed so that consecutive threads (consecutive units) read
             consecutive words: w_slice[(m*G + g)*U + k] = W_hh[g*H + j*U + k, m].
-            Per step: all threads stage h_in (B x H) -> syncthreads -> thread per (b, g, k)
-            forms the recurrent pre-activation into `pre` -> syncthreads -> thread per (b, k)
-            does the pointwise update and writes h, c, gates, y -> grid barrier (the next
-            step reads every block's h_out).
+            Per step: all threads stage h_in (B x H) -> syncthreads -> a group of L lanes per
+            (b, g, k) forms the recurrent pre-activation into `pre` (each lane a strided part
+            of the H-long dot product; partials meet in `scratch`, syncthreads, lane 0 adds
+            them in lane order, syncthreads) -> syncthreads -> thread per (b, k) does the
+            pointwise update and writes h, c, gates, y -> grid barrier (the next step reads
+            every block's h_out).
   Backward  block j keeps the columns W_hh[:, U_j]: w_cols[row*U + k] = W_hh[row, j*U + k].
             Phase kk = 0..T (kk = T is the tail that only finishes dh0): stage the gate
             gradients dgh of the step processed in phase kk-1 (B x G*H) -> syncthreads ->
-            thread per (b, k) forms dh_rec = W_hh[:, u]^T dgh_next[b] (fixed order, no
-            atomics: deterministic) and does the pointwise backward of its step, writing dgh
-            (and GRU dgx) and its own carries -> grid barrier.
+            a group of L lanes per (b, k) forms dh_rec = W_hh[:, u]^T dgh_next[b] (strided
+            partials, added by lane 0 in lane order after a syncthreads: no atomics,
+            deterministic), and lane 0 does the pointwise backward of its step, writing dgh
+            (and GRU dgx) and its own carries -> syncthreads -> grid barrier.
+  Lanes     L = the largest power of two <= 32 with L x outputs <= threads
+            (layout.lanes_per_output); L = 1 skips the scratch round trip. Every loop that
+            holds a barrier runs the same number of rounds in every thread of a block.
   Threads   any multiple of 32; every loop strides by blockDim.x.
 Step ranges: forward launches cover processing steps s in [t_begin, t_end) (s = 0 is the first
 step taken: t = s forward, t = T-1-s reverse); backward launches cover phases [k_begin,
@@ -89,6 +95,15 @@ def make_fwd(cell: str, dtype: str):
         gu = G * units
         h_off = gu * H
         pre_off = h_off + B * H
+        scr_off = pre_off + B * gu
+        # L lanes share each of the B*G*nu dot products (layout.lanes_per_output)
+        n_out = B * G * nu
+        lanes = 1
+        while lanes < 32 and 2 * lanes * n_out <= stride:
+            lanes *= 2
+        lane = tid % lanes
+        groups = stride // lanes
+        rounds = (n_out + groups - 1) // groups     # uniform over the block: barriers are safe
 
         # consecutive threads read consecutive columns m of one W_hh row: coalesced
         for idx in range(tid, G * nu * H, stride):
@@ -106,17 +121,33 @@ def make_fwd(cell: str, dtype: str):
             for idx in range(tid, B * H, stride):
                 smem[h_off + idx] = h[t_in, idx // H, idx % H]
             cuda.syncthreads()
-            for idx in range(tid, B * G * nu, stride):
-                k = idx % nu
-                bg = idx // nu
-                g = bg % G
-                b = bg // G
-                w_at = g * units + k
-                h_at = h_off + b * H
+            for rnd in range(rounds):
+                oi = rnd * groups + tid // lanes
+                k = 0
+                g = 0
+                b = 0
                 acc = ZERO
-                for m in range(H):
-                    acc += smem[m * gu + w_at] * smem[h_at + m]
-                smem[pre_off + (b * G + g) * units + k] = acc
+                if oi < n_out:
+                    k = oi % nu
+                    bg = oi // nu
+                    g = bg % G
+                    b = bg // G
+                    w_at = g * units + k
+                    h_at = h_off + b * H
+                    for m in range(lane, H, lanes):
+                        acc += smem[m * gu + w_at] * smem[h_at + m]
+                if lanes == 1:
+                    if oi < n_out:
+                        smem[pre_off + (b * G + g) * units + k] = acc
+                else:
+                    smem[scr_off + tid] = acc
+                    cuda.syncthreads()
+                    if lane == 0 and oi < n_out:
+                        total = ZERO
+                        for q in range(lanes):          # fixed order: deterministic
+                            total += smem[scr_off + tid + q]
+                        smem[pre_off + (b * G + g) * units + k] = total
+                    cuda.syncthreads()
             cuda.syncthreads()
             for idx in range(tid, B * nu, stride):
                 k = idx % nu
@@ -222,6 +253,15 @@ def make_bwd(cell: str, dtype: str):
         if nu < 0:
             nu = 0
         dg_off = GH * units
+        scr_off = dg_off + B * GH
+        # L lanes share each of the B*nu dot products (layout.lanes_per_output)
+        n_out = B * nu
+        lanes = 1
+        while lanes < 32 and 2 * lanes * n_out <= stride:
+            lanes *= 2
+        lane = tid % lanes
+        groups = stride // lanes
+        rounds = (n_out + groups - 1) // groups     # uniform over the block: barriers are safe
 
         for idx in range(tid, GH * nu, stride):
             k = idx % nu
@@ -240,64 +280,76 @@ def make_bwd(cell: str, dtype: str):
             t = T - 1 - s if reverse else s
             t_in = t + reverse
             t_out = t + 1 - reverse
-            for idx in range(tid, B * nu, stride):
-                k = idx % nu
-                b = idx // nu
-                u = u0 + k
+            for rnd in range(rounds):
+                oi = rnd * groups + tid // lanes
                 dh_rec = ZERO
-                if has_next:
-                    dg_at = dg_off + b * GH
-                    for row in range(GH):
+                if oi < n_out and has_next:
+                    dg_at = dg_off + (oi // nu) * GH
+                    k = oi % nu
+                    for row in range(lane, GH, lanes):
                         dh_rec += smem[row * units + k] * smem[dg_at + row]
-                dh = dh_carry[b, u] + dh_rec
-                if s < 0:
-                    dh_carry[b, u] = dh
-                elif t >= lengths[b]:
-                    # masked step: the state was copied through, y was a constant 0
-                    dh_carry[b, u] = dh
-                    for g in range(G):
-                        dgh[t, b, g * H + u] = ZERO
-                        if IS_GRU:
-                            dgx[t, b, g * H + u] = ZERO
-                else:
-                    dh += dy[t, b, u]
-                    # --- cell math, identical in pointwise.make_bwd ---
-                    if IS_LSTM:
-                        i = gates[t, b, u]
-                        f = gates[t, b, H + u]
-                        gg = gates[t, b, 2 * H + u]
-                        o = gates[t, b, 3 * H + u]
-                        tanh_c = math.tanh(c[t_out, b, u])
-                        dc = dc_carry[b, u] + dh * o * (ONE - tanh_c * tanh_c)
-                        dgh[t, b, u] = dc * gg * (i * (ONE - i))
-                        dgh[t, b, H + u] = dc * c[t_in, b, u] * (f * (ONE - f))
-                        dgh[t, b, 2 * H + u] = dc * i * (ONE - gg * gg)
-                        dgh[t, b, 3 * H + u] = dh * tanh_c * (o * (ONE - o))
-                        dc_carry[b, u] = dc * f
-                        dh_carry[b, u] = ZERO
-                    elif IS_GRU:
-                        r = gates[t, b, u]
-                        z = gates[t, b, H + u]
-                        n = gates[t, b, 2 * H + u]
-                        hn = gates[t, b, 3 * H + u]
-                        dan = dh * (ONE - z) * (ONE - n * n)
-                        daz = dh * (h[t_in, b, u] - n) * (z * (ONE - z))
-                        dar = dan * hn * (r * (ONE - r))
-                        dgx[t, b, u] = dar
-                        dgx[t, b, H + u] = daz
-                        dgx[t, b, 2 * H + u] = dan
-                        dgh[t, b, u] = dar
-                        dgh[t, b, H + u] = daz
-                        dgh[t, b, 2 * H + u] = dan * r
-                        dh_carry[b, u] = dh * z
+                if lanes > 1:
+                    smem[scr_off + tid] = dh_rec
+                    cuda.syncthreads()
+                    if lane == 0:
+                        dh_rec = ZERO
+                        for q in range(lanes):          # fixed order: deterministic
+                            dh_rec += smem[scr_off + tid + q]
+                if lane == 0 and oi < n_out:
+                    k = oi % nu
+                    b = oi // nu
+                    u = u0 + k
+                    dh = dh_carry[b, u] + dh_rec
+                    if s < 0:
+                        dh_carry[b, u] = dh
+                    elif t >= lengths[b]:
+                        # masked step: the state was copied through, y was a constant 0
+                        dh_carry[b, u] = dh
+                        for g in range(G):
+                            dgh[t, b, g * H + u] = ZERO
+                            if IS_GRU:
+                                dgx[t, b, g * H + u] = ZERO
                     else:
-                        h_out = h[t_out, b, u]
-                        if IS_RELU:
-                            da = dh if h_out > ZERO else ZERO
+                        dh += dy[t, b, u]
+                        # --- cell math, identical in pointwise.make_bwd ---
+                        if IS_LSTM:
+                            i = gates[t, b, u]
+                            f = gates[t, b, H + u]
+                            gg = gates[t, b, 2 * H + u]
+                            o = gates[t, b, 3 * H + u]
+                            tanh_c = math.tanh(c[t_out, b, u])
+                            dc = dc_carry[b, u] + dh * o * (ONE - tanh_c * tanh_c)
+                            dgh[t, b, u] = dc * gg * (i * (ONE - i))
+                            dgh[t, b, H + u] = dc * c[t_in, b, u] * (f * (ONE - f))
+                            dgh[t, b, 2 * H + u] = dc * i * (ONE - gg * gg)
+                            dgh[t, b, 3 * H + u] = dh * tanh_c * (o * (ONE - o))
+                            dc_carry[b, u] = dc * f
+                            dh_carry[b, u] = ZERO
+                        elif IS_GRU:
+                            r = gates[t, b, u]
+                            z = gates[t, b, H + u]
+                            n = gates[t, b, 2 * H + u]
+                            hn = gates[t, b, 3 * H + u]
+                            dan = dh * (ONE - z) * (ONE - n * n)
+                            daz = dh * (h[t_in, b, u] - n) * (z * (ONE - z))
+                            dar = dan * hn * (r * (ONE - r))
+                            dgx[t, b, u] = dar
+                            dgx[t, b, H + u] = daz
+                            dgx[t, b, 2 * H + u] = dan
+                            dgh[t, b, u] = dar
+                            dgh[t, b, H + u] = daz
+                            dgh[t, b, 2 * H + u] = dan * r
+                            dh_carry[b, u] = dh * z
                         else:
-                            da = dh * (ONE - h_out * h_out)
-                        dgh[t, b, u] = da
-                        dh_carry[b, u] = ZERO
+                            h_out = h[t_out, b, u]
+                            if IS_RELU:
+                                da = dh if h_out > ZERO else ZERO
+                            else:
+                                da = dh * (ONE - h_out * h_out)
+                            dgh[t, b, u] = da
+                            dh_carry[b, u] = ZERO
+                if lanes > 1:
+                    cuda.syncthreads()
             if kk + 1 < k_end:
                 _grid_group_sync(grid)
 
