@@ -20,6 +20,8 @@ numba.cuda runs in simulator mode.
 """
 from __future__ import annotations
 
+import sys
+import types
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -517,3 +519,15 @@ def traffic_saving(plan: Plan, *, training: bool = True) -> dict:
 
 __all__ = ["DeviceProfile", "PROFILES", "Plan", "plan", "capacity", "device_profile",
            "profile_from_numba_device", "step_traffic", "step_floor_seconds", "traffic_saving"]
+
+
+class _CallableModule(types.ModuleType):
+    """`gpurnn.plan` is this module (capacity, step_traffic, ...) and, called, its main
+    function: DESIGN.md names both `gpurnn/plan.py` and the public `gpurnn.plan(...)`, and a
+    package attribute cannot be two objects, so the module answers calls with plan()."""
+
+    def __call__(self, *args, **kwargs):
+        return plan(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -288,3 +288,23 @@ def test_device_profile_str_is_readable():
     text = str(PROFILES["H100"])
     assert "132 SMs" in text and "227 KB opt-in" in text and "3.35 TB/s" in text
     assert isinstance(PROFILES["sim"], DeviceProfile)
+
+
+def test_gpurnn_plan_is_callable_and_the_module():
+    # DESIGN.md names both gpurnn/plan.py and the public gpurnn.plan(...): whichever import
+    # ran first, the package attribute must serve both
+    import gpurnn
+    import gpurnn.plan as module
+    assert gpurnn.plan is module
+    p = gpurnn.plan("gru", 8, 64, 1, device="A100")
+    assert isinstance(p, module.Plan) and p.path == "persistent"
+    assert gpurnn.plan.capacity("gru", "float32", "A100") > 64
+
+
+def test_import_gpurnn_stays_light():
+    # importing numba.cuda would fix the process to hardware or simulator mode; torch is optional
+    code = "import sys, gpurnn; print(sorted(m for m in ('numba.cuda', 'torch', 'cupy') if m in sys.modules))"
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
