@@ -108,6 +108,14 @@ class Runtime:
     def on_launch(self, info: dict):
         """Called before every kernel launch (a hook for tests and tracing)."""
 
+    def stream(self):
+        """The stream kernels launch on: CuPy's current one, so they order with the GEMMs
+        around them and with the caller's work (torch's stream, through gpurnn.interop)."""
+        import cupy
+        from numba import cuda
+        ptr = cupy.cuda.get_current_stream().ptr
+        return 0 if ptr == 0 else cuda.external_stream(ptr)
+
     def launch_persistent(self, cell, kind, dtype, blocks, threads, smem, args, step_range):
         from ..kernels.launch import launch_persistent
         sp, kern = self.kernel(cell, kind, dtype)
@@ -115,7 +123,7 @@ class Runtime:
         self.on_launch(dict(name=sp.name, kind=kind, blocks=blocks, threads=threads, smem=smem,
                             step_range=step_range))
         with _small_grids_allowed():
-            launch_persistent(kern, (blocks, threads, smem), 0, args,
+            launch_persistent(kern, (blocks, threads, smem), self.stream(), args,
                               direction="fwd" if kind.endswith("fwd") else "bwd",
                               signature=None if self.per_step_grid else sp.signature,
                               single_step=single)
@@ -126,7 +134,7 @@ class Runtime:
         self.on_launch(dict(name=sp.name, kind=kind, blocks=blocks, threads=threads, smem=0,
                             step_range=(step, step + 1)))
         with _small_grids_allowed():
-            kern[blocks, threads, 0, 0](*args)
+            kern[blocks, threads, self.stream(), 0](*args)
 
 
 @contextmanager

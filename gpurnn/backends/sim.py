@@ -57,6 +57,9 @@ class SimRuntime(_host.Runtime):
         from numba import cuda
         return cuda.jit(spec.func)
 
+    def stream(self):
+        return 0            # the simulator has one, synchronous, stream
+
     def on_launch(self, info):
         if self.launch_hook is not None:
             self.launch_hook(info)
