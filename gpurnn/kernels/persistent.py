@@ -32,13 +32,13 @@ grid barrier is only a block barrier) a multi-block grid is launched once per st
 from __future__ import annotations
 
 import functools
-import math
 
-import numpy as np
 from numba import cuda, float32, float64
 from numba.cuda.core import config
 
+from . import cellmath
 from ..cells import GATES
+from .cellmath import NP_DTYPES
 
 if config.ENABLE_CUDASIM:
     # The simulator has no cooperative-groups intrinsics; its grid.sync() is a block barrier,
@@ -52,7 +52,6 @@ else:
     # The intrinsics, unlike cuda.cg.this_grid(), compile without a driver (static checks).
     from numba.cuda.cg import _grid_group_sync, _this_grid
 
-NP_DTYPES = {"float32": np.float32, "float64": np.float64}
 # shared-array element types: Numba types work in compiled kernels and in the simulator alike
 NUMBA_TYPES = {"float32": float32, "float64": float64}
 SHORT = {"float32": "f32", "float64": "f64"}
@@ -77,8 +76,8 @@ def make_fwd(cell: str, dtype: str):
     G = GATES[cell]
     DT = NP_DTYPES[dtype]
     SMEM_TYPE = NUMBA_TYPES[dtype]
-    ZERO, HALF = DT(0), DT(0.5)   # typed constants: a float64 literal would promote f32 math
-    IS_LSTM, IS_GRU, IS_RELU = cell == "lstm", cell == "gru", cell == "rnn_relu"
+    ZERO = DT(0)                  # typed: a float64 literal would promote f32 math
+    fwd_unit, _ = cellmath.make(cell, dtype)
 
     def kernel(gx, w_hh, b_rec, h, c, gates, y, lengths, reverse, t_begin, t_end, units):
         grid = _this_grid()
@@ -164,49 +163,8 @@ def make_fwd(cell: str, dtype: str):
                     r3 = smem[p + 3 * units]
                 u = u0 + k
                 h_in = smem[h_off + b * H + u]
-                active = t < lengths[b]
-                # --- cell math, identical in pointwise.make_fwd (device functions cannot be
-                # compiled without a driver in numba-cuda 0.30, so it is written out twice) ---
-                if IS_LSTM:
-                    # sigmoid as 0.5*tanh(a/2)+0.5: no exp overflow; the NumPy reference's form
-                    i = HALF * math.tanh(HALF * (gx[t, b, u] + r0)) + HALF
-                    f = HALF * math.tanh(HALF * (gx[t, b, H + u] + r1)) + HALF
-                    gg = math.tanh(gx[t, b, 2 * H + u] + r2)
-                    o = HALF * math.tanh(HALF * (gx[t, b, 3 * H + u] + r3)) + HALF
-                    gates[t, b, u] = i
-                    gates[t, b, H + u] = f
-                    gates[t, b, 2 * H + u] = gg
-                    gates[t, b, 3 * H + u] = o
-                    c_in = c[t_in, b, u]
-                    c_out = c_in
-                    h_out = h_in
-                    if active:
-                        c_out = f * c_in + i * gg
-                        h_out = o * math.tanh(c_out)
-                    c[t_out, b, u] = c_out
-                elif IS_GRU:
-                    r = HALF * math.tanh(HALF * (gx[t, b, u] + r0)) + HALF
-                    z = HALF * math.tanh(HALF * (gx[t, b, H + u] + r1)) + HALF
-                    hn = r2 + b_rec[2 * H + u]
-                    n = math.tanh(gx[t, b, 2 * H + u] + r * hn)
-                    gates[t, b, u] = r
-                    gates[t, b, H + u] = z
-                    gates[t, b, 2 * H + u] = n
-                    gates[t, b, 3 * H + u] = hn
-                    h_out = h_in
-                    if active:
-                        h_out = n + z * (h_in - n)
-                else:
-                    h_out = h_in
-                    if active:
-                        a = gx[t, b, u] + r0
-                        if IS_RELU:
-                            h_out = a if a > ZERO else ZERO
-                        else:
-                            h_out = math.tanh(a)
-                # masked steps (t >= lengths[b]) keep their gates but copy the state through
-                h[t_out, b, u] = h_out
-                y[t, b, u] = h_out if active else ZERO
+                fwd_unit(gx, b_rec, h, c, gates, y, lengths, t, t_in, t_out, b, u, r0, r1, r2, r3,
+                         h_in)
             if s + 1 < t_end:
                 _grid_group_sync(grid)
 
@@ -235,8 +193,8 @@ def make_bwd(cell: str, dtype: str):
     G = GATES[cell]
     DT = NP_DTYPES[dtype]
     SMEM_TYPE = NUMBA_TYPES[dtype]
-    ZERO, ONE = DT(0), DT(1)
-    IS_LSTM, IS_GRU, IS_RELU = cell == "lstm", cell == "gru", cell == "rnn_relu"
+    ZERO = DT(0)
+    _, bwd_unit = cellmath.make(cell, dtype)
 
     def kernel(w_hh, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, reverse,
                k_begin, k_end, units):
@@ -302,52 +260,9 @@ def make_bwd(cell: str, dtype: str):
                     dh = dh_carry[b, u] + dh_rec
                     if s < 0:
                         dh_carry[b, u] = dh
-                    elif t >= lengths[b]:
-                        # masked step: the state was copied through, y was a constant 0
-                        dh_carry[b, u] = dh
-                        for g in range(G):
-                            dgh[t, b, g * H + u] = ZERO
-                            if IS_GRU:
-                                dgx[t, b, g * H + u] = ZERO
                     else:
-                        dh += dy[t, b, u]
-                        # --- cell math, identical in pointwise.make_bwd ---
-                        if IS_LSTM:
-                            i = gates[t, b, u]
-                            f = gates[t, b, H + u]
-                            gg = gates[t, b, 2 * H + u]
-                            o = gates[t, b, 3 * H + u]
-                            tanh_c = math.tanh(c[t_out, b, u])
-                            dc = dc_carry[b, u] + dh * o * (ONE - tanh_c * tanh_c)
-                            dgh[t, b, u] = dc * gg * (i * (ONE - i))
-                            dgh[t, b, H + u] = dc * c[t_in, b, u] * (f * (ONE - f))
-                            dgh[t, b, 2 * H + u] = dc * i * (ONE - gg * gg)
-                            dgh[t, b, 3 * H + u] = dh * tanh_c * (o * (ONE - o))
-                            dc_carry[b, u] = dc * f
-                            dh_carry[b, u] = ZERO
-                        elif IS_GRU:
-                            r = gates[t, b, u]
-                            z = gates[t, b, H + u]
-                            n = gates[t, b, 2 * H + u]
-                            hn = gates[t, b, 3 * H + u]
-                            dan = dh * (ONE - z) * (ONE - n * n)
-                            daz = dh * (h[t_in, b, u] - n) * (z * (ONE - z))
-                            dar = dan * hn * (r * (ONE - r))
-                            dgx[t, b, u] = dar
-                            dgx[t, b, H + u] = daz
-                            dgx[t, b, 2 * H + u] = dan
-                            dgh[t, b, u] = dar
-                            dgh[t, b, H + u] = daz
-                            dgh[t, b, 2 * H + u] = dan * r
-                            dh_carry[b, u] = dh * z
-                        else:
-                            h_out = h[t_out, b, u]
-                            if IS_RELU:
-                                da = dh if h_out > ZERO else ZERO
-                            else:
-                                da = dh * (ONE - h_out * h_out)
-                            dgh[t, b, u] = da
-                            dh_carry[b, u] = ZERO
+                        bwd_unit(h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, t, t_in,
+                                 t_out, b, u, dh)
                 if lanes > 1:
                     cuda.syncthreads()
             if kk + 1 < k_end:

@@ -3,19 +3,19 @@ the simulator, CuPy/cuBLAS on a GPU). Used where W_hh does not fit in shared mem
 
 Ownership and barriers: 1-D grid over the B*H (b, u) elements of one step, one element per
 thread (idx = b*H + u, so consecutive threads touch consecutive units: coalesced). No shared
-memory and no barriers: the kernel boundary is the step's barrier. The cell math is written
-out exactly as in gpurnn.kernels.persistent (numba-cuda 0.30 cannot compile device functions
-without a driver, which the static checks need), so both paths write the same reserve.
+memory and no barriers: the kernel boundary is the step's barrier. The cell math is the
+persistent kernels' own (gpurnn.kernels.cellmath), so both paths write the same reserve.
 """
 from __future__ import annotations
 
 import functools
-import math
 
 from numba import cuda
 
+from . import cellmath
 from ..cells import GATES
-from .persistent import NP_DTYPES, SHORT
+from .cellmath import NP_DTYPES
+from .persistent import SHORT
 
 
 @functools.lru_cache(maxsize=None)
@@ -34,9 +34,8 @@ def make_fwd(cell: str, dtype: str):
     No argument may alias another.
     """
     G = GATES[cell]
-    DT = NP_DTYPES[dtype]
-    ZERO, HALF = DT(0), DT(0.5)   # typed constants: a float64 literal would promote f32 math
-    IS_LSTM, IS_GRU, IS_RELU = cell == "lstm", cell == "gru", cell == "rnn_relu"
+    ZERO = NP_DTYPES[dtype](0)    # typed: a float64 literal would promote f32 math
+    fwd_unit, _ = cellmath.make(cell, dtype)
 
     def kernel(gx, gh, b_rec, h, c, gates, y, lengths, reverse, s):
         idx = cuda.grid(1)
@@ -59,48 +58,7 @@ def make_fwd(cell: str, dtype: str):
             if G > 3:
                 r3 = gh[b, 3 * H + u]
             h_in = h[t_in, b, u]
-            active = t < lengths[b]
-            # --- cell math, identical in persistent.make_fwd ---
-            if IS_LSTM:
-                # sigmoid as 0.5*tanh(a/2)+0.5: no exp overflow; the NumPy reference's form
-                i = HALF * math.tanh(HALF * (gx[t, b, u] + r0)) + HALF
-                f = HALF * math.tanh(HALF * (gx[t, b, H + u] + r1)) + HALF
-                gg = math.tanh(gx[t, b, 2 * H + u] + r2)
-                o = HALF * math.tanh(HALF * (gx[t, b, 3 * H + u] + r3)) + HALF
-                gates[t, b, u] = i
-                gates[t, b, H + u] = f
-                gates[t, b, 2 * H + u] = gg
-                gates[t, b, 3 * H + u] = o
-                c_in = c[t_in, b, u]
-                c_out = c_in
-                h_out = h_in
-                if active:
-                    c_out = f * c_in + i * gg
-                    h_out = o * math.tanh(c_out)
-                c[t_out, b, u] = c_out
-            elif IS_GRU:
-                r = HALF * math.tanh(HALF * (gx[t, b, u] + r0)) + HALF
-                z = HALF * math.tanh(HALF * (gx[t, b, H + u] + r1)) + HALF
-                hn = r2 + b_rec[2 * H + u]
-                n = math.tanh(gx[t, b, 2 * H + u] + r * hn)
-                gates[t, b, u] = r
-                gates[t, b, H + u] = z
-                gates[t, b, 2 * H + u] = n
-                gates[t, b, 3 * H + u] = hn
-                h_out = h_in
-                if active:
-                    h_out = n + z * (h_in - n)
-            else:
-                h_out = h_in
-                if active:
-                    a = gx[t, b, u] + r0
-                    if IS_RELU:
-                        h_out = a if a > ZERO else ZERO
-                    else:
-                        h_out = math.tanh(a)
-            # masked steps (t >= lengths[b]) keep their gates but copy the state through
-            h[t_out, b, u] = h_out
-            y[t, b, u] = h_out if active else ZERO
+            fwd_unit(gx, b_rec, h, c, gates, y, lengths, t, t_in, t_out, b, u, r0, r1, r2, r3, h_in)
 
     kernel.__name__ = f"{cell}_pointwise_fwd_{SHORT[dtype]}"
     kernel.__qualname__ = kernel.__name__
@@ -122,10 +80,7 @@ def make_bwd(cell: str, dtype: str):
       lengths   int32 (B,) ; reverse, s : int32
     No argument may alias another.
     """
-    G = GATES[cell]
-    DT = NP_DTYPES[dtype]
-    ZERO, ONE = DT(0), DT(1)
-    IS_LSTM, IS_GRU, IS_RELU = cell == "lstm", cell == "gru", cell == "rnn_relu"
+    _, bwd_unit = cellmath.make(cell, dtype)
 
     def kernel(h, c, gates, dy, dh_rec, dgh, dgx, dh_carry, dc_carry, lengths, reverse, s):
         idx = cuda.grid(1)
@@ -139,52 +94,7 @@ def make_bwd(cell: str, dtype: str):
             t_in = t + reverse
             t_out = t + 1 - reverse
             dh = dh_carry[b, u] + dh_rec[b, u]
-            if t >= lengths[b]:
-                # masked step: the state was copied through, y was a constant 0
-                dh_carry[b, u] = dh
-                for g in range(G):
-                    dgh[t, b, g * H + u] = ZERO
-                    if IS_GRU:
-                        dgx[t, b, g * H + u] = ZERO
-            else:
-                dh += dy[t, b, u]
-                # --- cell math, identical in persistent.make_bwd ---
-                if IS_LSTM:
-                    i = gates[t, b, u]
-                    f = gates[t, b, H + u]
-                    gg = gates[t, b, 2 * H + u]
-                    o = gates[t, b, 3 * H + u]
-                    tanh_c = math.tanh(c[t_out, b, u])
-                    dc = dc_carry[b, u] + dh * o * (ONE - tanh_c * tanh_c)
-                    dgh[t, b, u] = dc * gg * (i * (ONE - i))
-                    dgh[t, b, H + u] = dc * c[t_in, b, u] * (f * (ONE - f))
-                    dgh[t, b, 2 * H + u] = dc * i * (ONE - gg * gg)
-                    dgh[t, b, 3 * H + u] = dh * tanh_c * (o * (ONE - o))
-                    dc_carry[b, u] = dc * f
-                    dh_carry[b, u] = ZERO
-                elif IS_GRU:
-                    r = gates[t, b, u]
-                    z = gates[t, b, H + u]
-                    n = gates[t, b, 2 * H + u]
-                    hn = gates[t, b, 3 * H + u]
-                    dan = dh * (ONE - z) * (ONE - n * n)
-                    daz = dh * (h[t_in, b, u] - n) * (z * (ONE - z))
-                    dar = dan * hn * (r * (ONE - r))
-                    dgx[t, b, u] = dar
-                    dgx[t, b, H + u] = daz
-                    dgx[t, b, 2 * H + u] = dan
-                    dgh[t, b, u] = dar
-                    dgh[t, b, H + u] = daz
-                    dgh[t, b, 2 * H + u] = dan * r
-                    dh_carry[b, u] = dh * z
-                else:
-                    h_out = h[t_out, b, u]
-                    if IS_RELU:
-                        da = dh if h_out > ZERO else ZERO
-                    else:
-                        da = dh * (ONE - h_out * h_out)
-                    dgh[t, b, u] = da
-                    dh_carry[b, u] = ZERO
+            bwd_unit(h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, t, t_in, t_out, b, u, dh)
 
     kernel.__name__ = f"{cell}_pointwise_bwd_{SHORT[dtype]}"
     kernel.__qualname__ = kernel.__name__
