@@ -60,6 +60,16 @@ def _check_shape(name, a, expected, what):
         raise ValueError(f"{name} has shape {_shape(a)}; expected {what} = {expected}")
 
 
+def _or_zeros(name, a, shape, what, dtype, device, xp):
+    """An optional state or gradient argument: zeros when None, else checked and converted."""
+    if a is None:
+        return xp.zeros(shape, dtype)
+    a = _as_array(name, a, device)
+    _check_shape(name, a, shape, what)
+    _check_dtype(name, a, dtype)
+    return a
+
+
 def _lengths(lengths, T, B):
     if lengths is None:
         return None
@@ -110,19 +120,9 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, lengths
             _check_shape(bname, b, (G * H,), "(G*H,)")
             _check_dtype(bname, b, dtype)
     xp = _cupy("x") if device else np
-    if h0 is None:
-        h0 = xp.zeros((B, H), dtype)
-    else:
-        h0 = _as_array("h0", h0, device)
-        _check_shape("h0", h0, (B, H), "(B, H)")
-        _check_dtype("h0", h0, dtype)
+    h0 = _or_zeros("h0", h0, (B, H), "(B, H)", dtype, device, xp)
     if cell == "lstm":
-        if c0 is None:
-            c0 = xp.zeros((B, H), dtype)
-        else:
-            c0 = _as_array("c0", c0, device)
-            _check_shape("c0", c0, (B, H), "(B, H)")
-            _check_dtype("c0", c0, dtype)
+        c0 = _or_zeros("c0", c0, (B, H), "(B, H)", dtype, device, xp)
     elif c0 is not None:
         raise ValueError(f"c0 is only for LSTM; got a c0 for {cell}")
     lengths = _lengths(lengths, T, B)
@@ -147,25 +147,10 @@ def backward(reserve, dy=None, dh_n=None, dc_n=None, backend_options=None):
     dtype = str(reserve.x.dtype)
     xp = _cupy("x") if device else np
     resolve(reserve.backend, (dy, dh_n, dc_n))      # mixing host and device arrays is an error
-    if dy is None:
-        dy = xp.zeros((T, B, H), dtype)
-    else:
-        dy = _as_array("dy", dy, device)
-        _check_shape("dy", dy, (T, B, H), "(T, B, H)")
-        _check_dtype("dy", dy, dtype)
-    if dh_n is None:
-        dh_n = xp.zeros((B, H), dtype)
-    else:
-        dh_n = _as_array("dh_n", dh_n, device)
-        _check_shape("dh_n", dh_n, (B, H), "(B, H)")
-        _check_dtype("dh_n", dh_n, dtype)
+    dy = _or_zeros("dy", dy, (T, B, H), "(T, B, H)", dtype, device, xp)
+    dh_n = _or_zeros("dh_n", dh_n, (B, H), "(B, H)", dtype, device, xp)
     if reserve.cell == "lstm":
-        if dc_n is None:
-            dc_n = xp.zeros((B, H), dtype)
-        else:
-            dc_n = _as_array("dc_n", dc_n, device)
-            _check_shape("dc_n", dc_n, (B, H), "(B, H)")
-            _check_dtype("dc_n", dc_n, dtype)
+        dc_n = _or_zeros("dc_n", dc_n, (B, H), "(B, H)", dtype, device, xp)
     elif dc_n is not None:
         raise ValueError(f"dc_n is only for LSTM; got a dc_n for {reserve.cell}")
     reserve.consumed = True

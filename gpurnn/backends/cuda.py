@@ -151,6 +151,20 @@ def _dtype_name(a):
     return np.dtype(a.dtype).name
 
 
+def _kernel_lengths(xp, lengths, T, B):
+    """lengths as the kernels read them: int32 on the device, T for every row when None."""
+    host = np.full(B, T, np.int32) if lengths is None else np.asarray(lengths).astype(np.int32)
+    return xp.asarray(host)
+
+
+def _launch_ranges(rt, blocks, n):
+    """Step (or phase) ranges of the persistent launches: all n in one, or one per launch where
+    the grid barrier cannot be trusted across blocks (the simulator with blocks > 1)."""
+    if rt.per_step_grid and blocks > 1:
+        return [(k, k + 1) for k in range(n)]
+    return [(0, n)]
+
+
 def _steps(T, rev):
     """Processing step s -> time index t."""
     return (lambda s: T - 1 - s) if rev else (lambda s: s)
@@ -184,15 +198,13 @@ def run_forward(rt: Runtime, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, r
         c[T if rev else 0] = c0
     gates = xp.empty((T, B, S * H), x.dtype) if S else xp.zeros((1, 1, 1), x.dtype)
     y = xp.empty((T, B, H), x.dtype)
-    lengths_k = xp.asarray(np.full(B, T, np.int32) if lengths is None
-                           else np.asarray(lengths).astype(np.int32))
+    lengths_k = _kernel_lengths(xp, lengths, T, B)
     w_hh_c = xp.ascontiguousarray(w_hh)
 
     if cfg.path == "persistent":
         P, U = cfg.blocks, cfg.units_per_block
         smem = layout.smem_bytes("fwd", G, H, B, U, x.dtype.itemsize, threads=cfg.threads)
-        ranges = ([(s, s + 1) for s in range(T)] if (rt.per_step_grid and P > 1) else [(0, T)])
-        for t_begin, t_end in ranges:
+        for t_begin, t_end in _launch_ranges(rt, P, T):
             rt.launch_persistent(cell, "persistent_fwd", dtype, P, cfg.threads, smem,
                                  (gx, w_hh_c, b_rec, h, c, gates, y, lengths_k, rev, t_begin,
                                   t_end, U), (t_begin, t_end))
@@ -240,17 +252,13 @@ def run_backward(rt: Runtime, reserve: Reserve, dy, dh_n, dc_n, options):
     dc_carry = (xp.array(dc_n, dtype=x.dtype, copy=True, order="C") if cell == "lstm"
                 else xp.zeros((1, 1), x.dtype))
     dy = xp.ascontiguousarray(dy)
-    lengths = reserve.lengths
-    lengths_k = xp.asarray(np.full(B, T, np.int32) if lengths is None
-                           else np.asarray(lengths).astype(np.int32))
+    lengths_k = _kernel_lengths(xp, reserve.lengths, T, B)
     w_hh_c = xp.ascontiguousarray(w_hh)
 
     if cfg.path == "persistent":
         P, U = cfg.blocks, cfg.units_per_block
         smem = layout.smem_bytes("bwd", G, H, B, U, x.dtype.itemsize, threads=cfg.threads)
-        ranges = ([(k, k + 1) for k in range(T + 1)] if (rt.per_step_grid and P > 1)
-                  else [(0, T + 1)])
-        for k_begin, k_end in ranges:
+        for k_begin, k_end in _launch_ranges(rt, P, T + 1):
             rt.launch_persistent(cell, "persistent_bwd", dtype, P, cfg.threads, smem,
                                  (w_hh_c, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry,
                                   lengths_k, rev, k_begin, k_end, U), (k_begin, k_end))

@@ -57,6 +57,18 @@ NUMBA_TYPES = {"float32": float32, "float64": float64}
 SHORT = {"float32": "f32", "float64": "f64"}
 
 
+@cuda.jit(device=True, inline=True)
+def _lane_split(n_out, threads):
+    """(L, groups, rounds): L lanes share each of n_out dot products (layout.lanes_per_output),
+    threads // L groups take them in `rounds` rounds. Uniform over a block, so the barriers
+    inside a round are reached by every thread."""
+    lanes = 1
+    while lanes < 32 and 2 * lanes * n_out <= threads:
+        lanes *= 2
+    groups = threads // lanes
+    return lanes, groups, (n_out + groups - 1) // groups
+
+
 @functools.lru_cache(maxsize=None)
 def make_fwd(cell: str, dtype: str):
     """The persistent forward kernel (plain Python function, cuda.jit-able) for cell, dtype.
@@ -95,14 +107,9 @@ def make_fwd(cell: str, dtype: str):
         h_off = gu * H
         pre_off = h_off + B * H
         scr_off = pre_off + B * gu
-        # L lanes share each of the B*G*nu dot products (layout.lanes_per_output)
-        n_out = B * G * nu
-        lanes = 1
-        while lanes < 32 and 2 * lanes * n_out <= stride:
-            lanes *= 2
+        n_out = B * G * nu                          # dot products of the block per step
+        lanes, groups, rounds = _lane_split(n_out, stride)
         lane = tid % lanes
-        groups = stride // lanes
-        rounds = (n_out + groups - 1) // groups     # uniform over the block: barriers are safe
 
         # consecutive threads read consecutive columns m of one W_hh row: coalesced
         for idx in range(tid, G * nu * H, stride):
@@ -212,14 +219,9 @@ def make_bwd(cell: str, dtype: str):
             nu = 0
         dg_off = GH * units
         scr_off = dg_off + B * GH
-        # L lanes share each of the B*nu dot products (layout.lanes_per_output)
-        n_out = B * nu
-        lanes = 1
-        while lanes < 32 and 2 * lanes * n_out <= stride:
-            lanes *= 2
+        n_out = B * nu                              # dot products of the block per phase
+        lanes, groups, rounds = _lane_split(n_out, stride)
         lane = tid % lanes
-        groups = stride // lanes
-        rounds = (n_out + groups - 1) // groups     # uniform over the block: barriers are safe
 
         for idx in range(tid, GH * nu, stride):
             k = idx % nu
