@@ -155,18 +155,39 @@ def time_runner(run, repeat=5, warmup=1, min_time=0.0):
     return statistics.median(times), times
 
 
+GPU_IMPLS = ("gpurnn-cuda", "gpurnn-cuda-stepwise", "torch-cudnn")
+
+
+def traffic_floor(case: Case, impl: str, device=None):
+    """Seconds the plan's traffic model says the recurrence of `case` cannot beat on `device`
+    (None: the current GPU; or a profile name): T x gpurnn.plan.step_floor_seconds for the path
+    the implementation runs — the plan's choice for gpurnn-cuda, the stepwise model for
+    gpurnn-cuda-stepwise and for cuDNN (a GEMM and a pointwise pass per step). None for CPU
+    implementations and for fwdbw cases (the model covers the forward recurrence only)."""
+    if impl not in GPU_IMPLS or case.mode != "fwd":
+        return None
+    from . import plan as planmod
+    p = planmod.plan(case.cell, case.I, case.H, case.B, case.dtype, device)
+    path = p.path if impl == "gpurnn-cuda" else "stepwise"
+    return case.T * planmod.step_floor_seconds(p, path, training=False)
+
+
 def run_cases(cases, impls, repeat=5, warmup=1, progress=None):
     """Time every case with every impl; returns result dicts (one per case x impl) with median
-    seconds, tokens/s, GFLOP/s and the ratio to the case's peer when the peer was timed."""
+    seconds, tokens/s, GFLOP/s, the ratio to the case's peer when the peer was timed, and for
+    GPU forward cases where the time sits against the traffic model's floor."""
     results = []
     for case in cases:
         by_impl = {}
         for impl in impls:
             median, times = time_runner(make_runner(impl, case), repeat=repeat, warmup=warmup)
             by_impl[impl] = median
+            floor = traffic_floor(case, impl)
             results.append({"case": case.id, **asdict(case), "impl": impl, "median_s": median,
                             "times_s": times, "tokens_per_s": case.T * case.B / median,
-                            "gflops": flops(case) / median / 1e9, "model_flops": flops(case)})
+                            "gflops": flops(case) / median / 1e9, "model_flops": flops(case),
+                            "traffic_floor_s": floor,
+                            "times_floor": None if floor is None else median / floor})
             if progress is not None:
                 progress(case, impl)
         for r in results[-len(impls):]:

@@ -104,3 +104,18 @@ def test_bench_flop_model():
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "usage" in capsys.readouterr().out
+
+
+def test_traffic_floor_for_gpu_forward_cases():
+    from gpurnn import plan as planmod
+    from gpurnn.bench import Case, traffic_floor
+    case = Case("lstm", "fwd", 100, 8, 512, 512)
+    floor = traffic_floor(case, "gpurnn-cuda", device="H100")
+    p = planmod.plan("lstm", 512, 512, 8, "float32", "H100")
+    assert p.path == "persistent"
+    assert floor == pytest.approx(100 * planmod.step_floor_seconds(p, "persistent", training=False))
+    stepwise = traffic_floor(case, "torch-cudnn", device="H100")
+    assert stepwise == pytest.approx(100 * planmod.step_floor_seconds(p, "stepwise", training=False))
+    assert stepwise > floor > 0
+    assert traffic_floor(case, "gpurnn-numpy", device="H100") is None
+    assert traffic_floor(Case("lstm", "fwdbw", 100, 8, 512, 512), "gpurnn-cuda", device="H100") is None

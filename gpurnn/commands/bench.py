@@ -41,12 +41,18 @@ def _shape(text):
 
 def format_table(results):
     header = ("case", "impl", "median ms", "tokens/s", "GFLOP/s", "vs peer")
+    with_floor = any(r.get("times_floor") is not None for r in results)
+    if with_floor:
+        header += ("x traffic floor",)
     rows = []
     for r in results:
         ratio = (f"{r['ratio_to_peer']:.2f}x {r['peer']}" if r.get("ratio_to_peer") is not None
                  and r["impl"] != r.get("peer") else "")
-        rows.append((r["case"], r["impl"], f"{r['median_s'] * 1e3:.2f}", f"{r['tokens_per_s']:.3g}",
-                     f"{r['gflops']:.2f}", ratio))
+        row = (r["case"], r["impl"], f"{r['median_s'] * 1e3:.2f}", f"{r['tokens_per_s']:.3g}",
+               f"{r['gflops']:.2f}", ratio)
+        if with_floor:
+            row += ("" if r.get("times_floor") is None else f"{r['times_floor']:.1f}x",)
+        rows.append(row)
     widths = [max(len(x[i]) for x in rows + [header]) for i in range(len(header))]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
@@ -149,7 +155,10 @@ def run(args):
         print(f"  not timed: {impl}: {why}")
     print(format_table(results))
     print("Read it: 'vs peer' is this implementation's median time over its peer's in the same run "
-          "(below 1.00x = faster). GFLOP/s uses the FLOP model in gpurnn.bench for every implementation.")
+          "(below 1.00x = faster). GFLOP/s uses the FLOP model in gpurnn.bench for every implementation."
+          + (" 'x traffic floor' is the time over the plan's DRAM-traffic floor for the recurrence "
+             "(gpurnn.plan.step_floor_seconds; forward cases on a GPU)." if any(
+                 r.get("times_floor") is not None for r in results) else ""))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"schema": "gpurnn-bench/1", "environment": env, "device": _device(),
