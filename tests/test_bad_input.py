@@ -690,3 +690,17 @@ def test_torch_parameters_with_requires_grad_load():
     m = gpurnn.GRU(I, H)
     m.load_state_dict(dict(tm.named_parameters()))
     np.testing.assert_array_equal(m.state_dict()["weight_hh_l0"], tm.weight_hh_l0.detach().numpy())
+
+
+def test_sim_needs_the_numba_cuda_package(monkeypatch):
+    # plain numba still ships its own deprecated numba.cuda, which lacks what the kernels use:
+    # without the numba-cuda package the simulator is reported unavailable, with the fix
+    import importlib.util
+    from gpurnn.backends import availability
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "numba_cuda" else real(name, *a))
+    ok, why = availability("sim")
+    assert not ok and "pip install 'gpurnn[sim]'" in why
+    ok, why = availability("cuda")
+    assert not ok

@@ -112,7 +112,9 @@ def availability(name: str):
     if name == "numpy":
         return True, "always (CPU reference)"
     if name == "sim":
-        if importlib.util.find_spec("numba_cuda") is None and importlib.util.find_spec("numba.cuda") is None:
+        # numba's own, deprecated numba.cuda (present without numba-cuda) lacks what the
+        # kernels use: the numba-cuda package is required, not just an importable numba.cuda
+        if importlib.util.find_spec("numba_cuda") is None:
             return False, "numba-cuda is not installed (pip install 'gpurnn[sim]')"
         if importlib.util.find_spec("gpurnn.backends.sim") is None:
             return False, "the simulator backend is not part of this build"

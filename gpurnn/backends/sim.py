@@ -17,6 +17,11 @@ _SIM_ENV = "NUMBA_ENABLE_CUDASIM"
 
 
 def _enable_simulator():
+    import importlib.util
+    if importlib.util.find_spec("numba_cuda") is None:
+        # numba's own deprecated numba.cuda lacks what the kernels use
+        raise ImportError("the 'sim' backend needs the numba-cuda package, which is not "
+                          "installed: pip install 'gpurnn[sim]'")
     # numba.cuda reads the variable once, when it is first imported; after that the process is
     # committed to hardware or simulator mode.
     if "numba.cuda" not in sys.modules:
