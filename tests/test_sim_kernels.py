@@ -342,3 +342,26 @@ def test_lanes_per_output():
     assert lanes_per_output(300, 256) == 1
     assert lanes_per_output(8, 256) == 32
     assert lanes_per_output(9, 256) == 16
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("P", [1, 2, "stepwise"])
+def test_inference_forward_keeps_no_gates(cell, P):
+    """A forward without a reserve skips the gate writes in the kernels; outputs unchanged."""
+    args, _ = make_case(cell, 4, 2, 5, 7, np.float32, True, seed=17)
+    lengths = np.array([4, 2], np.int64)
+    launches = []
+    sim.RUNTIME.launch_hook = launches.append
+    try:
+        y, h_n, c_n, res = sim.forward(cell, args["x"], args["w_ih"], args["w_hh"], args["b_ih"],
+                                       args["b_hh"], args["h0"], args["c0"], lengths, True, False,
+                                       options=_options(P))
+    finally:
+        sim.RUNTIME.launch_hook = None
+    assert res is None and launches
+    y_r, h_r, c_r, _ = ref.forward(cell, args["x"], args["w_ih"], args["w_hh"], args["b_ih"],
+                                   args["b_hh"], args["h0"], args["c0"], lengths, True, False)
+    assert_close(y, y_r, 1e-5, "y")
+    assert_close(h_n, h_r, 1e-5, "h_n")
+    if cell == "lstm":
+        assert_close(c_n, c_r, 1e-5, "c_n")

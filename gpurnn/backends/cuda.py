@@ -196,7 +196,9 @@ def run_forward(rt: Runtime, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, r
     if cell == "lstm":
         c = xp.empty((T + 1, B, H), x.dtype)
         c[T if rev else 0] = c0
-    gates = xp.empty((T, B, S * H), x.dtype) if S else xp.zeros((1, 1, 1), x.dtype)
+    # inference keeps no reserve: the kernels skip the gate writes (B*S*H per step)
+    save_gates = 1 if (S and need_reserve) else 0
+    gates = xp.empty((T, B, S * H), x.dtype) if save_gates else placeholder3
     y = xp.empty((T, B, H), x.dtype)
     lengths_k = _kernel_lengths(xp, lengths, T, B)
     w_hh_c = xp.ascontiguousarray(w_hh)
@@ -207,7 +209,7 @@ def run_forward(rt: Runtime, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, r
         for t_begin, t_end in _launch_ranges(rt, P, T):
             rt.launch_persistent(cell, "persistent_fwd", dtype, P, cfg.threads, smem,
                                  (gx, w_hh_c, b_rec, h, c, gates, y, lengths_k, rev, t_begin,
-                                  t_end, U), (t_begin, t_end))
+                                  t_end, U, save_gates), (t_begin, t_end))
     else:
         w_hh_t = xp.ascontiguousarray(w_hh.T)
         gh = xp.empty((B, G * H), x.dtype)
@@ -215,7 +217,7 @@ def run_forward(rt: Runtime, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, r
         for s in range(T):
             xp.matmul(h[time_of(s) + rev], w_hh_t, out=gh)
             rt.launch_pointwise(cell, "pointwise_fwd", dtype, B * H, cfg.threads,
-                                (gx, gh, b_rec, h, c, gates, y, lengths_k, rev, s), s)
+                                (gx, gh, b_rec, h, c, gates, y, lengths_k, rev, s, save_gates), s)
 
     h_n = h[0 if rev else T].copy()
     c_n = c[0 if rev else T].copy() if cell == "lstm" else None

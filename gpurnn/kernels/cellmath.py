@@ -24,9 +24,11 @@ NP_DTYPES = {"float32": np.float32, "float64": np.float64}
 def make(cell: str, dtype: str):
     """(fwd_unit, bwd_unit) device functions for cell, dtype.
 
-    fwd_unit(gx, b_rec, h, c, gates, y, lengths, t, t_in, t_out, b, u, r0, r1, r2, r3, h_in)
-        reads gx[t, b, gate*H + u] and (LSTM) c[t_in, b, u]; writes gates[t, b, :] of unit u,
-        (LSTM) c[t_out, b, u], h[t_out, b, u] and y[t, b, u].
+    fwd_unit(gx, b_rec, h, c, gates, y, lengths, t, t_in, t_out, b, u, r0, r1, r2, r3, h_in,
+             save_gates)
+        reads gx[t, b, gate*H + u] and (LSTM) c[t_in, b, u]; writes gates[t, b, :] of unit u
+        when save_gates (a training forward: the reserve), (LSTM) c[t_out, b, u],
+        h[t_out, b, u] and y[t, b, u].
     bwd_unit(h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, t, t_in, t_out, b, u, dh)
         dh = dL/dh_out from the carry and the recurrence (without dy, added here on active
         steps); writes dgh[t, b, gate*H + u] (GRU also dgx), dh_carry[b, u] (the direct part
@@ -38,7 +40,8 @@ def make(cell: str, dtype: str):
     G = {"lstm": 4, "gru": 3}.get(cell, 1)
 
     @cuda.jit(device=True, inline=True)
-    def fwd_unit(gx, b_rec, h, c, gates, y, lengths, t, t_in, t_out, b, u, r0, r1, r2, r3, h_in):
+    def fwd_unit(gx, b_rec, h, c, gates, y, lengths, t, t_in, t_out, b, u, r0, r1, r2, r3, h_in,
+                 save_gates):
         H = h.shape[2]
         active = t < lengths[b]
         if IS_LSTM:
@@ -46,10 +49,11 @@ def make(cell: str, dtype: str):
             f = HALF * math.tanh(HALF * (gx[t, b, H + u] + r1)) + HALF
             gg = math.tanh(gx[t, b, 2 * H + u] + r2)
             o = HALF * math.tanh(HALF * (gx[t, b, 3 * H + u] + r3)) + HALF
-            gates[t, b, u] = i
-            gates[t, b, H + u] = f
-            gates[t, b, 2 * H + u] = gg
-            gates[t, b, 3 * H + u] = o
+            if save_gates:
+                gates[t, b, u] = i
+                gates[t, b, H + u] = f
+                gates[t, b, 2 * H + u] = gg
+                gates[t, b, 3 * H + u] = o
             c_in = c[t_in, b, u]
             c_out = c_in
             h_out = h_in
@@ -62,10 +66,11 @@ def make(cell: str, dtype: str):
             z = HALF * math.tanh(HALF * (gx[t, b, H + u] + r1)) + HALF
             hn = r2 + b_rec[2 * H + u]
             n = math.tanh(gx[t, b, 2 * H + u] + r * hn)
-            gates[t, b, u] = r
-            gates[t, b, H + u] = z
-            gates[t, b, 2 * H + u] = n
-            gates[t, b, 3 * H + u] = hn
+            if save_gates:
+                gates[t, b, u] = r
+                gates[t, b, H + u] = z
+                gates[t, b, 2 * H + u] = n
+                gates[t, b, 3 * H + u] = hn
             h_out = h_in
             if active:
                 h_out = n + z * (h_in - n)

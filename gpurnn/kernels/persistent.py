@@ -79,10 +79,12 @@ def make_fwd(cell: str, dtype: str):
       b_rec    (G*H,)       GRU: b_hh (zeros without bias); other cells: any (1,) placeholder
       h        (T+1, B, H)  reserve states: h0 at h[0] (forward) / h[T] (reverse) on entry
       c        (T+1, B, H)  LSTM cell states, c0 placed like h0; other cells: (1,1,1) placeholder
-      gates    (T, B, 4*H)  LSTM/GRU activated gates (written); RNN: (1,1,1) placeholder
+      gates    (T, B, 4*H)  LSTM/GRU activated gates (written when save_gates); else, and for
+                            RNN, a (1,1,1) placeholder
       y        (T, B, H)    outputs (written); none of the arrays may alias each other
       lengths  int32 (B,)   per-sequence lengths (T for all when the caller had none)
       reverse, t_begin, t_end, units : int32 (see the module docstring)
+      save_gates int32      1 in a training forward (keeps the reserve), 0 for inference
     Dynamic shared memory: layout.smem_bytes('fwd', G, H, B, units, itemsize).
     """
     G = GATES[cell]
@@ -91,7 +93,8 @@ def make_fwd(cell: str, dtype: str):
     ZERO = DT(0)                  # typed: a float64 literal would promote f32 math
     fwd_unit, _ = cellmath.make(cell, dtype)
 
-    def kernel(gx, w_hh, b_rec, h, c, gates, y, lengths, reverse, t_begin, t_end, units):
+    def kernel(gx, w_hh, b_rec, h, c, gates, y, lengths, reverse, t_begin, t_end, units,
+               save_gates):
         grid = _this_grid()
         smem = cuda.shared.array(0, dtype=SMEM_TYPE)
         T = gx.shape[0]
@@ -171,7 +174,7 @@ def make_fwd(cell: str, dtype: str):
                 u = u0 + k
                 h_in = smem[h_off + b * H + u]
                 fwd_unit(gx, b_rec, h, c, gates, y, lengths, t, t_in, t_out, b, u, r0, r1, r2, r3,
-                         h_in)
+                         h_in, save_gates)
             if s + 1 < t_end:
                 _grid_group_sync(grid)
 

@@ -28,16 +28,18 @@ def make_fwd(cell: str, dtype: str):
       b_rec    (G*H,)       GRU: b_hh (zeros without bias); other cells: (1,) placeholder
       h        (T+1, B, H)  reserve states; reads h[t_in], writes h[t_out]
       c        (T+1, B, H)  LSTM (reads c[t_in], writes c[t_out]); else (1,1,1) placeholder
-      gates    (T, B, 4*H)  LSTM/GRU activated gates (written); RNN: (1,1,1) placeholder
+      gates    (T, B, 4*H)  LSTM/GRU activated gates (written when save_gates); else, and for
+                            RNN, a (1,1,1) placeholder
       y        (T, B, H)    written (0 on masked steps)
       lengths  int32 (B,) ; reverse, s : int32 (s = processing step, t = s or T-1-s)
+      save_gates int32      1 in a training forward (keeps the reserve), 0 for inference
     No argument may alias another.
     """
     G = GATES[cell]
     ZERO = NP_DTYPES[dtype](0)    # typed: a float64 literal would promote f32 math
     fwd_unit, _ = cellmath.make(cell, dtype)
 
-    def kernel(gx, gh, b_rec, h, c, gates, y, lengths, reverse, s):
+    def kernel(gx, gh, b_rec, h, c, gates, y, lengths, reverse, s, save_gates):
         idx = cuda.grid(1)
         T = gx.shape[0]
         B = h.shape[1]
@@ -58,7 +60,8 @@ def make_fwd(cell: str, dtype: str):
             if G > 3:
                 r3 = gh[b, 3 * H + u]
             h_in = h[t_in, b, u]
-            fwd_unit(gx, b_rec, h, c, gates, y, lengths, t, t_in, t_out, b, u, r0, r1, r2, r3, h_in)
+            fwd_unit(gx, b_rec, h, c, gates, y, lengths, t, t_in, t_out, b, u, r0, r1, r2, r3, h_in,
+                     save_gates)
 
     kernel.__name__ = f"{cell}_pointwise_fwd_{SHORT[dtype]}"
     kernel.__qualname__ = kernel.__name__
