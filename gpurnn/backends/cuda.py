@@ -87,6 +87,7 @@ class Runtime:
 
     def __init__(self):
         self._kernels = {}
+        self._streams = {}
 
     @property
     def xp(self):
@@ -112,9 +113,13 @@ class Runtime:
         """The stream kernels launch on: CuPy's current one, so they order with the GEMMs
         around them and with the caller's work (torch's stream, through gpurnn.interop)."""
         import cupy
-        from numba import cuda
         ptr = cupy.cuda.get_current_stream().ptr
-        return 0 if ptr == 0 else cuda.external_stream(ptr)
+        if ptr == 0:
+            return 0
+        if ptr not in self._streams:          # wrap each stream once, not per step's launch
+            from numba import cuda
+            self._streams[ptr] = cuda.external_stream(ptr)
+        return self._streams[ptr]
 
     def launch_persistent(self, cell, kind, dtype, blocks, threads, smem, args, step_range):
         from ..kernels.launch import launch_persistent
