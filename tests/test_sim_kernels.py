@@ -365,3 +365,14 @@ def test_inference_forward_keeps_no_gates(cell, P):
     assert_close(h_n, h_r, 1e-5, "h_n")
     if cell == "lstm":
         assert_close(c_n, c_r, 1e-5, "c_n")
+
+
+@pytest.mark.parametrize("lanes", [1, 2, 4, 8, 16, 32])
+def test_padded_rows_spread_a_warp_over_all_banks(lanes):
+    from gpurnn.kernels.layout import padded_row
+    for length in (1, 7, 31, 32, 33, 64, 100, 512, 1313, 4 * 1024):
+        S = padded_row(length, lanes)
+        assert length <= S < length + 32 and S % 32 == lanes % 32
+        # a warp: 32 // lanes groups on consecutive rows, lanes on consecutive elements
+        banks = {(q * S + lane) % 32 for q in range(32 // lanes) for lane in range(lanes)}
+        assert len(banks) == 32

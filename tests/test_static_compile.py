@@ -63,10 +63,10 @@ def test_registers_within_the_plans_budget(rows):
 
 
 def test_plan_refuses_blocks_that_starve_the_kernels_of_registers():
-    p = planmod.plan("lstm", 64, 64, 1, "float32", "H100", threads=512)
+    p = planmod.plan("lstm", 64, 64, 1, "float32", "H100", threads=352)
     assert p.path == "stepwise"
     assert any(f"up to {KERNEL_REGS_MAX}" in r for r in p.reasons)
-    assert planmod.plan("lstm", 64, 64, 1, "float32", "H100", threads=384).path == "persistent"
+    assert planmod.plan("lstm", 64, 64, 1, "float32", "H100", threads=320).path == "persistent"
 
 
 @needs_ptxas

@@ -3,12 +3,13 @@ checks (one place, so the plan's capacity model and the kernels cannot drift apa
 
 Persistent forward: block j of P owns the contiguous unit slice U_j = [j*U, min((j+1)*U, H))
 with U = units_per_block = ceil(H / P). Its dynamic shared memory holds
-    w_slice   G*U*H   rows of W_hh for every gate of its units (loaded once per launch)
+    w_slice   G*U*S   rows of W_hh for every gate of its units (loaded once per launch), each
+                      row padded to S = padded_row(H, L) >= H
     h_prev    B*H     the step's input state
     pre       B*G*U   the step's recurrent pre-activations for its units
-Persistent backward: block j keeps the columns W_hh[:, U_j] and stages the step's recurrent
-gate gradients of every unit:
-    w_cols    G*H*U
+Persistent backward: block j keeps the columns W_hh[:, U_j] (one padded row per unit) and
+stages the step's recurrent gate gradients of every unit:
+    w_cols    U*S     S = padded_row(G*H, L)
     dgates    B*G*H
 Both also hold
     scratch   threads one partial sum per thread
@@ -27,10 +28,10 @@ from typing import Any, Callable
 
 
 # Registers per thread every kernel is held to (tests/test_static_compile.py checks the ptxas
-# counts against it). The plan refuses block sizes that would leave a thread fewer: with ~160
-# registers in use (sm_80, the split dot products), a persistent block of more than 384
-# threads cannot launch at all. 168 = 162 rounded up to the 8-register allocation unit.
-KERNEL_REGS_MAX = 168
+# counts against it). The plan refuses block sizes that would leave a thread fewer: with up to
+# ~170 registers in use (sm_80 unrolls the split dot products), a persistent block of more than
+# 320 threads could not launch. The plan's default is 256 threads (a budget of 255).
+KERNEL_REGS_MAX = 192
 
 
 def units_per_block(hidden: int, blocks: int) -> int:
@@ -41,10 +42,20 @@ def smem_elements(direction: str, gates: int, hidden: int, batch: int, units: in
                   threads: int) -> int:
     """Elements of dynamic shared memory one persistent block needs ('fwd' or 'bwd')."""
     if direction == "fwd":
-        return gates * units * hidden + batch * hidden + batch * gates * units + threads
+        row = padded_row(hidden, lanes_per_output(batch * gates * units, threads))
+        return gates * units * row + batch * hidden + batch * gates * units + threads
     if direction == "bwd":
-        return gates * hidden * units + batch * gates * hidden + threads
+        row = padded_row(gates * hidden, lanes_per_output(batch * units, threads))
+        return units * row + batch * gates * hidden + threads
     raise ValueError(f"direction must be 'fwd' or 'bwd'; got {direction!r}")
+
+
+def padded_row(length: int, lanes: int) -> int:
+    """Shared-memory row stride of a weight slice: the smallest S >= length with
+    S = lanes (mod 32). A warp holds 32 / lanes groups on consecutive rows, each group's lanes
+    on consecutive elements, so word (q*S + lane) falls in bank (q*lanes + lane) mod 32:
+    all distinct, no bank conflicts (with lanes = 1, consecutive threads on consecutive rows)."""
+    return length + (lanes - length % 32 + 32) % 32
 
 
 def smem_bytes(direction: str, gates: int, hidden: int, batch: int, units: int, itemsize: int, *,

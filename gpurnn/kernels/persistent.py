@@ -5,15 +5,17 @@ Ownership and barriers (layout contract: gpurnn/kernels/layout.py):
   Grid      P blocks, 1-D. Block j owns hidden units U_j = [j*U, min((j+1)*U, H)), U = `units`;
             a block may own no unit (P*U > H) and then only takes part in the grid barriers.
   Forward   block j keeps W_hh rows of every gate of U_j in shared memory, loaded once per
-            launch, transposed so that consecutive threads (consecutive units) read
-            consecutive words: w_slice[(m*G + g)*U + k] = W_hh[g*H + j*U + k, m].
+            launch: w_slice[(g*U + k)*S + m] = W_hh[g*H + j*U + k, m], the row stride S
+            padded (layout.padded_row) so that the lanes of a group (consecutive m) and the
+            groups of a warp (consecutive rows) read distinct banks.
             Per step: all threads stage h_in (B x H) -> syncthreads -> a group of L lanes per
             (b, g, k) forms the recurrent pre-activation into `pre` (each lane a strided part
             of the H-long dot product; partials meet in `scratch`, syncthreads, lane 0 adds
             them in lane order, syncthreads) -> syncthreads -> thread per (b, k) does the
             pointwise update and writes h, c, gates, y -> grid barrier (the next step reads
             every block's h_out).
-  Backward  block j keeps the columns W_hh[:, U_j]: w_cols[row*U + k] = W_hh[row, j*U + k].
+  Backward  block j keeps the columns W_hh[:, U_j], one unit's column per padded row:
+            w_cols[k*S + row] = W_hh[row, j*U + k] (S >= G*H, layout.padded_row).
             Phase kk = 0..T (kk = T is the tail that only finishes dh0): stage the gate
             gradients dgh of the step processed in phase kk-1 (B x G*H) -> syncthreads ->
             a group of L lanes per (b, k) forms dh_rec = W_hh[:, u]^T dgh_next[b] (strided
@@ -58,15 +60,23 @@ SHORT = {"float32": "f32", "float64": "f64"}
 
 
 @cuda.jit(device=True, inline=True)
-def _lane_split(n_out, threads):
-    """(L, groups, rounds): L lanes share each of n_out dot products (layout.lanes_per_output),
-    threads // L groups take them in `rounds` rounds. Uniform over a block, so the barriers
+def _lane_split(n_nominal, n_out, threads):
+    """(L, groups, rounds): L lanes share each dot product, threads // L groups take the block's
+    n_out of them in `rounds` rounds. L follows layout.lanes_per_output for the nominal slice
+    (n_nominal: a full block's outputs), so every block agrees with the host's shared-memory
+    layout, including a last block with fewer units. Uniform over a block, so the barriers
     inside a round are reached by every thread."""
     lanes = 1
-    while lanes < 32 and 2 * lanes * n_out <= threads:
+    while lanes < 32 and 2 * lanes * n_nominal <= threads:
         lanes *= 2
     groups = threads // lanes
     return lanes, groups, (n_out + groups - 1) // groups
+
+
+@cuda.jit(device=True, inline=True)
+def _padded_row(length, lanes):
+    """layout.padded_row: the shared-memory row stride of a weight slice."""
+    return length + (lanes - length % 32 + 32) % 32
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,12 +117,13 @@ def make_fwd(cell: str, dtype: str):
         if nu < 0:
             nu = 0
         gu = G * units
-        h_off = gu * H
+        n_out = B * G * nu                          # dot products of the block per step
+        lanes, groups, rounds = _lane_split(B * gu, n_out, stride)
+        lane = tid % lanes
+        row_len = _padded_row(H, lanes)
+        h_off = gu * row_len
         pre_off = h_off + B * H
         scr_off = pre_off + B * gu
-        n_out = B * G * nu                          # dot products of the block per step
-        lanes, groups, rounds = _lane_split(n_out, stride)
-        lane = tid % lanes
 
         # consecutive threads read consecutive columns m of one W_hh row: coalesced
         for idx in range(tid, G * nu * H, stride):
@@ -120,7 +131,7 @@ def make_fwd(cell: str, dtype: str):
             row = idx // H
             k = row % nu
             g = row // nu
-            smem[m * gu + g * units + k] = w_hh[g * H + u0 + k, m]
+            smem[(g * units + k) * row_len + m] = w_hh[g * H + u0 + k, m]
         cuda.syncthreads()
 
         for s in range(t_begin, t_end):
@@ -141,10 +152,10 @@ def make_fwd(cell: str, dtype: str):
                     bg = oi // nu
                     g = bg % G
                     b = bg // G
-                    w_at = g * units + k
+                    w_at = (g * units + k) * row_len
                     h_at = h_off + b * H
                     for m in range(lane, H, lanes):
-                        acc += smem[m * gu + w_at] * smem[h_at + m]
+                        acc += smem[w_at + m] * smem[h_at + m]
                 if lanes == 1:
                     if oi < n_out:
                         smem[pre_off + (b * G + g) * units + k] = acc
@@ -220,16 +231,19 @@ def make_bwd(cell: str, dtype: str):
         nu = min(units, H - u0)
         if nu < 0:
             nu = 0
-        dg_off = GH * units
-        scr_off = dg_off + B * GH
         n_out = B * nu                              # dot products of the block per phase
-        lanes, groups, rounds = _lane_split(n_out, stride)
+        lanes, groups, rounds = _lane_split(B * units, n_out, stride)
         lane = tid % lanes
+        row_len = _padded_row(GH, lanes)
+        dg_off = units * row_len
+        scr_off = dg_off + B * GH
 
+        # global reads coalesce over k (consecutive columns); this once-per-launch store is the
+        # only strided shared-memory access
         for idx in range(tid, GH * nu, stride):
             k = idx % nu
             row = idx // nu
-            smem[row * units + k] = w_hh[row, u0 + k]
+            smem[k * row_len + row] = w_hh[row, u0 + k]
         cuda.syncthreads()
 
         for kk in range(k_begin, k_end):
@@ -249,8 +263,9 @@ def make_bwd(cell: str, dtype: str):
                 if oi < n_out and has_next:
                     dg_at = dg_off + (oi // nu) * GH
                     k = oi % nu
+                    w_at = k * row_len
                     for row in range(lane, GH, lanes):
-                        dh_rec += smem[row * units + k] * smem[dg_at + row]
+                        dh_rec += smem[w_at + row] * smem[dg_at + row]
                 if lanes > 1:
                     smem[scr_off + tid] = dh_rec
                     cuda.syncthreads()
