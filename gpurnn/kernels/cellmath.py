@@ -20,6 +20,14 @@ from numba import cuda
 NP_DTYPES = {"float32": np.float32, "float64": np.float64}
 
 
+@cuda.jit(device=True, inline=True)
+def step_times(T, s, reverse):
+    """(t, t_in, t_out) of processing step s: its time index and where its input and output
+    states sit in the reserve's (T+1, B, H) boundary states (gpurnn.cells)."""
+    t = T - 1 - s if reverse else s
+    return t, t + reverse, t + 1 - reverse
+
+
 @functools.lru_cache(maxsize=None)
 def make(cell: str, dtype: str):
     """(fwd_unit, bwd_unit) device functions for cell, dtype.

@@ -40,7 +40,7 @@ from numba.cuda.core import config
 
 from . import cellmath
 from ..cells import GATES
-from .cellmath import NP_DTYPES
+from .cellmath import NP_DTYPES, step_times
 
 if config.ENABLE_CUDASIM:
     # The simulator has no cooperative-groups intrinsics; its grid.sync() is a block barrier,
@@ -71,6 +71,13 @@ def _lane_split(n_nominal, n_out, threads):
         lanes *= 2
     groups = threads // lanes
     return lanes, groups, (n_out + groups - 1) // groups
+
+
+@cuda.jit(device=True, inline=True)
+def _owned_units(units, hidden):
+    """(u0, nu): this block's first unit and how many it owns (0 for a block past H)."""
+    u0 = cuda.blockIdx.x * units
+    return u0, max(0, min(units, hidden - u0))
 
 
 @cuda.jit(device=True, inline=True)
@@ -112,10 +119,7 @@ def make_fwd(cell: str, dtype: str):
         H = h.shape[2]
         tid = cuda.threadIdx.x
         stride = cuda.blockDim.x
-        u0 = cuda.blockIdx.x * units
-        nu = min(units, H - u0)
-        if nu < 0:
-            nu = 0
+        u0, nu = _owned_units(units, H)
         gu = G * units
         n_out = B * G * nu                          # dot products of the block per step
         lanes, groups, rounds = _lane_split(B * gu, n_out, stride)
@@ -135,9 +139,7 @@ def make_fwd(cell: str, dtype: str):
         cuda.syncthreads()
 
         for s in range(t_begin, t_end):
-            t = T - 1 - s if reverse else s
-            t_in = t + reverse
-            t_out = t + 1 - reverse
+            t, t_in, t_out = step_times(T, s, reverse)
             for idx in range(tid, B * H, stride):
                 smem[h_off + idx] = h[t_in, idx // H, idx % H]
             cuda.syncthreads()
@@ -227,10 +229,7 @@ def make_bwd(cell: str, dtype: str):
         GH = G * H
         tid = cuda.threadIdx.x
         stride = cuda.blockDim.x
-        u0 = cuda.blockIdx.x * units
-        nu = min(units, H - u0)
-        if nu < 0:
-            nu = 0
+        u0, nu = _owned_units(units, H)
         n_out = B * nu                              # dot products of the block per phase
         lanes, groups, rounds = _lane_split(B * units, n_out, stride)
         lane = tid % lanes
@@ -254,9 +253,7 @@ def make_bwd(cell: str, dtype: str):
                 for idx in range(tid, B * GH, stride):
                     smem[dg_off + idx] = dgh[t_next, idx // GH, idx % GH]
                 cuda.syncthreads()
-            t = T - 1 - s if reverse else s
-            t_in = t + reverse
-            t_out = t + 1 - reverse
+            t, t_in, t_out = step_times(T, s, reverse)
             for rnd in range(rounds):
                 oi = rnd * groups + tid // lanes
                 dh_rec = ZERO

@@ -14,7 +14,7 @@ from numba import cuda
 
 from . import cellmath
 from ..cells import GATES
-from .cellmath import NP_DTYPES
+from .cellmath import NP_DTYPES, step_times
 from .persistent import SHORT
 
 
@@ -47,9 +47,7 @@ def make_fwd(cell: str, dtype: str):
         if idx < B * H:
             b = idx // H
             u = idx % H
-            t = T - 1 - s if reverse else s
-            t_in = t + reverse
-            t_out = t + 1 - reverse
+            t, t_in, t_out = step_times(T, s, reverse)
             r0 = gh[b, u]
             r1 = ZERO
             r2 = ZERO
@@ -93,9 +91,7 @@ def make_bwd(cell: str, dtype: str):
         if idx < B * H:
             b = idx // H
             u = idx % H
-            t = T - 1 - s if reverse else s
-            t_in = t + reverse
-            t_out = t + 1 - reverse
+            t, t_in, t_out = step_times(T, s, reverse)
             dh = dh_carry[b, u] + dh_rec[b, u]
             bwd_unit(h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, t, t_in, t_out, b, u, dh)
 
