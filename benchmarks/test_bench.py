@@ -10,7 +10,6 @@ device is usable — including in a pytest process whose simulator tests have pu
 simulator mode, so run this directory on its own on a GPU machine. In the default test run
 (--benchmark-disable) every case still executes once, so this code cannot rot unnoticed.
 """
-import numpy as np
 import pytest
 
 from gpurnn import bench

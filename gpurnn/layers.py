@@ -182,10 +182,10 @@ class _RNNBase:
         if self.batch_first:
             x = x.transpose(1, 0, 2)
         x = xp.ascontiguousarray(x)
-        T, B = x.shape[0], x.shape[1]
+        B = x.shape[1]
         h0_all, c0_all = self._split_hx(hx, B)
         params = self._device_params(backend)
-        H, D = self.hidden_size, self.num_directions
+        D = self.num_directions
         training = self.training
         layer_input = x
         reserves, masks, h_n, c_n = [], [], [], []

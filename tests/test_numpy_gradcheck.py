@@ -94,18 +94,23 @@ def _objective(cell, arrays, lengths, reverse, ry, rh, rc):
     return total
 
 
-def _numeric_grad(cell, arrays, name, lengths, reverse, ry, rh, rc):
-    base = arrays[name]
-    grad = np.zeros_like(base)
-    for idx in np.ndindex(base.shape):
-        keep = base[idx]
-        base[idx] = keep + EPS
-        plus = _objective(cell, arrays, lengths, reverse, ry, rh, rc)
-        base[idx] = keep - EPS
-        minus = _objective(cell, arrays, lengths, reverse, ry, rh, rc)
-        base[idx] = keep
+def _central_difference(target, objective):
+    """d objective() / d target, element by element (target is perturbed in place, restored)."""
+    grad = np.zeros_like(target)
+    for idx in np.ndindex(target.shape):
+        keep = target[idx]
+        target[idx] = keep + EPS
+        plus = objective()
+        target[idx] = keep - EPS
+        minus = objective()
+        target[idx] = keep
         grad[idx] = (plus - minus) / (2 * EPS)
     return grad
+
+
+def _numeric_grad(cell, arrays, name, lengths, reverse, ry, rh, rc):
+    return _central_difference(arrays[name],
+                               lambda: _objective(cell, arrays, lengths, reverse, ry, rh, rc))
 
 
 def _assert_grad_close(analytic, numeric, what):
@@ -188,16 +193,7 @@ def _layer_objective(m, x, hx, lengths, ry, rh, rc):
 
 
 def _layer_numeric(m, target, x, hx, lengths, ry, rh, rc):
-    grad = np.zeros_like(target)
-    for idx in np.ndindex(target.shape):
-        keep = target[idx]
-        target[idx] = keep + EPS
-        plus = _layer_objective(m, x, hx, lengths, ry, rh, rc)
-        target[idx] = keep - EPS
-        minus = _layer_objective(m, x, hx, lengths, ry, rh, rc)
-        target[idx] = keep
-        grad[idx] = (plus - minus) / (2 * EPS)
-    return grad
+    return _central_difference(target, lambda: _layer_objective(m, x, hx, lengths, ry, rh, rc))
 
 
 @pytest.mark.parametrize("lengths", [None, [1, LT]], ids=["all-T", "lengths-1-T"])

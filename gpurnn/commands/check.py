@@ -142,8 +142,6 @@ def run(args):
           "lengths (5, 2, 4), reverse, with biases")
     for name in wanted:
         ok, why = availability(name)
-        if name == "sim" and ok:
-            from gpurnn.backends import sim as _  # noqa: F401  (sets up the simulator early)
         if not ok:
             rows.append((name, "-", "skipped", "-", why))
             if args.backend:
