@@ -27,22 +27,22 @@ class FakeDriver:
     CUfunction = drv.CUfunction
 
     def __init__(self, set_result=drv.CUresult.CUDA_SUCCESS,
-                 get_function_result=drv.CUresult.CUDA_SUCCESS, optin=H100_OPTIN):
+                 get_device_result=drv.CUresult.CUDA_SUCCESS, optin=H100_OPTIN):
         self.calls = []
         self.set_result = set_result
-        self.get_function_result = get_function_result
+        self.get_device_result = get_device_result
         self.optin = optin
 
-    def cuKernelGetFunction(self, kernel):
-        self.calls.append(("cuKernelGetFunction", int(kernel)))
-        return self.get_function_result, drv.CUfunction(int(kernel) + 0x10)
+    def cuKernelSetAttribute(self, attrib, value, kernel, dev):
+        self.calls.append(("cuKernelSetAttribute", attrib, value, type(kernel), int(kernel), int(dev)))
+        return (self.set_result,)
 
     def cuFuncSetAttribute(self, func, attrib, value):
         self.calls.append(("cuFuncSetAttribute", type(func), int(func), attrib, value))
         return (self.set_result,)
 
     def cuCtxGetDevice(self):
-        return drv.CUresult.CUDA_SUCCESS, 0
+        return self.get_device_result, drv.CUdevice(3)
 
     def cuDeviceGetAttribute(self, attrib, dev):
         self.calls.append(("cuDeviceGetAttribute", attrib, dev))
@@ -101,21 +101,27 @@ def fresh_opt_in_cache():
     launch._opted_in.clear()
 
 
-def test_opt_in_calls_cuFuncSetAttribute_with_the_exact_attribute_and_bytes():
+def test_opt_in_calls_cuKernelSetAttribute_with_the_exact_attribute_bytes_and_device():
     d = FakeDriver()
     launch.set_max_dynamic_shared_memory(FakeCompiled(0x1000), 200_000, driver=d)
     assert d.calls == [
-        ("cuKernelGetFunction", 0x1000),
-        ("cuFuncSetAttribute", drv.CUfunction, 0x1010, MAX_DYN, 200_000),
+        ("cuKernelSetAttribute", MAX_DYN, 200_000, drv.CUkernel, 0x1000, 3),
     ]
     assert MAX_DYN.name == "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES" and int(MAX_DYN) == 8
+
+
+def test_opt_in_on_a_plain_function_handle_calls_cuFuncSetAttribute():
+    d = FakeDriver()
+    launch.set_max_dynamic_shared_memory(FakeCufunc(drv.CUfunction(0x1010)), 70_000, driver=d)
+    assert d.calls == [("cuFuncSetAttribute", drv.CUfunction, 0x1010, MAX_DYN, 70_000)]
 
 
 def test_opt_in_through_the_module_level_driver(monkeypatch):
     d = FakeDriver()
     monkeypatch.setattr(launch, "DRIVER", d)
     launch.set_max_dynamic_shared_memory(FakeDispatcher(FakeCompiled(0x2000)), 65_536)
-    assert d.calls[-1] == ("cuFuncSetAttribute", drv.CUfunction, 0x2010, MAX_DYN, 65_536)
+    assert d.calls[-1] == ("cuKernelSetAttribute", MAX_DYN, 65_536, drv.CUkernel, 0x2000,
+                           3)
 
 
 def test_opt_in_failure_raises_with_the_driver_error():
@@ -125,11 +131,11 @@ def test_opt_in_failure_raises_with_the_driver_error():
         launch.set_max_dynamic_shared_memory(FakeCompiled(0x1000), 300_000, driver=d)
 
 
-def test_function_lookup_failure_raises():
-    d = FakeDriver(get_function_result=drv.CUresult.CUDA_ERROR_INVALID_CONTEXT)
-    with pytest.raises(RuntimeError, match="cuKernelGetFunction failed with CUDA_ERROR_INVALID_CONTEXT"):
+def test_device_lookup_failure_raises():
+    d = FakeDriver(get_device_result=drv.CUresult.CUDA_ERROR_INVALID_CONTEXT)
+    with pytest.raises(RuntimeError, match="cuCtxGetDevice failed with CUDA_ERROR_INVALID_CONTEXT"):
         launch.set_max_dynamic_shared_memory(FakeCompiled(0x1000), 100_000, driver=d)
-    assert not any(c[0] == "cuFuncSetAttribute" for c in d.calls)
+    assert not any(c[0].endswith("SetAttribute") for c in d.calls)
 
 
 @pytest.mark.parametrize("nbytes, exc", [(-1, ValueError), (1.5, TypeError), (True, TypeError)])
@@ -152,14 +158,15 @@ def test_launch_opts_in_above_48k_then_launches_the_plan():
     compiled = FakeCompiled(0x3000, coop_blocks=132)
     disp = FakeDispatcher(compiled)
     launch.launch_persistent(disp, p, 0, ("x",), direction="bwd", driver=d)
-    assert ("cuFuncSetAttribute", drv.CUfunction, 0x3010, MAX_DYN, p.smem_bytes_bwd) in d.calls
+    assert ("cuKernelSetAttribute", MAX_DYN, p.smem_bytes_bwd, drv.CUkernel, 0x3000,
+            3) in d.calls
     assert disp.compiled_for == ("str",)  # the overload for the launch's argument types
     assert compiled.occupancy_queries == [(p.threads, p.smem_bytes_bwd)]
     assert disp.launches == [((p.blocks, p.threads, 0, p.smem_bytes_bwd), ("x",))]
     # A second launch of the same size does not call the driver again.
-    n = len([c for c in d.calls if c[0] == "cuFuncSetAttribute"])
+    n = len([c for c in d.calls if c[0] == "cuKernelSetAttribute"])
     launch.launch_persistent(disp, p, 0, ("x",), direction="bwd", driver=d)
-    assert len([c for c in d.calls if c[0] == "cuFuncSetAttribute"]) == n
+    assert len([c for c in d.calls if c[0] == "cuKernelSetAttribute"]) == n
     assert len(disp.launches) == 2
 
 
@@ -167,7 +174,7 @@ def test_launch_below_48k_does_not_opt_in():
     d = FakeDriver()
     disp = FakeDispatcher(FakeCompiled(0x4000))
     launch.launch_persistent(disp, (8, 256, 16_384), 0, (), driver=d)
-    assert not any(c[0] == "cuFuncSetAttribute" for c in d.calls)
+    assert not any(c[0].endswith("SetAttribute") for c in d.calls)
     assert disp.launches == [((8, 256, 0, 16_384), ())]
 
 
@@ -185,7 +192,7 @@ def test_static_plus_dynamic_smem_above_opt_in_is_refused():
     with pytest.raises(RuntimeError, match="2,048 B static.*opt-in limit"):
         launch.launch_persistent(disp, (100, 256, H100_OPTIN - 1024), 0, (), driver=d)
     assert disp.launches == []
-    assert not any(c[0] == "cuFuncSetAttribute" for c in d.calls)
+    assert not any(c[0].endswith("SetAttribute") for c in d.calls)
 
 
 def test_stepwise_plan_and_bad_launch_tuples_are_rejected():

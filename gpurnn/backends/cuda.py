@@ -71,7 +71,12 @@ def choose_launch(cell, input_size, hidden, batch, dtype, device, options) -> La
     p = make_plan(cell, input_size, hidden, batch, dtype, device=device,
                   blocks=None if blocks is None else int(blocks),
                   threads=None if threads is None else int(threads))
-    path = options.get("path", p.path)
+    path = options.get("path", "persistent" if blocks is not None else p.path)
+    if path == "persistent" and p.path != "persistent":
+        # A forced grid is never launched when it cannot run: on a GPU it would fail or hang.
+        forced = f"options['blocks']={int(blocks)}: " if blocks is not None else ""
+        raise ValueError(f"{forced}the persistent path cannot run {cell} H={hidden} B={batch} "
+                         f"{dtype} on {p.device.name}: " + "; ".join(p.reasons[:-1] or p.reasons))
     P = int(blocks) if blocks is not None else p.blocks
     return LaunchConfig(path=path, blocks=P, threads=p.threads,
                         units_per_block=layout.units_per_block(hidden, P), plan=p)

@@ -1,27 +1,48 @@
-"""Simulator backend: gpurnn's CUDA kernels, unchanged, in Numba's CUDA simulator on NumPy arrays
-(GEMMs by NumPy). For CI without a GPU; slow (a Python thread per CUDA thread), so keep sizes
-and threads per block small.
+"""Simulator backend: gpurnn's CUDA kernels, unchanged, on NumPy arrays (GEMMs by NumPy). For CI
+without a GPU; slow (a Python thread per CUDA thread), so keep sizes and threads small.
 
-The simulator runs a grid's blocks one after another and its grid.sync() is only a block
-barrier, so a multi-block persistent launch would be silently wrong. With P > 1 blocks the
-host therefore launches one step (backward: one phase) at a time, the launch boundary acting as
-the grid barrier; with P = 1 a single cooperative launch covers every step, as on a GPU.
+Two simulators, chosen by backend_options={"simulator": ...}:
+  "strict" (default)  gpurnn.sim: every thread of every block concurrently, a real grid barrier,
+                      race/barrier/bounds checks; the persistent kernels run with P blocks in
+                      ONE launch over all steps, exactly as on a GPU. Any finding fails the call.
+                      Re-entrant: calls from several host threads run independently.
+  "stock"             Numba's own simulator (NUMBA_ENABLE_CUDASIM=1 before numba.cuda is first
+                      imported; gpurnn sets it when it still can). It runs blocks one after
+                      another and its grid.sync() is only a block barrier, so with P > 1 the host
+                      launches one step (backward: one phase) at a time, the launch boundary
+                      acting as the grid barrier. It is not re-entrant: its launches are
+                      serialised by a lock.
 The host side of the algorithm is the CUDA backend's (cuda.run_forward / run_backward).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
+import threading
 
+import numpy as np
+
+from . import cuda as _host
+
+NAME = "sim"
+SIMULATORS = ("strict", "stock")
 _SIM_ENV = "NUMBA_ENABLE_CUDASIM"
+_STOCK_LOCK = threading.Lock()
 
 
-def _enable_simulator():
-    import importlib.util
+def _require_numba_cuda():
     if importlib.util.find_spec("numba_cuda") is None:
         # numba's own deprecated numba.cuda lacks what the kernels use
         raise ImportError("the 'sim' backend needs the numba-cuda package, which is not "
                           "installed: pip install 'gpurnn[sim]'")
+
+
+_require_numba_cuda()
+
+
+def enable_stock_simulator():
+    """Put numba.cuda in simulator mode for this process, or say why it is too late."""
     # numba.cuda reads the variable once, when it is first imported; after that the process is
     # committed to hardware or simulator mode.
     if "numba.cuda" not in sys.modules:
@@ -30,25 +51,17 @@ def _enable_simulator():
     from numba.cuda.core import config
     if not config.ENABLE_CUDASIM:
         raise RuntimeError(
-            "the 'sim' backend needs Numba's CUDA simulator, but numba.cuda was already imported "
-            "in hardware mode in this process (it reads NUMBA_ENABLE_CUDASIM only at its first "
-            "import); set NUMBA_ENABLE_CUDASIM=1 in the environment, or use backend='sim' before "
-            "anything imports numba.cuda")
-
-
-_enable_simulator()
-
-import numpy as np  # noqa: E402
-
-from . import cuda as _host  # noqa: E402
-
-NAME = "sim"
+            "backend_options simulator='stock' needs Numba's CUDA simulator, but numba.cuda was "
+            "already imported in hardware mode in this process (it reads NUMBA_ENABLE_CUDASIM "
+            "only at its first import); set NUMBA_ENABLE_CUDASIM=1 in the environment, or use "
+            "the default strict simulator, which works in either mode")
 
 
 class SimRuntime(_host.Runtime):
+    """The strict simulator: kernels become gpurnn.sim.StrictKernels."""
     name = NAME
     device = "sim"
-    per_step_grid = True
+    per_step_grid = False
 
     def __init__(self):
         super().__init__()
@@ -59,25 +72,63 @@ class SimRuntime(_host.Runtime):
         return np
 
     def compile(self, spec):
+        from .. import sim
+        sim.check_numba_cuda()
+        return sim.jit(spec.func, name=spec.name)
+
+    def stream(self):
+        return 0            # launches are synchronous
+
+    def on_launch(self, info):
+        hook = RUNTIME.launch_hook
+        if hook is not None:
+            hook(dict(info, simulator=self.simulator))
+
+    simulator = "strict"
+
+
+class StockSimRuntime(SimRuntime):
+    """Numba's own simulator, one launch per step when P > 1 (see the module docstring)."""
+    per_step_grid = True
+    simulator = "stock"
+
+    def compile(self, spec):
+        enable_stock_simulator()
         from numba import cuda
         return cuda.jit(spec.func)
 
-    def stream(self):
-        return 0            # the simulator has one, synchronous, stream
-
-    def on_launch(self, info):
-        if self.launch_hook is not None:
-            self.launch_hook(info)
-
 
 RUNTIME = SimRuntime()
+STOCK_RUNTIME = StockSimRuntime()
+
+
+def _split(options):
+    """(runtime, the options left for the launch) from backend_options."""
+    if options is None or not isinstance(options, dict) or "simulator" not in options:
+        return RUNTIME, options
+    rest = {k: v for k, v in options.items() if k != "simulator"}
+    choice = options["simulator"]
+    if choice not in SIMULATORS:
+        raise ValueError(f"backend_options['simulator'] must be one of {SIMULATORS}; got {choice!r}")
+    return (RUNTIME if choice == "strict" else STOCK_RUNTIME), rest
 
 
 def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_reserve, *,
             options=None):
-    return _host.run_forward(RUNTIME, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse,
+    rt, options = _split(options)
+    if rt is STOCK_RUNTIME:
+        enable_stock_simulator()
+        with _STOCK_LOCK:
+            return _host.run_forward(rt, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse,
+                                     need_reserve, options)
+    return _host.run_forward(rt, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse,
                              need_reserve, options)
 
 
 def backward(reserve, dy, dh_n, dc_n, *, options=None):
-    return _host.run_backward(RUNTIME, reserve, dy, dh_n, dc_n, options)
+    rt, options = _split(options)
+    if rt is STOCK_RUNTIME:
+        enable_stock_simulator()
+        with _STOCK_LOCK:
+            return _host.run_backward(rt, reserve, dy, dh_n, dc_n, options)
+    return _host.run_backward(rt, reserve, dy, dh_n, dc_n, options)

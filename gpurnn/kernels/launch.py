@@ -1,12 +1,13 @@
 """Launching persistent kernels: the shared-memory opt-in and the cooperative-grid guard.
 
 Shared memory above 48 KB per block needs CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES set on
-the compiled function; numba-cuda has no public call for it (numba-cuda issue 94). In
+the compiled kernel; numba-cuda has no public call for it (numba-cuda issue 94). In
 numba-cuda 0.30 a dispatcher's overload (`dispatcher.compile(sig)`, a `_Kernel`) reaches its
-loaded function through `_codelibrary.get_cufunc()`, whose `.handle` is a context-free
-`CUkernel` (cuda.core loads code as a library); `cuKernelGetFunction` turns it into the
-`CUfunction` of the current context, on which `cuFuncSetAttribute` acts. The driver module is
-injectable (`DRIVER`, or `driver=`) so the exact call is unit-tested without a GPU.
+loaded code through `_codelibrary.get_cufunc()`, whose `.handle` is a context-free `CUkernel`
+(cuda.core loads code as a library). The documented call for a CUkernel is
+`cuKernelSetAttribute(attr, value, kernel, device)` (what numba-cuda uses for its own kernel
+attributes); a plain `CUfunction` gets `cuFuncSetAttribute`. The driver module is injectable
+(`DRIVER`, or `driver=`) so the exact call is unit-tested without a GPU.
 
 numba-cuda launches a kernel cooperatively by itself when its code uses a grid group: the
 `_this_grid` / `_grid_group_sync` intrinsics set `use_cooperative` on the code library
@@ -14,10 +15,12 @@ numba-cuda launches a kernel cooperatively by itself when its code uses a grid g
 `is_cooperative` (numba/cuda/dispatcher.py, `_Kernel.launch`). What it does not do is refuse a
 grid too large to be co-resident; `launch_persistent` does, before launching.
 
-In the simulator (NUMBA_ENABLE_CUDASIM=1) kernels are `FakeCUDAKernel`s: there is no driver and
-any amount of shared memory is accepted, so the opt-in is a no-op there. The simulator runs
-blocks one after another and its grid.sync() only synchronises a block, so a multi-block
-persistent launch is correct only when it covers a single step (`single_step=True`).
+In gpurnn's strict simulator (gpurnn.sim) kernels are `StrictKernel`s: every block runs at once
+and the grid barrier is real, so any persistent launch runs as on a GPU; there is no driver,
+so the opt-in is a no-op. In Numba's stock simulator (NUMBA_ENABLE_CUDASIM=1) kernels are
+`FakeCUDAKernel`s: it runs blocks one after another and its grid.sync() only synchronises a
+block, so a multi-block persistent launch is correct only when it covers a single step
+(`single_step=True`).
 """
 from __future__ import annotations
 
@@ -43,6 +46,11 @@ def _driver(driver=None):
 def is_simulator_kernel(kernel) -> bool:
     """True for kernels of Numba's CUDA simulator (which has no driver to talk to)."""
     return type(kernel).__module__.startswith("numba.cuda.simulator")
+
+
+def is_strict_kernel(kernel) -> bool:
+    """True for kernels of gpurnn's strict simulator (gpurnn.sim.StrictKernel)."""
+    return type(kernel).__module__ == "gpurnn.sim"
 
 
 def _check(driver, result, call):
@@ -73,36 +81,38 @@ def compiled_kernel(kernel, signature=None, args=None):
 
 
 def function_handle(kernel, signature=None, args=None, driver=None):
-    """The CUfunction of `kernel` (dispatcher, compiled overload, or numba-cuda function
-    wrapper with a `.handle`) in the current context."""
-    d = _driver(driver)
+    """The driver handle of `kernel` (dispatcher, compiled overload, or numba-cuda function
+    wrapper with a `.handle`): a context-free CUkernel where numba-cuda loaded the code as a
+    library (0.30), else the CUfunction."""
     if hasattr(kernel, "handle") and not hasattr(kernel, "_codelibrary"):
-        handle = kernel.handle
-    else:
-        handle = compiled_kernel(kernel, signature, args)._codelibrary.get_cufunc().handle
-    if isinstance(handle, d.CUkernel):
-        # A library kernel is context-free; the attribute belongs to its per-context function.
-        handle = _check(d, d.cuKernelGetFunction(handle), "cuKernelGetFunction")
-    return handle
+        return kernel.handle
+    return compiled_kernel(kernel, signature, args)._codelibrary.get_cufunc().handle
 
 
 def set_max_dynamic_shared_memory(kernel, nbytes, *, signature=None, args=None, driver=None):
-    """Let `kernel` launch with up to `nbytes` of dynamic shared memory per block:
-    cuFuncSetAttribute(f, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes).
+    """Let `kernel` launch with up to `nbytes` of dynamic shared memory per block
+    (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES). A library kernel (CUkernel) takes the
+    documented context-free call, cuKernelSetAttribute(attr, nbytes, kernel, device), as
+    numba-cuda itself sets its kernels' attributes; a plain CUfunction takes cuFuncSetAttribute.
     Raises RuntimeError naming the driver's error if it refuses (e.g. nbytes plus the kernel's
     static shared memory above the device's opt-in limit). A no-op for simulator kernels."""
     if isinstance(nbytes, bool) or not isinstance(nbytes, int):
         raise TypeError(f"nbytes must be an int; got {type(nbytes).__name__} {nbytes!r}")
     if nbytes < 0:
         raise ValueError(f"nbytes must be >= 0; got {nbytes}")
-    if is_simulator_kernel(kernel):
-        return  # the simulator allocates any size it is asked for: nothing to opt into
+    if is_simulator_kernel(kernel) or is_strict_kernel(kernel):
+        return  # a simulator allocates any size it is asked for: nothing to opt into
     d = _driver(driver)
-    func = function_handle(kernel, signature, args, driver=d)
+    handle = function_handle(kernel, signature, args, driver=d)
     attr = d.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-    _check(d, d.cuFuncSetAttribute(func, attr, nbytes),
-           f"cuFuncSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, {nbytes})")
-    _opted_in[_key(func)] = nbytes
+    if isinstance(handle, d.CUkernel):
+        dev = _check(d, d.cuCtxGetDevice(), "cuCtxGetDevice")
+        _check(d, d.cuKernelSetAttribute(attr, nbytes, handle, dev),
+               f"cuKernelSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, {nbytes})")
+    else:
+        _check(d, d.cuFuncSetAttribute(handle, attr, nbytes),
+               f"cuFuncSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, {nbytes})")
+    _opted_in[_key(handle)] = nbytes
 
 
 def _key(func):
@@ -151,6 +161,12 @@ def launch_persistent(kernel, launch, stream, args, *, direction="fwd", signatur
     the device's opt-in limit or the grid exceeds kernel.max_cooperative_grid_blocks.
     """
     blocks, threads, smem = _launch_shape(launch, direction)
+    if threads % 32:
+        raise ValueError(f"threads per block must be a multiple of 32 (the kernels' lane groups "
+                         f"and scratch assume whole warps); got {threads}")
+    if is_strict_kernel(kernel):
+        kernel[blocks, threads, stream, smem](*args)
+        return
     if is_simulator_kernel(kernel):
         if blocks > 1 and not single_step:
             raise RuntimeError(f"the simulator runs blocks one after another and its grid.sync() "
@@ -168,8 +184,8 @@ def launch_persistent(kernel, launch, stream, args, *, direction="fwd", signatur
         raise RuntimeError(f"kernel needs {static:,} B static + {smem:,} B dynamic shared memory "
                            f"per block; the device allows {optin:,} B (opt-in limit)")
     if static + smem > _DEFAULT_DYNAMIC_SMEM_LIMIT:
-        func = function_handle(compiled, driver=d)
-        if _opted_in.get(_key(func), -1) < smem:
+        handle = function_handle(compiled, driver=d)
+        if _opted_in.get(_key(handle), -1) < smem:
             set_max_dynamic_shared_memory(compiled, smem, driver=d)
     limit = compiled.max_cooperative_grid_blocks(threads, smem)
     if blocks > limit:

@@ -28,8 +28,9 @@ Ownership and barriers (layout contract: gpurnn/kernels/layout.py):
   Threads   any multiple of 32; every loop strides by blockDim.x.
 Step ranges: forward launches cover processing steps s in [t_begin, t_end) (s = 0 is the first
 step taken: t = s forward, t = T-1-s reverse); backward launches cover phases [k_begin,
-k_end) within [0, T+1). On a GPU one launch covers everything; in the simulator (where the
-grid barrier is only a block barrier) a multi-block grid is launched once per step/phase.
+k_end) within [0, T+1). On a GPU, and in gpurnn's strict simulator, one launch covers
+everything; only Numba's stock simulator (where the grid barrier is only a block barrier)
+needs a multi-block grid launched once per step/phase.
 """
 from __future__ import annotations
 
@@ -43,11 +44,14 @@ from ..cells import GATES
 from .cellmath import NP_DTYPES, step_times
 
 if config.ENABLE_CUDASIM:
-    # The simulator has no cooperative-groups intrinsics; its grid.sync() is a block barrier,
-    # which the host compensates for by launching once per step when P > 1.
+    # Numba's own simulator has no cooperative-groups intrinsics; its grid.sync() is only a
+    # block barrier (the stock fallback therefore launches once per step when P > 1). gpurnn's
+    # strict simulator (gpurnn.sim) reads these device functions' source like any other.
+    @cuda.jit(device=True)
     def _this_grid():
         return cuda.cg.this_grid()
 
+    @cuda.jit(device=True)
     def _grid_group_sync(grid):
         grid.sync()
 else:
@@ -266,7 +270,7 @@ def make_bwd(cell: str, dtype: str):
                 if lanes > 1:
                     smem[scr_off + tid] = dh_rec
                     cuda.syncthreads()
-                    if lane == 0:
+                    if lane == 0 and oi < n_out:        # as the forward: no group past n_out
                         dh_rec = ZERO
                         for q in range(lanes):          # fixed order: deterministic
                             dh_rec += smem[scr_off + tid + q]
