@@ -1,11 +1,15 @@
-"""Every kernel (persistent and stepwise, every cell, both dtypes) in Numba's CUDA simulator,
+"""Every kernel (persistent and stepwise, every cell, both dtypes) in gpurnn's strict simulator,
 against the NumPy reference backend: outputs, final states, the reserve and every gradient.
 
+The strict simulator runs every block of a launch at once with a real grid barrier, so the
+persistent kernels run with P > 1 blocks in ONE launch over all steps, as on a GPU, and any
+race, barrier error, out-of-bounds index or uninitialised shared read fails the call: every
+test here is also a zero-findings check.
+
 The cases are a covering set, not the cross product: each cell meets the persistent path with
-one block (a single cooperative launch over all steps) and with several (one launch per step:
-the simulator's grid.sync() is only a block barrier), and the stepwise path, each with and
-without lengths and reverse; sizes are awkward (H 7 and 33, P not dividing H, a block owning
-no unit, T = 1, B = 1, a length 0 and a length T, unsorted lengths, bias=False).
+one block and with several, and the stepwise path, each with and without lengths and reverse;
+sizes are awkward (H 7 and 33, P not dividing H, a block owning no unit, T = 1, B = 1, a length
+0 and a length T, unsorted lengths, bias=False).
 """
 import subprocess
 import sys
@@ -15,7 +19,7 @@ import zlib
 import numpy as np
 import pytest
 
-# Imported before anything else touches numba.cuda: it switches numba to the simulator.
+from gpurnn import sim as strict
 from gpurnn.backends import sim
 from gpurnn.backends import numpy as ref
 from gpurnn.backends.cuda import LaunchConfig
@@ -173,22 +177,76 @@ def launches(monkeypatch):
 
 
 @pytest.mark.parametrize("P", [1, 3])
-def test_launch_mode_single_cooperative_launch_or_per_step(P, launches):
-    # One block: one launch covers every step (and the backward's T+1 phases) as on a GPU.
-    # Several blocks: the simulator's grid.sync() does not order blocks, so one launch per step.
+def test_one_launch_covers_every_step_whatever_the_grid(P, launches):
+    # The strict simulator's grid barrier is real: P blocks run all T steps (and the backward's
+    # T+1 phases) in one launch each, as on a GPU, with a grid barrier between steps.
     T = 4
     args, cot = make_case("gru", T, 2, 5, 7, np.float32, True, 11)
-    out = run(sim, "gru", args, None, False, {"blocks": P, "path": "persistent"})
-    sim.backward(out[3], cot["dy"], cot["dh_n"], None)
+    with strict.record() as reports:
+        out = run(sim, "gru", args, None, False, {"blocks": P, "path": "persistent"})
+        sim.backward(out[3], cot["dy"], cot["dh_n"], None)
     fwd = [(d["blocks"], d["step_range"]) for d in launches if d["kind"] == "persistent_fwd"]
     bwd = [(d["blocks"], d["step_range"]) for d in launches if d["kind"] == "persistent_bwd"]
-    assert all(d["kind"].startswith("persistent") for d in launches)
-    if P == 1:
-        assert fwd == [(1, (0, T))]
-        assert bwd == [(1, (0, T + 1))]
-    else:
-        assert fwd == [(P, (s, s + 1)) for s in range(T)]
-        assert bwd == [(P, (k, k + 1)) for k in range(T + 1)]
+    assert all(d["kind"].startswith("persistent") and d["simulator"] == "strict" for d in launches)
+    assert fwd == [(P, (0, T))]
+    assert bwd == [(P, (0, T + 1))]
+    assert [(r.grid[0], r.grid_barriers, r.findings) for r in reports] == [(P, T - 1, []),
+                                                                           (P, T, [])]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+def test_persistent_kernels_read_w_hh_once_per_launch(cell, direction):
+    # Persistence, measured: in one launch every element of W_hh is loaded from global memory
+    # exactly once, however many steps the launch runs (T = 2 and T = 9 count the same).
+    counts = []
+    for T in (2, 9):
+        args, cot = make_case(cell, T, 2, 3, 7, np.float32, True, 19)
+        with strict.record() as reports:
+            out = run(sim, cell, args, None, False, {"path": "persistent", "blocks": 3})
+            if direction == "bwd":
+                sim.backward(out[3], cot["dy"], cot["dh_n"], cot["dc_n"])
+        report = [r for r in reports if r.kernel.endswith(direction + "_f32")]
+        assert len(report) == 1 and report[0].grid == (3, 1, 1)
+        reads = report[0].traffic["w_hh"].reads
+        assert reads.shape == args["w_hh"].shape and (reads == 1).all(), reads
+        assert report[0].traffic["w_hh"].total_writes == 0
+        counts.append(reads)
+    assert np.array_equal(counts[0], counts[1])
+
+
+STOCK_SCRIPT = """
+    import numpy as np
+    from gpurnn.backends import sim, numpy as ref
+    rng = np.random.default_rng(3)
+    T, B, I, H = 3, 2, 4, 7
+    r = lambda *s: (0.5 * rng.standard_normal(s)).astype(np.float32)
+    x, w_ih, w_hh, b_ih, b_hh, h0 = r(T, B, I), r(3 * H, I), r(3 * H, H), r(3 * H), r(3 * H), r(B, H)
+    log = []
+    sim.RUNTIME.launch_hook = log.append
+    opts = {"simulator": "stock", "path": "persistent", "blocks": 3}
+    out = sim.forward("gru", x, w_ih, w_hh, b_ih, b_hh, h0, None, None, False, True, options=opts)
+    want = ref.forward("gru", x, w_ih, w_hh, b_ih, b_hh, h0, None, None, False, True)
+    assert np.allclose(out[0], want[0], atol=1e-5), abs(out[0] - want[0]).max()
+    dy, dh_n = r(T, B, H), r(B, H)
+    g = sim.backward(out[3], dy, dh_n, None, options={"simulator": "stock"})
+    g_ref = ref.backward(want[3], dy, dh_n, None)
+    for name in ("dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh"):
+        assert np.allclose(getattr(g, name), getattr(g_ref, name), atol=1e-5), name
+    bwd = [d["step_range"] for d in log if d["kind"] == "persistent_bwd"]
+    assert bwd == [(k, k + 1) for k in range(T + 1)], bwd
+    fwd = [d["step_range"] for d in log if d["kind"] == "persistent_fwd"]
+    assert fwd == [(s, s + 1) for s in range(T)], fwd      # one launch per step
+    assert {d["simulator"] for d in log} == {"stock"}
+    from numba.cuda.core import config
+    assert config.ENABLE_CUDASIM
+    print("STOCK-OK")
+"""
+
+
+def test_stock_simulator_fallback_launches_once_per_step_in_a_fresh_process():
+    r = _python(STOCK_SCRIPT, env_sim=False)
+    assert r.returncode == 0 and "STOCK-OK" in r.stdout, r.stdout + r.stderr
 
 
 def test_stepwise_launches_one_pointwise_kernel_per_step(launches):
@@ -278,29 +336,105 @@ def _python(code, env_sim):
                           capture_output=True, text=True, timeout=120)
 
 
-def test_sim_backend_enables_the_simulator_itself():
-    r = _python("""
-        import gpurnn.backends.sim
-        from numba.cuda.core import config
-        assert config.ENABLE_CUDASIM
-        print("SIMULATOR-ON")
-    """, env_sim=False)
-    assert r.returncode == 0, r.stderr
-    assert "SIMULATOR-ON" in r.stdout
-
-
-def test_sim_backend_says_why_after_numba_cuda_in_hardware_mode():
+def test_strict_simulator_runs_with_numba_cuda_in_hardware_mode():
+    # The strict simulator reads kernels as source: no NUMBA_ENABLE_CUDASIM, and numba.cuda may
+    # already be imported for the hardware (the static checks and a GPU share the process).
     r = _python("""
         import numba.cuda
+        from numba.cuda.core import config
+        import numpy as np
+        from gpurnn import functional as F
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((3, 2, 4)).astype(np.float32)
+        w_ih = rng.standard_normal((28, 4)).astype(np.float32)
+        w_hh = rng.standard_normal((28, 7)).astype(np.float32)
+        y, *_ = F.lstm_forward(x, w_ih, w_hh, None, None, backend="sim",
+                               backend_options={"blocks": 2})
+        y_ref, *_ = F.lstm_forward(x, w_ih, w_hh, None, None, backend="numpy")
+        assert not config.ENABLE_CUDASIM
+        assert np.allclose(y, y_ref, atol=1e-5)
+        print("STRICT-HW-OK")
+    """, env_sim=False)
+    assert r.returncode == 0 and "STRICT-HW-OK" in r.stdout, r.stdout + r.stderr
+
+
+def test_stock_simulator_says_why_after_numba_cuda_in_hardware_mode():
+    r = _python("""
+        import numba.cuda
+        import numpy as np
+        from gpurnn.backends import sim
+        z = np.zeros
         try:
-            import gpurnn.backends.sim
+            sim.forward("rnn_tanh", z((1, 1, 2), np.float32), z((3, 2), np.float32),
+                        z((3, 3), np.float32), None, None, z((1, 3), np.float32), None, None,
+                        False, False, options={"simulator": "stock"})
         except RuntimeError as e:
             print("REFUSED:", e)
         else:
-            raise SystemExit("imported the sim backend over a hardware-mode numba.cuda")
+            raise SystemExit("ran the stock simulator over a hardware-mode numba.cuda")
     """, env_sim=False)
     assert r.returncode == 0, r.stderr
     assert "REFUSED:" in r.stdout and "already imported in hardware mode" in r.stdout
+
+
+def test_unknown_simulator_is_a_value_error():
+    args, _ = make_case("rnn_tanh", 2, 1, 3, 7, np.float32, True, 21)
+    with pytest.raises(ValueError, match=r"backend_options\['simulator'\] must be one of"):
+        run(sim, "rnn_tanh", args, None, False, {"simulator": "fast"})
+
+
+def test_forced_grid_the_plan_cannot_run_is_a_value_error_naming_blocks(launches):
+    args, _ = make_case("lstm", 2, 1, 3, 7, np.float32, True, 22)
+    for options in ({"path": "persistent", "blocks": 100000}, {"blocks": 100000}):
+        with pytest.raises(ValueError, match=r"options\['blocks'\]=100000: the persistent path "
+                                             r"cannot run .*cannot be co-resident"):
+            run(sim, "lstm", args, None, False, options)
+    assert launches == []          # nothing was launched
+
+
+def test_sim_backend_is_safe_from_several_host_threads():
+    import threading
+    import gpurnn
+    x = np.random.default_rng(23).standard_normal((4, 2, 3)).astype(np.float32)
+    models = [gpurnn.GRU(3, 7, num_layers=2, backend="sim", seed=k) for k in range(3)]
+    want = [gpurnn.GRU(3, 7, num_layers=2, backend="numpy", seed=k)(x)[0] for k in range(3)]
+    got, errors = {}, []
+
+    def work(k):
+        try:
+            got[k] = models[k](x)[0]
+        except Exception as exc:  # re-raised below, with the others
+            errors.append(exc)
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for k in range(3):
+        assert_close(got[k], want[k], 1e-5, f"model {k}")
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_multi_layer_bidirectional_modules_on_the_strict_simulator(cell):
+    import gpurnn
+    T, B, I, H = 4, 3, 5, 7
+    rng = np.random.default_rng(24)
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    lengths = np.array([4, 1, 3])
+    mods = {b: getattr(gpurnn, cell)(I, H, num_layers=2, bidirectional=True, seed=5, backend=b)
+            for b in ("sim", "numpy")}
+    with strict.record() as reports:
+        out = mods["sim"](x, lengths=lengths)
+    want = mods["numpy"](x, lengths=lengths)
+    assert any(r.grid[0] > 1 for r in reports) and all(r.findings == [] for r in reports)
+    assert_close(out[0], want[0], 1e-5, "y")
+    dy = rng.standard_normal(out[0].shape).astype(np.float32)
+    dx, _ = mods["sim"].backward(dy)
+    dx_ref, _ = mods["numpy"].backward(dy)
+    assert_close(dx, dx_ref, 1e-5, "dx")
+    for name, g in mods["numpy"].grads.items():
+        assert_close(mods["sim"].grads[name], g, 1e-5, name)
 
 
 # (cell, T, B, H, P, threads): launches whose dot products are split over 32 lanes, a few, and

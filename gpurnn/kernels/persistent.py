@@ -11,9 +11,9 @@ Ownership and barriers (layout contract: gpurnn/kernels/layout.py):
             Per step: all threads stage h_in (B x H) -> syncthreads -> a group of L lanes per
             (b, g, k) forms the recurrent pre-activation into `pre` (each lane a strided part
             of the H-long dot product; partials meet in `scratch`, syncthreads, lane 0 adds
-            them in lane order, syncthreads) -> syncthreads -> thread per (b, k) does the
-            pointwise update and writes h, c, gates, y -> grid barrier (the next step reads
-            every block's h_out).
+            them in lane order) -> syncthreads -> thread per (b, k) does the pointwise update
+            and writes h, c, gates, y -> grid barrier (the next step reads every block's
+            h_out). Barriers per step: 2 block (3 with L > 1) + 1 grid.
   Backward  block j keeps the columns W_hh[:, U_j], one unit's column per padded row:
             w_cols[k*S + row] = W_hh[row, j*U + k] (S >= G*H, layout.padded_row).
             Phase kk = 0..T (kk = T is the tail that only finishes dh0): stage the gate
@@ -21,10 +21,13 @@ Ownership and barriers (layout contract: gpurnn/kernels/layout.py):
             a group of L lanes per (b, k) forms dh_rec = W_hh[:, u]^T dgh_next[b] (strided
             partials, added by lane 0 in lane order after a syncthreads: no atomics,
             deterministic), and lane 0 does the pointwise backward of its step, writing dgh
-            (and GRU dgx) and its own carries -> syncthreads -> grid barrier.
+            (and GRU dgx) and its own carries -> grid barrier. Barriers per phase: 1 block
+            (2 with L > 1) + 1 grid.
   Lanes     L = the largest power of two <= 32 with L x outputs <= threads
             (layout.lanes_per_output); L = 1 skips the scratch round trip. Every loop that
-            holds a barrier runs the same number of rounds in every thread of a block.
+            holds a barrier runs the same number of rounds in every thread of a block; with
+            L > 1 that is one round (L x outputs <= threads), so rounds need no barrier
+            between them. tests/test_sim_mutations.py deletes each barrier in turn.
   Threads   any multiple of 32; every loop strides by blockDim.x.
 Step ranges: forward launches cover processing steps s in [t_begin, t_end) (s = 0 is the first
 step taken: t = s forward, t = T-1-s reverse); backward launches cover phases [k_begin,
@@ -140,7 +143,7 @@ def make_fwd(cell: str, dtype: str):
             k = row % nu
             g = row // nu
             smem[(g * units + k) * row_len + m] = w_hh[g * H + u0 + k, m]
-        cuda.syncthreads()
+        # no barrier here: the weights are first read after the staging barrier of step one
 
         for s in range(t_begin, t_end):
             t, t_in, t_out = step_times(T, s, reverse)
@@ -173,7 +176,8 @@ def make_fwd(cell: str, dtype: str):
                         for q in range(lanes):          # fixed order: deterministic
                             total += smem[scr_off + tid + q]
                         smem[pre_off + (b * G + g) * units + k] = total
-                    cuda.syncthreads()
+            # With lanes > 1 there is one round (lanes * outputs <= threads), so no barrier is
+            # needed between rounds: this one orders `pre` before the pointwise update.
             cuda.syncthreads()
             for idx in range(tid, B * nu, stride):
                 k = idx % nu
@@ -247,7 +251,7 @@ def make_bwd(cell: str, dtype: str):
             k = idx % nu
             row = idx // nu
             smem[k * row_len + row] = w_hh[row, u0 + k]
-        cuda.syncthreads()
+        # no barrier here: the columns are first read after a phase's staging barrier
 
         for kk in range(k_begin, k_end):
             s = T - 1 - kk          # processing step of this phase; -1 in the dh0 tail
@@ -284,8 +288,8 @@ def make_bwd(cell: str, dtype: str):
                     else:
                         bwd_unit(h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, t, t_in,
                                  t_out, b, u, dh)
-                if lanes > 1:
-                    cuda.syncthreads()
+            # lanes > 1 means one round, and the grid barrier orders this phase's scratch reads
+            # before the next phase's writes: no block barrier is needed here.
             if kk + 1 < k_end:
                 _grid_group_sync(grid)
 

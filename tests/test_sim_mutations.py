@@ -1,0 +1,149 @@
+"""Mutation tests: the strict simulator must catch a broken persistent kernel.
+
+Each mutant is gpurnn/kernels/persistent.py with one barrier deleted (every `cuda.syncthreads()`
+and every grid barrier, found by reading the source, so a new barrier is covered the day it is
+written), or with blocks that own no unit returning early (which hangs a GPU at the next grid
+barrier). A mutant is caught when some case — chosen so that the lane-split and the plain
+paths, forward and backward, and idle blocks are all exercised — raises a simulator error or
+disagrees with the NumPy reference. The unmutated source, rebuilt the same way, must pass
+every case, so a catch is the mutation's doing.
+"""
+import inspect
+import re
+import types
+
+import numpy as np
+import pytest
+
+from gpurnn import sim as strict
+from gpurnn.backends import cuda as host
+from gpurnn.backends import numpy as ref
+from gpurnn.backends.sim import SimRuntime
+from gpurnn.cells import GATES
+from gpurnn.kernels import layout, persistent, registry
+
+pytestmark = pytest.mark.sim
+
+SOURCE = inspect.getsource(persistent)
+LINES = SOURCE.splitlines()
+BARRIER = re.compile(r"^\s*(cuda\.syncthreads\(\)|_grid_group_sync\(grid\))\s*$")
+BARRIER_LINES = [i for i, line in enumerate(LINES) if BARRIER.match(line)]
+
+# (cell, T, B, H, P, threads): lane splits forward/backward (layout.lanes_per_output)
+CASES = [
+    ("lstm", 3, 2, 7, 2, 32),     # fwd L=1 (32 outputs, several rounds), bwd L=4
+    ("gru", 3, 1, 7, 2, 64),      # fwd L=4, bwd L=16
+    ("lstm", 2, 3, 7, 6, 32),     # P=6 over H=7: blocks 4 and 5 own no unit
+    ("rnn_tanh", 3, 3, 33, 1, 32),  # one block, L=1 both ways, several rounds
+]
+
+
+def _lanes(cell, B, H, P, threads):
+    U = layout.units_per_block(H, P)
+    return (layout.lanes_per_output(B * GATES[cell] * U, threads),
+            layout.lanes_per_output(B * U, threads))
+
+
+def test_cases_cover_both_lane_modes_and_idle_blocks():
+    modes = {_lanes(c, B, H, P, n) for c, _, B, H, P, n in CASES}
+    assert any(f == 1 for f, _ in modes) and any(f > 1 for f, _ in modes)
+    assert any(b == 1 for _, b in modes) and any(b > 1 for _, b in modes)
+    assert any(P * layout.units_per_block(H, P) - H >= layout.units_per_block(H, P)
+               for _, _, _, H, P, _ in CASES)
+
+
+def test_the_source_has_the_barriers_the_docstring_promises():
+    kinds = [BARRIER.match(LINES[i]).group(1) for i in BARRIER_LINES]
+    assert kinds.count("_grid_group_sync(grid)") == 2          # one per kernel
+    assert kinds.count("cuda.syncthreads()") == 5              # 3 forward, 2 backward
+
+
+def _module(source, tag):
+    mod = types.ModuleType(f"gpurnn.kernels._mutant_{tag}")
+    mod.__package__ = "gpurnn.kernels"
+    mod.__file__ = persistent.__file__
+    exec(compile(source, f"<persistent.py {tag}>", "exec"), mod.__dict__)
+    return mod
+
+
+class MutantRuntime(SimRuntime):
+    """The strict sim backend with the persistent kernels taken from a rebuilt module."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def kernel(self, cell, kind, dtype):
+        if not kind.startswith("persistent"):
+            return super().kernel(cell, kind, dtype)
+        make = self.module.make_fwd if kind.endswith("fwd") else self.module.make_bwd
+        return registry.spec(cell, kind, dtype), strict.jit(make(cell, dtype))
+
+
+def _run_case(rt, case, seed):
+    cell, T, B, H, P, threads = case
+    rng = np.random.default_rng(seed)
+    G, I = GATES[cell], 3
+
+    def r(*shape):
+        return (0.5 * rng.standard_normal(shape)).astype(np.float32)
+    x, w_ih, w_hh, b_ih, b_hh, h0 = r(T, B, I), r(G * H, I), r(G * H, H), r(G * H), r(G * H), r(B, H)
+    c0 = r(B, H) if cell == "lstm" else None
+    dy, dh_n, dc_n = r(T, B, H), r(B, H), (r(B, H) if cell == "lstm" else None)
+    lengths = np.arange(B, dtype=np.int64) % T + 1 if B > 1 else None
+    opts = {"path": "persistent", "blocks": P, "threads": threads}
+    out = host.run_forward(rt, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, False, True, opts)
+    want = ref.forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, False, True)
+    grads = host.run_backward(rt, out[3], dy, dh_n, dc_n, None)
+    want_grads = ref.backward(want[3], dy, dh_n, dc_n)
+    pairs = [("y", out[0], want[0]), ("h_n", out[1], want[1])]
+    pairs += [(n, getattr(grads, n), getattr(want_grads, n)) for n in ("dx", "dh0", "dw_hh")]
+    for name, a, b in pairs:
+        if not np.allclose(a, b, rtol=1e-4, atol=1e-5):
+            return f"{name} differs from the reference"
+    return None
+
+
+def caught_by(source, tag):
+    """The first case that catches this source (a simulator error or a wrong result), or None."""
+    rt = MutantRuntime(_module(source, tag))
+    for n, case in enumerate(CASES):
+        try:
+            wrong = _run_case(rt, case, seed=n)
+        except strict.SimulatorError as err:
+            return f"{case}: {type(err).__name__}: {str(err).splitlines()[0]}"
+        if wrong:
+            return f"{case}: {wrong}"
+    return None
+
+
+def test_unmutated_source_passes_every_case():
+    assert caught_by(SOURCE, "original") is None
+
+
+def _delete(line_no):
+    lines = list(LINES)
+    indent = lines[line_no][: len(lines[line_no]) - len(lines[line_no].lstrip())]
+    lines[line_no] = indent + "pass  # mutant: barrier deleted"
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("line_no", BARRIER_LINES,
+                         ids=[f"L{i + 1}-{LINES[i].strip()}" for i in BARRIER_LINES])
+def test_deleting_any_barrier_is_caught(line_no):
+    found = caught_by(_delete(line_no), f"L{line_no + 1}")
+    assert found is not None, (f"deleting line {line_no + 1} ({LINES[line_no].strip()}) of "
+                               f"persistent.py went unnoticed: redundant, or a gap in the checks")
+
+
+@pytest.mark.parametrize("kernel", ["fwd", "bwd"])
+def test_idle_blocks_returning_early_is_caught(kernel):
+    # After `u0, nu = _owned_units(units, H)` in the chosen kernel: `if nu == 0: return`.
+    anchor = "u0, nu = _owned_units(units, H)"
+    hits = [i for i, line in enumerate(LINES) if line.strip() == anchor]
+    assert len(hits) == 2
+    i = hits[0 if kernel == "fwd" else 1]
+    indent = LINES[i][: len(LINES[i]) - len(LINES[i].lstrip())]
+    lines = LINES[: i + 1] + [indent + "if nu == 0:", indent + "    return"] + LINES[i + 1:]
+    found = caught_by("\n".join(lines) + "\n", f"early-return-{kernel}")
+    assert found is not None and "a GPU would hang here" in found, found
