@@ -108,7 +108,6 @@ def resolve(backend: str, arrays) -> str:
 def availability(name: str):
     """(available, reason) for a backend on this machine, without side effects on numba."""
     import importlib.util
-    import sys
     if name == "numpy":
         return True, "always (CPU reference)"
     if name == "sim":
@@ -118,10 +117,13 @@ def availability(name: str):
             return False, "numba-cuda is not installed (pip install 'gpurnn[sim]')"
         if importlib.util.find_spec("gpurnn.backends.sim") is None:
             return False, "the simulator backend is not part of this build"
-        if "numba.cuda" in sys.modules and os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
-            return False, ("numba.cuda was imported in hardware mode before the simulator was asked "
-                           "for; set NUMBA_ENABLE_CUDASIM=1 before importing numba.cuda")
-        return True, "Numba CUDA simulator (same kernel source, NumPy arrays)"
+        try:
+            from ..sim import check_numba_cuda
+            check_numba_cuda()
+        except RuntimeError as exc:
+            return False, str(exc)
+        return True, ("gpurnn's strict CUDA simulator (same kernel source, NumPy arrays; every "
+                      "block at once, real grid barrier, race and bounds checks)")
     if name == "cuda":
         if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
             return False, "NUMBA_ENABLE_CUDASIM=1 is set: numba.cuda is the simulator in this process"

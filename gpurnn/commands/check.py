@@ -134,8 +134,8 @@ def _check_against_numpy(cell, backend, rng):
 def run(args):
     from gpurnn.backends import availability
     rng = np.random.default_rng(args.seed)
-    # cuda before sim: the simulator fixes numba.cuda for the whole process once imported, and
-    # on a GPU machine the real kernels are the ones worth checking
+    # cuda first: on a GPU machine the real kernels are the ones worth checking (the strict
+    # simulator runs in the same process whatever numba.cuda's mode)
     wanted = args.backend or ["numpy", "cuda", "sim"]
     rows, failed = [], False
     print("gpurnn check: forward + backward (BPTT) of every cell at T=5, B=3, I=4, H=6, "
