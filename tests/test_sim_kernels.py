@@ -240,6 +240,13 @@ STOCK_SCRIPT = """
     assert {d["simulator"] for d in log} == {"stock"}
     from numba.cuda.core import config
     assert config.ENABLE_CUDASIM
+    # the strict simulator in the same, simulator-mode process: Numba's FakeCUDAKernel device
+    # functions are read as source too, and P = 3 runs in one launch
+    log.clear()
+    strict = sim.forward("gru", x, w_ih, w_hh, b_ih, b_hh, h0, None, None, False, True,
+                         options={"path": "persistent", "blocks": 3})
+    assert np.allclose(strict[0], want[0], atol=1e-5)
+    assert [(d["simulator"], d["step_range"]) for d in log] == [("strict", (0, T))], log
     print("STOCK-OK")
 """
 

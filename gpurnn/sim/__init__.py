@@ -36,6 +36,7 @@ so launches from several host threads are independent.
 """
 from __future__ import annotations
 
+import functools
 import threading
 from contextlib import contextmanager
 
@@ -56,6 +57,7 @@ SUPPORTED_NUMBA_CUDA = ((0, 30),)
 _recorders = threading.local()
 
 
+@functools.lru_cache(maxsize=None)
 def check_numba_cuda():
     """Raise RuntimeError unless the installed numba-cuda is one this simulator was checked on."""
     from importlib.metadata import PackageNotFoundError, version
@@ -93,6 +95,7 @@ def launch(kernel, grid, block, args, *, shared_bytes=0, raise_on_findings=True,
     SimulatorFindings if it raced or read uninitialised memory (unless raise_on_findings=False)
     and another SimulatorError if it had to stop."""
     from .executor import WATCHDOG_SECONDS
+    check_numba_cuda()
     fn = kernel_source(kernel)
     name = name or fn.__name__
     run = Launch(fn, grid, block, shared_bytes, name,
