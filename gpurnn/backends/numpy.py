@@ -72,8 +72,18 @@ def _ieee(fn):
     return wrapped
 
 
+def check_options(options):
+    """The NumPy backend has no options: launch settings ('path', 'blocks', 'threads') belong
+    to the kernel backends, and ignoring them silently would hide a typo or a wrong backend."""
+    if options:
+        raise ValueError(f"backend_options has keys {sorted(options)}; the numpy backend takes "
+                         f"none (expected None or {{}}; 'path', 'blocks' and 'threads' configure "
+                         f"the kernel backends 'sim' and 'cuda')")
+
+
 @_ieee
 def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_reserve, *, options=None):
+    check_options(options)
     T, B, I = x.shape
     H = w_hh.shape[1]
     G = GATES[cell]
@@ -84,7 +94,9 @@ def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_rese
     bias = input_bias(cell, b_ih, b_hh)
     if bias is not None:
         gx += bias
-    w_hh_t = np.ascontiguousarray(w_hh.T)              # (H, G*H): h @ w_hh_t
+    # (H, G*H): h @ w_hh_t. A copy, never a view: LSTM scales it in place below, and
+    # ascontiguousarray(w_hh.T) is w_hh itself when H = 1 (the caller's weights, issue 16).
+    w_hh_t = np.array(w_hh.T, order="C", copy=True)
     b_hn = b_hh[2 * H:] if (cell == "gru" and b_hh is not None) else None
     if cell == "lstm":
         # sigmoid(a) = 0.5*tanh(a/2) + 0.5. Halving the i, f, o columns of both projections
@@ -215,6 +227,7 @@ def _backward_factors(cell, gates, c_out, c_in, h_in, h_out, H):
 
 @_ieee
 def backward(reserve, dy, dh_n, dc_n, *, options=None):
+    check_options(options)
     cell, x, w_ih, w_hh, h, c, gates = (reserve.cell, reserve.x, reserve.w_ih, reserve.w_hh,
                                         reserve.h, reserve.c, reserve.gates)
     T, B, I, H = reserve.shape
