@@ -9,8 +9,8 @@ runs stepwise: per step one GEMM + one pointwise kernel.
     >>> p = plan("lstm", 256, 512, 8, device="H100")
     >>> p.path, p.blocks, p.units_per_block
     ('persistent', 128, 4)
-    >>> p.reasons[-1]
-    'shared memory above 48 KB per block: the launch opts in with cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)'
+    >>> p.reasons[2]
+    'shared memory above 48 KB per block: the launch opts in with cuKernelSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)'
 
 `print(p)` explains the choice in a few lines.
 
@@ -25,8 +25,9 @@ import types
 from dataclasses import dataclass, field
 from typing import Optional
 
+from . import cost
 from .cells import CELLS, GATES, RESERVE_GATES
-from .kernels.layout import KERNEL_REGS_MAX, smem_bytes, units_per_block
+from .kernels.layout import KERNEL_REGS_MAX, batch_tiles, smem_bytes, units_per_block
 
 KB = 1024
 # Dtypes the kernels exist for; the capacity model also takes 16-bit storage (see capacity()).
@@ -176,6 +177,20 @@ class Plan:
     max_cooperative_blocks: int     # SMs x resident blocks per SM at this block's resources
     regs_per_thread: int
     reasons: tuple = field(default=())
+    batch_tile: int = 1             # rows of the batch a persistent block stages at once
+    persistent_fits: bool = False   # the persistent configuration fits (path may still be
+                                    # stepwise where the model predicts that faster)
+    # predicted seconds per step (gpurnn.cost): {"persistent": (fwd, bwd), "stepwise": (fwd,
+    # bwd)} of StepTime; None on the simulator profile (no timing) or where a path cannot run
+    predicted: Optional[dict] = None
+
+    def predicted_step(self, path: Optional[str] = None, direction: str = "fwd"):
+        """The model's StepTime for one step of `path` (default: plan.path), 'fwd' or 'bwd';
+        None where the model has no timing."""
+        path = self.path if path is None else path
+        if not self.predicted or path not in self.predicted:
+            return None
+        return self.predicted[path][0 if direction == "fwd" else 1]
 
     @property
     def gates(self) -> int:
@@ -196,6 +211,9 @@ class Plan:
         if self.path == "persistent":
             head += (f", {self.blocks} blocks x {self.threads} threads, "
                      f"{self.units_per_block} units per block")
+            if self.batch_tile < self.batch:
+                head += (f", batch in {batch_tiles(self.batch, self.batch_tile)} tiles of "
+                         f"{self.batch_tile}")
         else:
             head += f", GEMM + pointwise kernel per step ({self.threads} threads per block)"
         return "\n".join([head] + [f"  - {r}" for r in self.reasons])
@@ -263,37 +281,65 @@ class _Fit:
     bwd: int
     per_sm: int          # resident blocks per SM at this shared memory (and the other limits)
     coop: int            # SMs x per_sm
+    tile: int            # batch rows staged at once
 
     @property
     def smem(self):
         return max(self.fwd, self.bwd)
 
 
-def _fit_at(gates, hidden, batch, itemsize, blocks, cap, dev, threads):
+def _fit_tile(gates, hidden, itemsize, blocks, cap, dev, threads, tile):
     units = units_per_block(hidden, blocks)
-    fwd = smem_bytes("fwd", gates, hidden, batch, units, itemsize, threads=threads)
-    bwd = smem_bytes("bwd", gates, hidden, batch, units, itemsize, threads=threads)
+    fwd = smem_bytes("fwd", gates, hidden, tile, units, itemsize, threads=threads)
+    bwd = smem_bytes("bwd", gates, hidden, tile, units, itemsize, threads=threads)
     by_smem = dev.smem_per_sm // (max(fwd, bwd) + dev.smem_reserved_per_block)
     per_sm = min(cap, by_smem)
-    return _Fit(blocks, units, fwd, bwd, per_sm, per_sm * dev.sm_count)
+    return _Fit(blocks, units, fwd, bwd, per_sm, per_sm * dev.sm_count, tile)
 
 
 def _fits(f, dev):
     return f.smem <= dev.smem_per_block_optin and 1 <= f.blocks <= f.coop
 
 
-def _search(gates, hidden, batch, itemsize, cap, dev, threads):
+def _fit_at(gates, hidden, batch, itemsize, blocks, cap, dev, threads, tile=None):
+    """The fit of a P = blocks grid: with `tile` rows staged at once if given, else with the
+    largest tile (whole batch first) that fits; else the one-row attempt, which explains why
+    nothing does. Shared memory grows with the tile, so a bisection finds the largest."""
+    if tile is not None:
+        return _fit_tile(gates, hidden, itemsize, blocks, cap, dev, threads, tile)
+    whole = _fit_tile(gates, hidden, itemsize, blocks, cap, dev, threads, batch)
+    if _fits(whole, dev) or batch == 1:
+        return whole
+    one = _fit_tile(gates, hidden, itemsize, blocks, cap, dev, threads, 1)
+    if not _fits(one, dev):
+        return one
+    lo, hi = 1, batch          # fits at lo, not at hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _fits(_fit_tile(gates, hidden, itemsize, blocks, cap, dev, threads, mid), dev):
+            lo = mid
+        else:
+            hi = mid
+    return _fit_tile(gates, hidden, itemsize, blocks, cap, dev, threads, lo)
+
+
+def _search(gates, hidden, batch, itemsize, cap, dev, threads, tile=None):
     """The persistent grid with the smallest slice per block: P = min(H, SMs x k) for the most
     resident blocks per SM k that still fit, then U = ceil(H/P) and P = ceil(H/U) (no empty
-    block). Returns the fit, or the k = 1 attempt (which explains the failure)."""
+    block) — first staging the whole batch at once, then in the largest batch tiles that fit
+    (so the weights, not the batch, decide whether a layer is persistent). Returns the fit, or
+    the k = 1 attempt (which explains the failure)."""
+    tries = (tile,) if tile is not None else (batch, None)
     first = None
-    for k in range(max(cap, 1), 0, -1):
-        blocks = min(hidden, dev.sm_count * k)
-        units = units_per_block(hidden, blocks)
-        f = _fit_at(gates, hidden, batch, itemsize, -(-hidden // units), cap, dev, threads)
-        if _fits(f, dev):
-            return f
-        first = f
+    for t in tries:
+        for k in range(max(cap, 1), 0, -1):
+            blocks = min(hidden, dev.sm_count * k)
+            units = units_per_block(hidden, blocks)
+            f = _fit_at(gates, hidden, batch, itemsize, -(-hidden // units), cap, dev, threads, t)
+            if _fits(f, dev):
+                return f
+            if k == 1:
+                first = f
     return first
 
 
@@ -304,7 +350,7 @@ def _kb(n):
 
 
 def plan(cell, input_size, hidden_size, batch, dtype="float32", device=None, *, blocks=None,
-         threads=None, regs_per_thread=None) -> Plan:
+         threads=None, regs_per_thread=None, batch_tile=None) -> Plan:
     """Choose the persistent or the stepwise path for one layer and direction.
 
     cell: one of gpurnn.cells.CELLS. dtype: "float32" | "float64" (or the NumPy dtype).
@@ -315,10 +361,14 @@ def plan(cell, input_size, hidden_size, batch, dtype="float32", device=None, *, 
     regs_per_thread: the register budget per thread to assume; default what one block per SM
     allows (min(255, 65536 / threads)), so by default one block per SM is resident. A backend
     holding the compiled kernel may pass its real count to allow more resident blocks.
+    batch_tile: force the rows of the batch a persistent block stages at once (1..batch);
+    default the whole batch if it fits, else the largest tile that does.
 
-    Persistent iff the forward and backward shared memory per block fit the opt-in limit and P
-    does not exceed SMs x resident blocks per SM (residency from shared memory, threads and
-    registers), with threads within the device's limits.
+    The persistent path fits iff the forward and backward shared memory per block fit the
+    opt-in limit and P does not exceed SMs x resident blocks per SM (residency from shared
+    memory, threads and registers), with threads within the device's limits. Where both paths
+    can run, the step-time model (gpurnn.cost) picks the one it predicts faster, and the plan
+    prints both predictions; a forced `blocks` or `batch_tile` keeps the persistent path.
     """
     _validate_cell(cell)
     _validate_int("input_size", input_size)
@@ -330,18 +380,23 @@ def plan(cell, input_size, hidden_size, batch, dtype="float32", device=None, *, 
     regs = _regs_budget(regs_per_thread, nthreads, dev)
     if blocks is not None:
         _validate_int("blocks", blocks)
+    if batch_tile is not None:
+        _validate_int("batch_tile", batch_tile)
+        if batch_tile > batch:
+            raise ValueError(f"batch_tile must be <= batch ({batch}); got {batch_tile}")
     return _plan(cell, input_size, hidden_size, batch, dtype, ITEMSIZE[dtype], dev, blocks,
-                 nthreads, regs)
+                 nthreads, regs, batch_tile)
 
 
-def _plan(cell, input_size, hidden, batch, dtype, itemsize, dev, blocks, threads, regs):
+def _plan(cell, input_size, hidden, batch, dtype, itemsize, dev, blocks, threads, regs,
+          tile=None, by_time=True):
     gates = GATES[cell]
     cap = _resident_limit(threads, regs, dev)
     reasons = []
     if blocks is None:
-        f = _search(gates, hidden, batch, itemsize, cap, dev, threads)
+        f = _search(gates, hidden, batch, itemsize, cap, dev, threads, tile)
     else:
-        f = _fit_at(gates, hidden, batch, itemsize, blocks, cap, dev, threads)
+        f = _fit_at(gates, hidden, batch, itemsize, blocks, cap, dev, threads, tile)
         reasons.append(f"blocks={blocks} forced by the caller")
         used = -(-hidden // f.units)
         if used < blocks:
@@ -349,6 +404,8 @@ def _plan(cell, input_size, hidden, batch, dtype, itemsize, dev, blocks, threads
             reasons.append(f"{idle} of the {blocks} blocks own{'s' if idle == 1 else ''} no unit "
                            f"(U={f.units} covers H={hidden} with {used}) and only join"
                            f"{'s' if idle == 1 else ''} the grid barriers")
+    if tile is not None:
+        reasons.append(f"batch_tile={tile} forced by the caller")
 
     failures = []
     limit = dev.smem_per_block_optin
@@ -369,6 +426,17 @@ def _plan(cell, input_size, hidden, batch, dtype, itemsize, dev, blocks, threads
         failures.append(f"a cooperative grid of P={f.blocks} blocks cannot be co-resident: at most "
                         f"{f.per_sm} per SM x {dev.sm_count} SMs = {f.coop}")
 
+    timing = cost.timing_for(dev) if by_time else None
+    predicted = None
+    if timing is not None:
+        predicted = {"stepwise": tuple(cost.stepwise_step(d, gates, hidden, batch, itemsize,
+                                                          dev.l2_bytes, dev, timing)
+                                       for d in ("fwd", "bwd"))}
+        if not failures:
+            predicted["persistent"] = tuple(
+                cost.persistent_step(d, gates, hidden, batch, itemsize, f.blocks, f.units, f.tile,
+                                     RESERVE_GATES[cell], dev, timing) for d in ("fwd", "bwd"))
+
     if failures:
         path = "stepwise"
         reasons += failures
@@ -377,20 +445,35 @@ def _plan(cell, input_size, hidden, batch, dtype, itemsize, dev, blocks, threads
     else:
         path = "persistent"
         w = gates * f.units * hidden * itemsize
+        staged = "the whole batch" if f.tile == batch else f"the batch in tiles of {f.tile} rows"
         reasons.append(f"W_hh slice of {f.units} units x {gates} gates x H={hidden} = {_kb(w)} stays in "
-                       f"shared memory; forward needs {_kb(f.fwd)}, backward {_kb(f.bwd)} per block, "
-                       f"within the {_kb(limit)} opt-in limit of {dev.name} "
+                       f"shared memory, staging {staged}; forward needs {_kb(f.fwd)}, backward "
+                       f"{_kb(f.bwd)} per block, within the {_kb(limit)} opt-in limit of {dev.name} "
                        f"({100 * f.smem / limit:.0f}% used)")
         reasons.append(f"grid of P={f.blocks} blocks <= cooperative limit {f.coop} "
                        f"({f.per_sm} resident per SM x {dev.sm_count} SMs; "
                        f"{threads} threads x <= {regs} registers per thread)")
         if f.smem > 48 * KB and not dev.simulator:
             reasons.append("shared memory above 48 KB per block: the launch opts in with "
-                           "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)")
+                           "cuKernelSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)")
+    if predicted is not None:
+        pers = predicted.get("persistent")
+        step = predicted["stepwise"]
+        s_total = step[0].total + step[1].total
+        line = f"step-time model (unmeasured): stepwise {s_total * 1e6:.2f} us per fwd+bwd step"
+        if pers is not None:
+            p_total = pers[0].total + pers[1].total
+            line = (f"step-time model (unmeasured): persistent {p_total * 1e6:.2f} us per fwd+bwd "
+                    f"step (fwd {pers[0]}), stepwise {s_total * 1e6:.2f} us (fwd {step[0]})")
+            if s_total < p_total and blocks is None and tile is None:
+                path = "stepwise"
+                line += "; stepwise is predicted faster, so it runs"
+        reasons.append(line)
     return Plan(cell=cell, input_size=input_size, hidden_size=hidden, batch=batch, dtype=dtype,
                 device=dev, path=path, blocks=f.blocks, threads=threads, units_per_block=f.units,
                 smem_bytes_fwd=f.fwd, smem_bytes_bwd=f.bwd, blocks_per_sm=f.per_sm,
-                max_cooperative_blocks=f.coop, regs_per_thread=regs, reasons=tuple(reasons))
+                max_cooperative_blocks=f.coop, regs_per_thread=regs, reasons=tuple(reasons),
+                batch_tile=f.tile, predicted=predicted, persistent_fits=not failures)
 
 
 def capacity(cell, dtype="float32", device="H100", batch=1, *, threads=None,
@@ -409,9 +492,9 @@ def capacity(cell, dtype="float32", device="H100", batch=1, *, threads=None,
     nthreads = _threads(threads, dev)
     regs = _regs_budget(regs_per_thread, nthreads, dev)
 
-    def persistent(h):
+    def persistent(h):      # fits: capacity is about shared memory, not predicted speed
         return _plan(cell, 1, h, batch, dtype, ITEMSIZE[dtype], dev, None, nthreads,
-                     regs).path == "persistent"
+                     regs, by_time=False).persistent_fits
 
     if not persistent(1):
         return 0
@@ -428,6 +511,12 @@ def capacity(cell, dtype="float32", device="H100", batch=1, *, threads=None,
 # LSTM 3 sigmoid + 2 tanh + c = f*c + i*g (3) + h = o*tanh(c) (1) = 9 (+1 for c's tanh input);
 # GRU 2 sigmoid + tanh + r*(..)+.. (2) + (1-z)*n + z*h (4) = 9 (+ the b_hn add); RNN act only.
 _POINTWISE_OPS = {"lstm": 10, "gru": 10, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+def _check_plan(plan):
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a gpurnn.plan.Plan (what gpurnn.plan(...) returns); got "
+                        f"{type(plan).__name__} {plan!r}")
 
 
 def step_traffic(plan: Plan, path: Optional[str] = None, *, training: bool = True) -> dict:
@@ -454,6 +543,7 @@ def step_traffic(plan: Plan, path: Optional[str] = None, *, training: bool = Tru
     inside the GEMM, the backward pass, and L2 hits across steps (when w_hh_fits_l2 the
     stepwise W_hh re-read is served by L2, so its real DRAM cost is lower than dram_bytes).
     """
+    _check_plan(plan)
     path = plan.path if path is None else path
     if path not in ("persistent", "stepwise"):
         raise ValueError(f"path must be 'persistent', 'stepwise' or None; got {path!r}")
@@ -500,6 +590,7 @@ def step_floor_seconds(plan: Plan, path: Optional[str] = None, *, training: bool
     DRAM bandwidth. It ignores compute, latency and launch overhead, and counts the persistent
     h broadcast at its DRAM cost (the other P-1 copies are L2 hits); at small B the persistent
     step is latency-bound (a grid barrier per step), far above this floor."""
+    _check_plan(plan)
     bw = plan.device.mem_bandwidth
     if not bw:
         raise ValueError(f"device profile {plan.device.name!r} has no mem_bandwidth; pass a "
@@ -510,6 +601,7 @@ def step_floor_seconds(plan: Plan, path: Optional[str] = None, *, training: bool
 def traffic_saving(plan: Plan, *, training: bool = True) -> dict:
     """Bytes per forward step the persistent path saves over the stepwise one (positive: fewer).
     The plan's own path does not matter; the persistent grid it considered is used."""
+    _check_plan(plan)
     p = step_traffic(plan, "persistent", training=training)
     q = step_traffic(plan, "stepwise", training=training)
     return {"global_bytes": q["global_bytes"] - p["global_bytes"],

@@ -152,7 +152,7 @@ def test_ambiguous_dispatcher_needs_a_signature():
 
 
 def test_launch_opts_in_above_48k_then_launches_the_plan():
-    p = planmod.plan("lstm", 64, 768, 8, device="H100")
+    p = planmod.plan("lstm", 64, 768, 1, device="H100")
     assert p.path == "persistent" and p.smem_bytes_bwd > 48 * 1024
     d = FakeDriver()
     compiled = FakeCompiled(0x3000, coop_blocks=132)

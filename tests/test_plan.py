@@ -106,7 +106,8 @@ def test_persistent_plan_uses_the_layout_model():
     assert p.max_cooperative_blocks == 132 and p.blocks_per_sm == 1
     text = str(p)
     assert "persistent, 128 blocks x 256 threads, 4 units per block" in text
-    assert "opt-in limit of H100" in text and "cuFuncSetAttribute" in text
+    assert "opt-in limit of H100" in text and "cuKernelSetAttribute" in text
+    assert p.batch_tile == 8 and p.persistent_fits
     assert len(text.splitlines()) == 1 + len(p.reasons)
 
 
@@ -121,10 +122,43 @@ def test_stepwise_plan_says_which_limit_failed_and_by_how_much():
     assert p.stepwise_grid == -(-8 * 2048 // 256)
 
 
-def test_batch_alone_can_push_a_layer_to_stepwise():
-    assert plan("gru", 64, 768, 1, device="A100").path == "persistent"
-    p = plan("gru", 64, 768, 64, device="A100")
-    assert p.path == "stepwise" and any("opt-in limit" in r for r in p.reasons)
+def test_batch_is_tiled_so_it_never_pushes_a_layer_off_chip():
+    whole = plan("gru", 64, 768, 1, device="A100")
+    big = plan("gru", 64, 768, 64, device="A100")
+    assert whole.persistent_fits and whole.batch_tile == 1
+    assert big.persistent_fits and 1 <= big.batch_tile < 64
+    assert any(f"tiles of {big.batch_tile} rows" in r for r in big.reasons)
+    assert max(big.smem_bytes_fwd, big.smem_bytes_bwd) <= 163 * KB
+    # a tile one row larger would not fit
+    over = plan("gru", 64, 768, 64, device="A100", batch_tile=big.batch_tile + 1)
+    assert not over.persistent_fits and over.path == "stepwise"
+    forced = plan("gru", 64, 768, 64, device="A100", batch_tile=3)
+    assert forced.path == "persistent" and forced.batch_tile == 3
+    assert "batch_tile=3 forced by the caller" in forced.reasons
+    with pytest.raises(ValueError, match=r"batch_tile must be <= batch \(4\); got 5"):
+        plan("gru", 64, 768, 4, device="A100", batch_tile=5)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 8, 16, 32, 48, 64])
+def test_h1024_lstm_fits_persistent_on_h100_at_every_batch(batch):
+    p = plan("lstm", 1024, 1024, batch, device="H100")
+    assert p.persistent_fits, p
+
+
+def test_step_time_model_picks_the_faster_path_and_prints_both():
+    small = plan("lstm", 256, 512, 1, device="H100")
+    large = plan("lstm", 1024, 1024, 64, device="H100")
+    for p in (small, large):
+        pers, step = p.predicted["persistent"], p.predicted["stepwise"]
+        assert all(t.total > 0 for t in pers + step)
+        faster = "persistent" if sum(t.total for t in pers) <= sum(t.total for t in step) else "stepwise"
+        assert p.path == faster
+        assert any(r.startswith("step-time model (unmeasured): persistent") for r in p.reasons)
+    assert small.path == "persistent" and large.path == "stepwise"
+    # forcing the grid keeps the persistent path whatever the model says
+    assert plan("lstm", 1024, 1024, 64, device="H100", blocks=128).path == "persistent"
+    # the simulator has no timing: fit alone decides
+    assert plan("lstm", 4, 7, 3, device="sim").predicted is None
 
 
 AWKWARD_H = (1, 7, 33, 59, 97, 131, 132, 133, 264, 1151)
@@ -226,8 +260,9 @@ def test_capacity_is_the_persistent_edge():
     for cell, dtype, device, batch in [("lstm", "float32", "H100", 1), ("gru", "float64", "A100", 8),
                                        ("rnn_tanh", "float32", "sim", 3)]:
         h = capacity(cell, dtype, device, batch=batch)
-        assert plan(cell, 8, h, batch, dtype, device).path == "persistent"
-        assert plan(cell, 8, h + 1, batch, dtype, device).path == "stepwise"
+        assert plan(cell, 8, h, batch, dtype, device).persistent_fits
+        edge = plan(cell, 8, h + 1, batch, dtype, device)
+        assert not edge.persistent_fits and edge.path == "stepwise"
 
 
 def test_capacity_numbers_are_sane():
@@ -242,7 +277,9 @@ def test_capacity_numbers_are_sane():
     assert capacity("rnn_relu", "float32", "H100") == capacity("rnn_tanh", "float32", "H100")
     assert capacity("lstm", "float32", "A100") < lstm
     assert capacity("lstm", "float32", "RTX4090") < capacity("lstm", "float32", "A100")
-    assert capacity("lstm", "float32", "H100", batch=8) < lstm
+    # the batch is staged in tiles: the weights, not B, set the limit
+    for batch in (8, 32, 64):
+        assert capacity("lstm", "float32", "H100", batch=batch) == lstm
     assert capacity("lstm", "float32", "H200") == lstm     # same SMs and shared memory
     with pytest.raises(ValueError, match="dtype must be one of"):
         capacity("lstm", "int8", "H100")

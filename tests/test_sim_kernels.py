@@ -517,3 +517,41 @@ def test_padded_rows_spread_a_warp_over_all_banks(lanes):
         # a warp: 32 // lanes groups on consecutive rows, lanes on consecutive elements
         banks = {(q * S + lane) % 32 for q in range(32 // lanes) for lane in range(lanes)}
         assert len(banks) == 32
+
+
+# (cell, T, B, H, P, batch_tile, lengths, reverse, dtype): the batch staged in tiles smaller than
+# B that do not divide it (the last tile is shorter), forward and backward, every cell.
+TILE_CASES = [
+    ("lstm", 4, 5, 7, 2, 2, [4, 1, 3, 0, 2], False, np.float32),
+    ("lstm", 3, 7, 9, 3, 3, None, True, np.float64),
+    ("gru", 4, 5, 7, 3, 2, [2, 4, 4, 1, 3], True, np.float32),
+    ("rnn_tanh", 3, 5, 33, 2, 3, None, False, np.float32),
+    ("rnn_relu", 3, 3, 7, 2, 2, [3, 1, 2], True, np.float64),
+]
+
+
+@pytest.mark.parametrize("cell,T,B,H,P,bt,lengths,reverse,dtype", TILE_CASES,
+                         ids=[f"{c[0]}-B{c[2]}-H{c[3]}-P{c[4]}-tile{c[5]}-{np.dtype(c[8]).name}"
+                              for c in TILE_CASES])
+def test_batch_tiles_match_reference(request, cell, T, B, H, P, bt, lengths, reverse, dtype):
+    seed = zlib.crc32(request.node.callspec.id.encode())
+    args, cot = make_case(cell, T, B, 4, H, dtype, True, seed)
+    lengths = None if lengths is None else np.asarray(lengths, np.int64)
+    options = {"path": "persistent", "blocks": P, "batch_tile": bt}
+    with strict.record() as reports:
+        out = run(sim, cell, args, lengths, reverse, options)
+        grads = sim.backward(out[3], cot["dy"], cot["dh_n"], cot["dc_n"])
+    assert out[3].plan.batch_tile == bt
+    assert [r.grid[0] for r in reports] == [P, P] and all(not r.findings for r in reports)
+    expected = run(ref, cell, args, lengths, reverse)
+    assert_forward_matches(out, expected, TOL[dtype])
+    assert_grads_match(grads, ref.backward(expected[3], cot["dy"], cot["dh_n"], cot["dc_n"]),
+                       TOL[dtype])
+
+
+def test_batch_tile_option_is_validated():
+    args, _ = make_case("gru", 2, 3, 3, 7, np.float32, True, 25)
+    with pytest.raises(ValueError, match=r"options\['batch_tile'\] must be <= the batch \(3\); got 4"):
+        run(sim, "gru", args, None, False, {"batch_tile": 4})
+    with pytest.raises(ValueError, match=r"options\['batch_tile'\] must be a positive int"):
+        run(sim, "gru", args, None, False, {"batch_tile": 0})

@@ -26,36 +26,42 @@ pytestmark = pytest.mark.sim
 
 SOURCE = inspect.getsource(persistent)
 LINES = SOURCE.splitlines()
-BARRIER = re.compile(r"^\s*(cuda\.syncthreads\(\)|_grid_group_sync\(grid\))\s*$")
+BARRIER = re.compile(r"^\s*(cuda\.syncthreads\(\)|_grid_group_sync\(grid\))\s*(#.*)?$")
 BARRIER_LINES = [i for i, line in enumerate(LINES) if BARRIER.match(line)]
 
-# (cell, T, B, H, P, threads): lane splits forward/backward (layout.lanes_per_output)
+# (cell, T, B, H, P, threads, batch_tile): lane splits forward/backward
+# (layout.lanes_per_output of the tile's outputs) and batch tiles that do not divide B
 CASES = [
-    ("lstm", 3, 2, 7, 2, 32),     # fwd L=1 (32 outputs, several rounds), bwd L=4
-    ("gru", 3, 1, 7, 2, 64),      # fwd L=4, bwd L=16
-    ("lstm", 2, 3, 7, 6, 32),     # P=6 over H=7: blocks 4 and 5 own no unit
-    ("rnn_tanh", 3, 3, 33, 1, 32),  # one block, L=1 both ways, several rounds
+    ("lstm", 3, 2, 7, 2, 32, None),     # fwd L=1 (32 outputs, several rounds), bwd L=4
+    ("gru", 3, 1, 7, 2, 64, None),      # fwd L=4, bwd L=16
+    ("lstm", 2, 3, 7, 6, 32, None),     # P=6 over H=7: blocks 4 and 5 own no unit
+    ("rnn_tanh", 3, 3, 33, 1, 32, None),  # one block, L=1 both ways, several rounds
+    ("lstm", 3, 5, 7, 2, 32, 2),        # tiles of 2, 2, 1: fwd L=1, bwd L=4
+    ("gru", 3, 5, 9, 3, 64, 2),         # tiles: fwd L=2, bwd L=8
+    ("rnn_tanh", 2, 5, 33, 1, 32, 2),   # tiles with L=1 both ways
 ]
-
-
 def _lanes(cell, B, H, P, threads):
     U = layout.units_per_block(H, P)
     return (layout.lanes_per_output(B * GATES[cell] * U, threads),
             layout.lanes_per_output(B * U, threads))
 
 
-def test_cases_cover_both_lane_modes_and_idle_blocks():
-    modes = {_lanes(c, B, H, P, n) for c, _, B, H, P, n in CASES}
-    assert any(f == 1 for f, _ in modes) and any(f > 1 for f, _ in modes)
-    assert any(b == 1 for _, b in modes) and any(b > 1 for _, b in modes)
+def test_cases_cover_both_lane_modes_idle_blocks_and_tiles():
+    modes = {(_lanes(c, bt or B, H, P, n), bool(bt)) for c, _, B, H, P, n, bt in CASES}
+    for tiled in (False, True):
+        assert any(f == 1 for (f, _), t in modes if t == tiled)
+        assert any(f > 1 for (f, _), t in modes if t == tiled)
+        assert any(b == 1 for (_, b), t in modes if t == tiled)
+        assert any(b > 1 for (_, b), t in modes if t == tiled)
     assert any(P * layout.units_per_block(H, P) - H >= layout.units_per_block(H, P)
-               for _, _, _, H, P, _ in CASES)
+               for _, _, _, H, P, _, _ in CASES)
+    assert all(B % bt for _, _, B, _, _, _, bt in CASES if bt)
 
 
 def test_the_source_has_the_barriers_the_docstring_promises():
     kinds = [BARRIER.match(LINES[i]).group(1) for i in BARRIER_LINES]
     assert kinds.count("_grid_group_sync(grid)") == 2          # one per kernel
-    assert kinds.count("cuda.syncthreads()") == 5              # 3 forward, 2 backward
+    assert kinds.count("cuda.syncthreads()") == 7              # 4 forward, 3 backward
 
 
 def _module(source, tag):
@@ -81,7 +87,7 @@ class MutantRuntime(SimRuntime):
 
 
 def _run_case(rt, case, seed):
-    cell, T, B, H, P, threads = case
+    cell, T, B, H, P, threads, batch_tile = case
     rng = np.random.default_rng(seed)
     G, I = GATES[cell], 3
 
@@ -92,6 +98,8 @@ def _run_case(rt, case, seed):
     dy, dh_n, dc_n = r(T, B, H), r(B, H), (r(B, H) if cell == "lstm" else None)
     lengths = np.arange(B, dtype=np.int64) % T + 1 if B > 1 else None
     opts = {"path": "persistent", "blocks": P, "threads": threads}
+    if batch_tile is not None:
+        opts["batch_tile"] = batch_tile
     out = host.run_forward(rt, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, False, True, opts)
     want = ref.forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, False, True)
     grads = host.run_backward(rt, out[3], dy, dh_n, dc_n, None)

@@ -86,7 +86,7 @@ def test_static_plus_planned_dynamic_smem_fits_at_capacity(rows):
         for batch in (1, 8):
             h = planmod.capacity(r.cell, r.dtype, dev, batch=batch)
             p = planmod.plan(r.cell, 64, h, batch, r.dtype, dev)
-            assert p.path == "persistent"
+            assert p.persistent_fits
             dyn = p.smem_bytes_fwd if r.kind == "persistent_fwd" else p.smem_bytes_bwd
             assert r.static_smem + dyn <= dev.smem_per_block_optin, (r.kernel, r.arch, h, batch)
 

@@ -8,8 +8,8 @@ the same code with NumPy and Numba's CUDA simulator:
   backward  persistent kernel over T+1 phases (the last only finishes dh0), or per step one
             GEMM dgh_next W_hh + one pointwise kernel; then dW_hh, dW_ih, dx, db as GEMMs.
 The launch configuration comes from gpurnn.plan unless `options` says otherwise:
-  {"path": "persistent" | "stepwise", "blocks": P, "threads": n}. The forward records the one it
-used on `Reserve.plan`; backward reuses it (its own `options` may override).
+  {"path": "persistent" | "stepwise", "blocks": P, "threads": n, "batch_tile": bt}. The forward
+records the one it used on `Reserve.plan`; backward reuses it (its own `options` may override).
 Nothing here imports CuPy or numba.cuda at module import: importing numba.cuda fixes hardware
 or simulator mode for the whole process.
 """
@@ -29,7 +29,7 @@ from ..kernels import layout
 
 NAME = "cuda"
 PATHS = ("persistent", "stepwise")
-OPTION_KEYS = ("path", "blocks", "threads")
+OPTION_KEYS = ("path", "blocks", "threads", "batch_tile")
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class LaunchConfig:
     threads: int            # threads per block
     units_per_block: int    # U = ceil(H / P)
     plan: Any               # the gpurnn.plan.Plan consulted (None if every choice was forced)
+    batch_tile: int = 1     # batch rows a persistent block stages at once
 
 
 def _check_options(options):
@@ -53,7 +54,7 @@ def _check_options(options):
     path = options.get("path")
     if path is not None and path not in PATHS:
         raise ValueError(f"options['path'] must be one of {PATHS}; got {path!r}")
-    for key in ("blocks", "threads"):
+    for key in ("blocks", "threads", "batch_tile"):
         v = options.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
             raise ValueError(f"options[{key!r}] must be a positive int; got {v!r}")
@@ -67,11 +68,15 @@ def choose_launch(cell, input_size, hidden, batch, dtype, device, options) -> La
     """The launch configuration: options where given, gpurnn.plan for the rest."""
     from ..plan import plan as make_plan
     options = _check_options(options)
-    blocks, threads = options.get("blocks"), options.get("threads")
+    blocks, threads, tile = options.get("blocks"), options.get("threads"), options.get("batch_tile")
+    if tile is not None and tile > batch:
+        raise ValueError(f"options['batch_tile'] must be <= the batch ({batch}); got {tile}")
     p = make_plan(cell, input_size, hidden, batch, dtype, device=device,
                   blocks=None if blocks is None else int(blocks),
-                  threads=None if threads is None else int(threads))
-    path = options.get("path", "persistent" if blocks is not None else p.path)
+                  threads=None if threads is None else int(threads),
+                  batch_tile=None if tile is None else int(tile))
+    forced = blocks is not None or tile is not None
+    path = options.get("path", "persistent" if forced else p.path)
     if path == "persistent" and p.path != "persistent":
         # A forced grid is never launched when it cannot run: on a GPU it would fail or hang.
         forced = f"options['blocks']={int(blocks)}: " if blocks is not None else ""
@@ -79,7 +84,8 @@ def choose_launch(cell, input_size, hidden, batch, dtype, device, options) -> La
                          f"{dtype} on {p.device.name}: " + "; ".join(p.reasons[:-1] or p.reasons))
     P = int(blocks) if blocks is not None else p.blocks
     return LaunchConfig(path=path, blocks=P, threads=p.threads,
-                        units_per_block=layout.units_per_block(hidden, P), plan=p)
+                        units_per_block=layout.units_per_block(hidden, P), plan=p,
+                        batch_tile=p.batch_tile)
 
 
 class Runtime:
@@ -214,12 +220,12 @@ def run_forward(rt: Runtime, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, r
     w_hh_c = xp.ascontiguousarray(w_hh)
 
     if cfg.path == "persistent":
-        P, U = cfg.blocks, cfg.units_per_block
-        smem = layout.smem_bytes("fwd", G, H, B, U, x.dtype.itemsize, threads=cfg.threads)
+        P, U, bt = cfg.blocks, cfg.units_per_block, cfg.batch_tile
+        smem = layout.smem_bytes("fwd", G, H, bt, U, x.dtype.itemsize, threads=cfg.threads)
         for t_begin, t_end in _launch_ranges(rt, P, T):
             rt.launch_persistent(cell, "persistent_fwd", dtype, P, cfg.threads, smem,
                                  (gx, w_hh_c, b_rec, h, c, gates, y, lengths_k, rev, t_begin,
-                                  t_end, U, save_gates), (t_begin, t_end))
+                                  t_end, U, save_gates, bt), (t_begin, t_end))
     else:
         w_hh_t = xp.ascontiguousarray(w_hh.T)
         gh = xp.empty((B, G * H), x.dtype)
@@ -251,7 +257,7 @@ def run_backward(rt: Runtime, reserve: Reserve, dy, dh_n, dc_n, options):
     cfg = reserve.plan if isinstance(reserve.plan, LaunchConfig) else None
     if options or cfg is None:
         merged = {} if cfg is None else {"path": cfg.path, "blocks": cfg.blocks,
-                                         "threads": cfg.threads}
+                                         "threads": cfg.threads, "batch_tile": cfg.batch_tile}
         merged.update(_check_options(options))
         cfg = choose_launch(cell, I, H, B, dtype, rt.device, merged)
 
@@ -268,12 +274,12 @@ def run_backward(rt: Runtime, reserve: Reserve, dy, dh_n, dc_n, options):
     w_hh_c = xp.ascontiguousarray(w_hh)
 
     if cfg.path == "persistent":
-        P, U = cfg.blocks, cfg.units_per_block
-        smem = layout.smem_bytes("bwd", G, H, B, U, x.dtype.itemsize, threads=cfg.threads)
+        P, U, bt = cfg.blocks, cfg.units_per_block, cfg.batch_tile
+        smem = layout.smem_bytes("bwd", G, H, bt, U, x.dtype.itemsize, threads=cfg.threads)
         for k_begin, k_end in _launch_ranges(rt, P, T + 1):
             rt.launch_persistent(cell, "persistent_bwd", dtype, P, cfg.threads, smem,
                                  (w_hh_c, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry,
-                                  lengths_k, rev, k_begin, k_end, U), (k_begin, k_end))
+                                  lengths_k, rev, k_begin, k_end, U, bt), (k_begin, k_end))
         dh0 = dh_carry
     else:
         time_of = _steps(T, rev)

@@ -2,15 +2,16 @@
 checks (one place, so the plan's capacity model and the kernels cannot drift apart).
 
 Persistent forward: block j of P owns the contiguous unit slice U_j = [j*U, min((j+1)*U, H))
-with U = units_per_block = ceil(H / P). Its dynamic shared memory holds
+with U = units_per_block = ceil(H / P). The batch is processed in tiles of bt <= B rows (the
+plan's batch_tile), so the batch never sets the capacity. Its dynamic shared memory holds
     w_slice   G*U*S   rows of W_hh for every gate of its units (loaded once per launch), each
                       row padded to S = padded_row(H, L) >= H
-    h_prev    B*H     the step's input state
-    pre       B*G*U   the step's recurrent pre-activations for its units
+    h_prev    bt*H    the tile's input state
+    pre       bt*G*U  the tile's recurrent pre-activations for the block's units
 Persistent backward: block j keeps the columns W_hh[:, U_j] (one padded row per unit) and
-stages the step's recurrent gate gradients of every unit:
+stages the tile's recurrent gate gradients of every unit:
     w_cols    U*S     S = padded_row(G*H, L)
-    dgates    B*G*H
+    dgates    bt*G*H
 Both also hold
     scratch   threads one partial sum per thread
 because every dot product (length H forward, G*H backward) is split over a group of L lanes
@@ -38,15 +39,16 @@ def units_per_block(hidden: int, blocks: int) -> int:
     return -(-hidden // blocks)
 
 
-def smem_elements(direction: str, gates: int, hidden: int, batch: int, units: int, *,
+def smem_elements(direction: str, gates: int, hidden: int, batch_tile: int, units: int, *,
                   threads: int) -> int:
-    """Elements of dynamic shared memory one persistent block needs ('fwd' or 'bwd')."""
+    """Elements of dynamic shared memory one persistent block needs ('fwd' or 'bwd') when the
+    batch is staged batch_tile rows at a time."""
     if direction == "fwd":
-        row = padded_row(hidden, lanes_per_output(batch * gates * units, threads))
-        return gates * units * row + batch * hidden + batch * gates * units + threads
+        row = padded_row(hidden, lanes_per_output(batch_tile * gates * units, threads))
+        return gates * units * row + batch_tile * hidden + batch_tile * gates * units + threads
     if direction == "bwd":
-        row = padded_row(gates * hidden, lanes_per_output(batch * units, threads))
-        return units * row + batch * gates * hidden + threads
+        row = padded_row(gates * hidden, lanes_per_output(batch_tile * units, threads))
+        return units * row + batch_tile * gates * hidden + threads
     raise ValueError(f"direction must be 'fwd' or 'bwd'; got {direction!r}")
 
 
@@ -58,9 +60,14 @@ def padded_row(length: int, lanes: int) -> int:
     return length + (lanes - length % 32 + 32) % 32
 
 
-def smem_bytes(direction: str, gates: int, hidden: int, batch: int, units: int, itemsize: int, *,
-               threads: int) -> int:
-    return smem_elements(direction, gates, hidden, batch, units, threads=threads) * itemsize
+def smem_bytes(direction: str, gates: int, hidden: int, batch_tile: int, units: int,
+               itemsize: int, *, threads: int) -> int:
+    return smem_elements(direction, gates, hidden, batch_tile, units, threads=threads) * itemsize
+
+
+def batch_tiles(batch: int, batch_tile: int) -> int:
+    """Tiles a step of `batch` rows takes at `batch_tile` rows each."""
+    return -(-batch // batch_tile)
 
 
 def lanes_per_output(outputs: int, threads: int) -> int:

@@ -8,21 +8,26 @@ Ownership and barriers (layout contract: gpurnn/kernels/layout.py):
             launch: w_slice[(g*U + k)*S + m] = W_hh[g*H + j*U + k, m], the row stride S
             padded (layout.padded_row) so that the lanes of a group (consecutive m) and the
             groups of a warp (consecutive rows) read distinct banks.
-            Per step: all threads stage h_in (B x H) -> syncthreads -> a group of L lanes per
-            (b, g, k) forms the recurrent pre-activation into `pre` (each lane a strided part
-            of the H-long dot product; partials meet in `scratch`, syncthreads, lane 0 adds
-            them in lane order) -> syncthreads -> thread per (b, k) does the pointwise update
-            and writes h, c, gates, y -> grid barrier (the next step reads every block's
-            h_out). Barriers per step: 2 block (3 with L > 1) + 1 grid.
+            Per step, per batch tile of bt rows (the plan's `batch_tile`, so that the weights,
+            not B, set the capacity): all threads stage the tile's h_in (bt x H) ->
+            syncthreads -> a group of L lanes per (b, g, k) forms the recurrent
+            pre-activation into `pre` (each lane a strided part of the H-long dot product;
+            partials meet in `scratch`, syncthreads, lane 0 adds them in lane order) ->
+            syncthreads -> thread per (b, k) does the pointwise update and writes h, c,
+            gates, y -> (another tile: syncthreads, its staging overwrites h_in and pre) ->
+            grid barrier (the next step reads every block's h_out). Barriers per step:
+            n_tiles x (2, 3 with L > 1) + (n_tiles - 1) block, 1 grid.
   Backward  block j keeps the columns W_hh[:, U_j], one unit's column per padded row:
             w_cols[k*S + row] = W_hh[row, j*U + k] (S >= G*H, layout.padded_row).
-            Phase kk = 0..T (kk = T is the tail that only finishes dh0): stage the gate
-            gradients dgh of the step processed in phase kk-1 (B x G*H) -> syncthreads ->
-            a group of L lanes per (b, k) forms dh_rec = W_hh[:, u]^T dgh_next[b] (strided
-            partials, added by lane 0 in lane order after a syncthreads: no atomics,
-            deterministic), and lane 0 does the pointwise backward of its step, writing dgh
-            (and GRU dgx) and its own carries -> grid barrier. Barriers per phase: 1 block
-            (2 with L > 1) + 1 grid.
+            Phase kk = 0..T (kk = T is the tail that only finishes dh0), per batch tile:
+            stage the tile's gate gradients dgh of the step processed in phase kk-1
+            (bt x G*H) -> syncthreads -> a group of L lanes per (b, k) forms
+            dh_rec = W_hh[:, u]^T dgh_next[b] (strided partials, added by lane 0 in lane order
+            after a syncthreads: no atomics, deterministic), and lane 0 does the pointwise
+            backward of its step, writing dgh (and GRU dgx) and its own carries -> (another
+            tile: a syncthreads where its writes would meet this tile's reads) -> grid
+            barrier. Barriers per phase: n_tiles x (1, 2 with L > 1) block, at most
+            n_tiles - 1 more between tiles, 1 grid.
   Lanes     L = the largest power of two <= 32 with L x outputs <= threads
             (layout.lanes_per_output); L = 1 skips the scratch round trip. Every loop that
             holds a barrier runs the same number of rounds in every thread of a block; with
@@ -67,17 +72,16 @@ SHORT = {"float32": "f32", "float64": "f64"}
 
 
 @cuda.jit(device=True, inline=True)
-def _lane_split(n_nominal, n_out, threads):
-    """(L, groups, rounds): L lanes share each dot product, threads // L groups take the block's
-    n_out of them in `rounds` rounds. L follows layout.lanes_per_output for the nominal slice
-    (n_nominal: a full block's outputs), so every block agrees with the host's shared-memory
-    layout, including a last block with fewer units. Uniform over a block, so the barriers
-    inside a round are reached by every thread."""
+def _lane_split(n_nominal, threads):
+    """(L, groups): L lanes share each dot product, threads // L groups take a tile's outputs
+    in rounds. L follows layout.lanes_per_output for the nominal tile (n_nominal: a full
+    block's outputs for a full batch tile), so every block and tile agree with the host's
+    shared-memory layout, including a last block with fewer units and a last, shorter tile.
+    Uniform over a block, so the barriers inside a round are reached by every thread."""
     lanes = 1
     while lanes < 32 and 2 * lanes * n_nominal <= threads:
         lanes *= 2
-    groups = threads // lanes
-    return lanes, groups, (n_out + groups - 1) // groups
+    return lanes, threads // lanes
 
 
 @cuda.jit(device=True, inline=True)
@@ -109,7 +113,8 @@ def make_fwd(cell: str, dtype: str):
       lengths  int32 (B,)   per-sequence lengths (T for all when the caller had none)
       reverse, t_begin, t_end, units : int32 (see the module docstring)
       save_gates int32      1 in a training forward (keeps the reserve), 0 for inference
-    Dynamic shared memory: layout.smem_bytes('fwd', G, H, B, units, itemsize).
+      batch_tile int32      rows of h staged at once, 1..B (the plan's choice)
+    Dynamic shared memory: layout.smem_bytes('fwd', G, H, batch_tile, units, itemsize).
     """
     G = GATES[cell]
     DT = NP_DTYPES[dtype]
@@ -118,7 +123,7 @@ def make_fwd(cell: str, dtype: str):
     fwd_unit, _ = cellmath.make(cell, dtype)
 
     def kernel(gx, w_hh, b_rec, h, c, gates, y, lengths, reverse, t_begin, t_end, units,
-               save_gates):
+               save_gates, batch_tile):
         grid = _this_grid()
         smem = cuda.shared.array(0, dtype=SMEM_TYPE)
         T = gx.shape[0]
@@ -128,13 +133,14 @@ def make_fwd(cell: str, dtype: str):
         stride = cuda.blockDim.x
         u0, nu = _owned_units(units, H)
         gu = G * units
-        n_out = B * G * nu                          # dot products of the block per step
-        lanes, groups, rounds = _lane_split(B * gu, n_out, stride)
+        # lanes and the layout follow the nominal tile (a full block's outputs for batch_tile
+        # rows), so every tile and every block agree with the host's shared-memory layout
+        lanes, groups = _lane_split(batch_tile * gu, stride)
         lane = tid % lanes
         row_len = _padded_row(H, lanes)
         h_off = gu * row_len
-        pre_off = h_off + B * H
-        scr_off = pre_off + B * gu
+        pre_off = h_off + batch_tile * H
+        scr_off = pre_off + batch_tile * gu
 
         # consecutive threads read consecutive columns m of one W_hh row: coalesced
         for idx in range(tid, G * nu * H, stride):
@@ -147,55 +153,60 @@ def make_fwd(cell: str, dtype: str):
 
         for s in range(t_begin, t_end):
             t, t_in, t_out = step_times(T, s, reverse)
-            for idx in range(tid, B * H, stride):
-                smem[h_off + idx] = h[t_in, idx // H, idx % H]
-            cuda.syncthreads()
-            for rnd in range(rounds):
-                oi = rnd * groups + tid // lanes
-                k = 0
-                g = 0
-                b = 0
-                acc = ZERO
-                if oi < n_out:
-                    k = oi % nu
-                    bg = oi // nu
-                    g = bg % G
-                    b = bg // G
-                    w_at = (g * units + k) * row_len
-                    h_at = h_off + b * H
-                    for m in range(lane, H, lanes):
-                        acc += smem[w_at + m] * smem[h_at + m]
-                if lanes == 1:
+            for b0 in range(0, B, batch_tile):
+                nb = min(batch_tile, B - b0)
+                if b0 > 0:
+                    cuda.syncthreads()      # the last tile's update has read h_prev and pre
+                for idx in range(tid, nb * H, stride):
+                    smem[h_off + idx] = h[t_in, b0 + idx // H, idx % H]
+                cuda.syncthreads()
+                n_out = nb * G * nu                     # dot products of this tile
+                for rnd in range((n_out + groups - 1) // groups):
+                    oi = rnd * groups + tid // lanes
+                    k = 0
+                    g = 0
+                    b = 0
+                    acc = ZERO
                     if oi < n_out:
-                        smem[pre_off + (b * G + g) * units + k] = acc
-                else:
-                    smem[scr_off + tid] = acc
-                    cuda.syncthreads()
-                    if lane == 0 and oi < n_out:
-                        total = ZERO
-                        for q in range(lanes):          # fixed order: deterministic
-                            total += smem[scr_off + tid + q]
-                        smem[pre_off + (b * G + g) * units + k] = total
-            # With lanes > 1 there is one round (lanes * outputs <= threads), so no barrier is
-            # needed between rounds: this one orders `pre` before the pointwise update.
-            cuda.syncthreads()
-            for idx in range(tid, B * nu, stride):
-                k = idx % nu
-                b = idx // nu
-                p = pre_off + b * gu + k
-                r0 = smem[p]
-                r1 = ZERO
-                r2 = ZERO
-                r3 = ZERO
-                if G > 1:
-                    r1 = smem[p + units]
-                    r2 = smem[p + 2 * units]
-                if G > 3:
-                    r3 = smem[p + 3 * units]
-                u = u0 + k
-                h_in = smem[h_off + b * H + u]
-                fwd_unit(gx, b_rec, h, c, gates, y, lengths, t, t_in, t_out, b, u, r0, r1, r2, r3,
-                         h_in, save_gates)
+                        k = oi % nu
+                        bg = oi // nu
+                        g = bg % G
+                        b = bg // G
+                        w_at = (g * units + k) * row_len
+                        h_at = h_off + b * H
+                        for m in range(lane, H, lanes):
+                            acc += smem[w_at + m] * smem[h_at + m]
+                    if lanes == 1:
+                        if oi < n_out:
+                            smem[pre_off + (b * G + g) * units + k] = acc
+                    else:
+                        smem[scr_off + tid] = acc
+                        cuda.syncthreads()
+                        if lane == 0 and oi < n_out:
+                            total = ZERO
+                            for q in range(lanes):          # fixed order: deterministic
+                                total += smem[scr_off + tid + q]
+                            smem[pre_off + (b * G + g) * units + k] = total
+                # With lanes > 1 there is one round (lanes * outputs <= threads), so no barrier
+                # is needed between rounds: this one orders `pre` before the pointwise update.
+                cuda.syncthreads()
+                for idx in range(tid, nb * nu, stride):
+                    k = idx % nu
+                    b = idx // nu
+                    p = pre_off + b * gu + k
+                    r0 = smem[p]
+                    r1 = ZERO
+                    r2 = ZERO
+                    r3 = ZERO
+                    if G > 1:
+                        r1 = smem[p + units]
+                        r2 = smem[p + 2 * units]
+                    if G > 3:
+                        r3 = smem[p + 3 * units]
+                    u = u0 + k
+                    h_in = smem[h_off + b * H + u]
+                    fwd_unit(gx, b_rec, h, c, gates, y, lengths, t, t_in, t_out, b0 + b, u, r0, r1,
+                             r2, r3, h_in, save_gates)
             if s + 1 < t_end:
                 _grid_group_sync(grid)
 
@@ -219,7 +230,9 @@ def make_bwd(cell: str, dtype: str):
       dh_carry  (B, H)       in: dL/dh_n; out: dL/dh0
       dc_carry  (B, H)       LSTM: in dL/dc_n, out dL/dc0; else (1,1) placeholder
       lengths   int32 (B,) ; reverse, k_begin, k_end, units : int32 (module docstring)
-    No argument may alias another. Dynamic shared memory: layout.smem_bytes('bwd', ...).
+      batch_tile int32       rows of gate gradients staged at once, 1..B
+    No argument may alias another. Dynamic shared memory:
+    layout.smem_bytes('bwd', G, H, batch_tile, units, itemsize).
     """
     G = GATES[cell]
     DT = NP_DTYPES[dtype]
@@ -228,7 +241,7 @@ def make_bwd(cell: str, dtype: str):
     _, bwd_unit = cellmath.make(cell, dtype)
 
     def kernel(w_hh, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, reverse,
-               k_begin, k_end, units):
+               k_begin, k_end, units, batch_tile):
         grid = _this_grid()
         smem = cuda.shared.array(0, dtype=SMEM_TYPE)
         T = dy.shape[0]
@@ -238,12 +251,11 @@ def make_bwd(cell: str, dtype: str):
         tid = cuda.threadIdx.x
         stride = cuda.blockDim.x
         u0, nu = _owned_units(units, H)
-        n_out = B * nu                              # dot products of the block per phase
-        lanes, groups, rounds = _lane_split(B * units, n_out, stride)
+        lanes, groups = _lane_split(batch_tile * units, stride)
         lane = tid % lanes
         row_len = _padded_row(GH, lanes)
         dg_off = units * row_len
-        scr_off = dg_off + B * GH
+        scr_off = dg_off + batch_tile * GH
 
         # global reads coalesce over k (consecutive columns); this once-per-launch store is the
         # only strided shared-memory access
@@ -255,39 +267,48 @@ def make_bwd(cell: str, dtype: str):
 
         for kk in range(k_begin, k_end):
             s = T - 1 - kk          # processing step of this phase; -1 in the dh0 tail
-            has_next = kk > 0       # uniform over the block: the syncthreads below is safe
-            if has_next:
-                t_next = T - 2 - s if reverse else s + 1
-                for idx in range(tid, B * GH, stride):
-                    smem[dg_off + idx] = dgh[t_next, idx // GH, idx % GH]
-                cuda.syncthreads()
+            has_next = kk > 0       # uniform over the block: the syncthreads below are safe
+            t_next = T - 2 - s if reverse else s + 1
             t, t_in, t_out = step_times(T, s, reverse)
-            for rnd in range(rounds):
-                oi = rnd * groups + tid // lanes
-                dh_rec = ZERO
-                if oi < n_out and has_next:
-                    dg_at = dg_off + (oi // nu) * GH
-                    k = oi % nu
-                    w_at = k * row_len
-                    for row in range(lane, GH, lanes):
-                        dh_rec += smem[w_at + row] * smem[dg_at + row]
-                if lanes > 1:
-                    smem[scr_off + tid] = dh_rec
+            for b0 in range(0, B, batch_tile):
+                nb = min(batch_tile, B - b0)
+                # Between tiles: with L = 1 the staging below overwrites gate gradients the
+                # last tile's dot products read; with L > 1 and nothing staged, the scratch
+                # written below is what lane 0 of the last tile read. (With L > 1 and a
+                # staging, its own barrier orders both.)
+                if b0 > 0 and (lanes == 1) == has_next:
                     cuda.syncthreads()
-                    if lane == 0 and oi < n_out:        # as the forward: no group past n_out
-                        dh_rec = ZERO
-                        for q in range(lanes):          # fixed order: deterministic
-                            dh_rec += smem[scr_off + tid + q]
-                if lane == 0 and oi < n_out:
-                    k = oi % nu
-                    b = oi // nu
-                    u = u0 + k
-                    dh = dh_carry[b, u] + dh_rec
-                    if s < 0:
-                        dh_carry[b, u] = dh
-                    else:
-                        bwd_unit(h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, t, t_in,
-                                 t_out, b, u, dh)
+                if has_next:
+                    for idx in range(tid, nb * GH, stride):
+                        smem[dg_off + idx] = dgh[t_next, b0 + idx // GH, idx % GH]
+                    cuda.syncthreads()
+                n_out = nb * nu                         # dot products of this tile
+                for rnd in range((n_out + groups - 1) // groups):
+                    oi = rnd * groups + tid // lanes
+                    dh_rec = ZERO
+                    if oi < n_out and has_next:
+                        dg_at = dg_off + (oi // nu) * GH
+                        k = oi % nu
+                        w_at = k * row_len
+                        for row in range(lane, GH, lanes):
+                            dh_rec += smem[w_at + row] * smem[dg_at + row]
+                    if lanes > 1:
+                        smem[scr_off + tid] = dh_rec
+                        cuda.syncthreads()
+                        if lane == 0 and oi < n_out:    # as the forward: no group past n_out
+                            dh_rec = ZERO
+                            for q in range(lanes):      # fixed order: deterministic
+                                dh_rec += smem[scr_off + tid + q]
+                    if lane == 0 and oi < n_out:
+                        k = oi % nu
+                        b = b0 + oi // nu
+                        u = u0 + k
+                        dh = dh_carry[b, u] + dh_rec
+                        if s < 0:
+                            dh_carry[b, u] = dh
+                        else:
+                            bwd_unit(h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, t,
+                                     t_in, t_out, b, u, dh)
             # lanes > 1 means one round, and the grid barrier orders this phase's scratch reads
             # before the next phase's writes: no block barrier is needed here.
             if kk + 1 < k_end:

@@ -23,11 +23,13 @@ def signature(kind: str, dtype: str):
     a1, a2, a3 = f[::1], f[:, ::1], f[:, :, ::1]
     i1 = int32[::1]
     if kind == "persistent_fwd":
-        # gx, w_hh, b_rec, h, c, gates, y, lengths, reverse, t_begin, t_end, units, save_gates
-        return void(a3, a2, a1, a3, a3, a3, a3, i1, int32, int32, int32, int32, int32)
+        # gx, w_hh, b_rec, h, c, gates, y, lengths, reverse, t_begin, t_end, units, save_gates,
+        # batch_tile
+        return void(a3, a2, a1, a3, a3, a3, a3, i1, int32, int32, int32, int32, int32, int32)
     if kind == "persistent_bwd":
-        # w_hh, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, reverse, k_begin, k_end, units
-        return void(a2, a3, a3, a3, a3, a3, a3, a2, a2, i1, int32, int32, int32, int32)
+        # w_hh, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, reverse, k_begin, k_end,
+        # units, batch_tile
+        return void(a2, a3, a3, a3, a3, a3, a3, a2, a2, i1, int32, int32, int32, int32, int32)
     if kind == "pointwise_fwd":
         # gx, gh, b_rec, h, c, gates, y, lengths, reverse, s, save_gates
         return void(a3, a2, a1, a3, a3, a3, a3, i1, int32, int32, int32)

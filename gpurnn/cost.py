@@ -1,0 +1,124 @@
+"""A step-time model for both paths — a model until a GPU measures it (`gpurnn bench` prints
+measured over predicted, so the first GPU run calibrates it).
+
+Persistent step (forward or backward, the busiest SM; `n` = ceil(P / SMs) blocks on it):
+    max(FMA time, shared-memory read time) + staging + barriers
+  FMA time     n * MACs per block / (FMA per clock per SM * clock)
+  shared reads every multiply-add reads a weight and an activation (h forward, a gate gradient
+               backward) from shared memory: 2 loads per MAC, a warp-wide load serving 32 of
+               them per clock (64-bit loads take two), so n * 2 * MACs * words / 32 / clock
+  staging      the block's tiles of h (B*H) or gate gradients (B*G*H) from L2, at the SM's
+               share of L2 bandwidth, plus the step's reserve writes
+  barriers     one grid barrier (latency: the device profile's grid_sync_s) + the block
+               barriers of every batch tile (block_sync_s each)
+Stepwise step: one GEMM (h_{t-1} W_hh^T forward, dgh W_hh backward) at max(FLOPs / fp32-or-fp64
+peak, bytes / bandwidth — W_hh from L2 when it fits there, else DRAM) + one pointwise kernel
+(its bytes at DRAM bandwidth) + two launches (launch_s each).
+Not modelled: occupancy and latency hiding inside a step, bank conflicts (the kernels pad rows
+to avoid them), tensor cores (CuPy's fp32 GEMM does not use TF32 by default), clock changes
+under load, and the input GEMM / weight-gradient GEMMs (the same for both paths).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Sources of the timing parameters (peak clocks and per-SM FMA rates reproduce the vendors'
+# published peak FLOP/s: H100 SXM 132 SMs x 128 FP32 FMA x 2 x 1.98 GHz = 66.9 TFLOP/s, FP64
+# 33.5; A100 SXM 108 x 64 x 2 x 1.41 GHz = 19.5 TFLOP/s, FP64 9.7; RTX 4090 128 x 128 x 2 x
+# 2.52 GHz = 82.6 TFLOP/s).
+L2_SOURCE = ("A100 whitepaper: L2 read bandwidth 5120 B/clk; assumed the same per clock on the "
+             "other profiles (not measured)")
+GRID_SYNC_SOURCE = ("published grid-sync microbenchmarks put one cooperative grid barrier at "
+                    "~0.7-1 us on recent GPUs (e.g. Zhang et al., 'A Study of Single and "
+                    "Multi-device Synchronization Methods in Nvidia GPUs', IPDPS 2020); 0.8 us "
+                    "is the prior until gpurnn bench measures it")
+LAUNCH_SOURCE = ("assumed 2.5 us per dependent kernel launch on one stream (typical host "
+                 "launch overhead; not measured here)")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """A device's timing parameters for the step model."""
+    clock_hz: float
+    fma_per_clk_sm: dict         # itemsize -> FMAs per clock per SM (2 = fp16 storage, fp32 math)
+    l2_bytes_per_clk: float
+    grid_sync_s: float = 0.8e-6
+    block_sync_s: float = 0.02e-6
+    launch_s: float = 2.5e-6
+
+
+_HOPPER = Timing(clock_hz=1.98e9, fma_per_clk_sm={2: 128, 4: 128, 8: 64}, l2_bytes_per_clk=5120)
+TIMINGS = {
+    "H100": _HOPPER,
+    "H200": _HOPPER,
+    "A100": Timing(clock_hz=1.41e9, fma_per_clk_sm={2: 64, 4: 64, 8: 32}, l2_bytes_per_clk=5120),
+    "A100-80GB": Timing(clock_hz=1.41e9, fma_per_clk_sm={2: 64, 4: 64, 8: 32},
+                        l2_bytes_per_clk=5120),
+    "RTX4090": Timing(clock_hz=2.52e9, fma_per_clk_sm={2: 128, 4: 128, 8: 2},
+                      l2_bytes_per_clk=5120),
+}
+# FP32 FMA units per SM by compute capability major (FP64: the ratio to FP32) for devices
+# read off the driver.
+_FMA_BY_CC = {7: (64, 0.5), 8: (64, 0.5), 9: (128, 0.5)}
+
+
+def timing_for(dev, clock_hz=None):
+    """Timing of a gpurnn.plan DeviceProfile (None for the simulator: it has no timing)."""
+    if dev.simulator:
+        return None
+    if dev.name in TIMINGS:
+        return TIMINGS[dev.name]
+    fp32, fp64_ratio = _FMA_BY_CC.get(dev.compute_capability[0], (64, 1 / 32))
+    if dev.compute_capability in ((8, 6), (8, 9)):
+        fp32, fp64_ratio = 128, 1 / 64
+    return Timing(clock_hz=clock_hz or 1.5e9,
+                  fma_per_clk_sm={2: fp32, 4: fp32, 8: max(1, int(fp32 * fp64_ratio))},
+                  l2_bytes_per_clk=5120)
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Predicted seconds of one step, and its parts."""
+    total: float
+    parts: dict
+
+    def __str__(self):
+        parts = ", ".join(f"{k} {v * 1e6:.2f}" for k, v in self.parts.items())
+        return f"{self.total * 1e6:.2f} us ({parts})"
+
+
+def _words(itemsize):
+    return 2 if itemsize == 8 else 1
+
+
+def persistent_step(direction, gates, hidden, batch, itemsize, blocks, units, batch_tile,
+                    reserve_gates, dev, timing) -> StepTime:
+    """One persistent step ('fwd' or 'bwd') on the busiest SM."""
+    n = -(-blocks // dev.sm_count)
+    macs = batch * gates * units * hidden
+    fma = n * macs / (timing.fma_per_clk_sm[itemsize] * timing.clock_hz)
+    smem = n * 2 * macs * _words(itemsize) / 32 / timing.clock_hz
+    staged = batch * hidden if direction == "fwd" else batch * gates * hidden
+    written = batch * units * (reserve_gates + 3 if direction == "fwd" else gates + 2)
+    l2_share = timing.l2_bytes_per_clk * timing.clock_hz / dev.sm_count
+    staging = n * (staged + written) * itemsize / l2_share
+    tiles = -(-batch // batch_tile)
+    per_tile = 3 if direction == "fwd" else 2
+    barriers = timing.grid_sync_s + tiles * per_tile * timing.block_sync_s
+    return StepTime(max(fma, smem) + staging + barriers,
+                    {"fma": fma, "smem": smem, "staging": staging, "barriers": barriers})
+
+
+def stepwise_step(direction, gates, hidden, batch, itemsize, l2_bytes, dev, timing) -> StepTime:
+    """One stepwise step: a GEMM, a pointwise kernel, two launches."""
+    peak = dev.sm_count * timing.fma_per_clk_sm[itemsize] * 2 * timing.clock_hz
+    w = gates * hidden * hidden * itemsize
+    l2_bw = timing.l2_bytes_per_clk * timing.clock_hz
+    dram = dev.mem_bandwidth or l2_bw / 3
+    w_bw = l2_bw if l2_bytes and w <= l2_bytes else dram
+    act = (batch * hidden + batch * gates * hidden) * itemsize
+    gemm = max(2 * batch * gates * hidden * hidden / peak, w / w_bw + act / l2_bw)
+    pointwise = 4 * batch * gates * hidden * itemsize / dram
+    launches = 2 * timing.launch_s
+    return StepTime(gemm + pointwise + launches,
+                    {"gemm": gemm, "pointwise": pointwise, "launches": launches})
