@@ -172,10 +172,12 @@ def traffic_floor(case: Case, impl: str, device=None):
     return case.T * planmod.step_floor_seconds(p, path, training=False)
 
 
-def run_cases(cases, impls, repeat=5, warmup=1, progress=None):
+def run_cases(cases, impls, repeat=5, warmup=1, progress=None, on_case=None):
     """Time every case with every impl; returns result dicts (one per case x impl) with median
     seconds, tokens/s, GFLOP/s, the ratio to the case's peer when the peer was timed, and for
-    GPU forward cases where the time sits against the traffic model's floor."""
+    GPU forward cases where the time sits against the traffic model's floor.
+    progress(case, impl) is called after each timing; on_case(case, its result dicts) once a
+    case is complete (ratios filled in), so a caller can save results as they come."""
     results = []
     for case in cases:
         by_impl = {}
@@ -194,6 +196,8 @@ def run_cases(cases, impls, repeat=5, warmup=1, progress=None):
             peer = PEER.get(r["impl"])
             r["peer"] = peer if peer in by_impl else None
             r["ratio_to_peer"] = (r["median_s"] / by_impl[peer]) if peer in by_impl else None
+        if on_case is not None:
+            on_case(case, results[-len(impls):])
     return results
 
 

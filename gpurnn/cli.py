@@ -9,9 +9,17 @@ import sys
 COMMANDS = ("info", "check", "bench", "kernels")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's convention for a bad flag (exit status 2, no traceback), on one line: the
+    error names the flag; the usage is one --help away. Subcommand parsers are of this class too."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
-    parser = argparse.ArgumentParser(prog="gpurnn", description="gpurnn: fused persistent RNN kernels")
+    parser = _Parser(prog="gpurnn", description="gpurnn: fused persistent RNN kernels")
     parser.add_argument("--version", action="version", version=f"gpurnn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:

@@ -34,9 +34,11 @@ def test_info_json_schema(capsys):
         assert r["stepwise_dram_bytes"] > r["persistent_dram_bytes"] > 0
 
 
-def test_info_rejects_unknown_profile():
-    with pytest.raises(ValueError, match="device must be one of"):
+def test_info_rejects_unknown_profile(capsys):
+    with pytest.raises(SystemExit) as exc:
         main(["info", "--device", "Z80"])
+    assert exc.value.code == 2
+    assert "argument --device: must be one of H100" in capsys.readouterr().err
 
 
 def test_check_numpy_passes(capsys):

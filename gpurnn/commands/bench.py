@@ -4,8 +4,12 @@ path), with median time, tokens/s, GFLOP/s from an explicit FLOP model (gpurnn.b
 ratio to the peer timed in the same run."""
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import sys
+
+from . import int_at_least, output_file
 
 CELL_NAMES = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 
@@ -19,23 +23,29 @@ def add_parser(sub):
     p.add_argument("--impl", action="append", help="implementations to time (repeatable); default: every "
                    "available one except gpurnn-sim")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    p.add_argument("--shape", action="append", metavar="T,B,I,H", help="custom case shape (repeatable)")
-    p.add_argument("--repeat", type=int, default=None, help="timed repetitions per case (median reported)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and NumPy's BLAS")
-    p.add_argument("--json", metavar="FILE", help="write machine-readable results")
-    p.add_argument("--plot", metavar="FILE.png", help="draw throughput against batch size (matplotlib)")
+    p.add_argument("--shape", action="append", type=shape, metavar="T,B,I,H",
+                   help="custom case shape (repeatable)")
+    p.add_argument("--repeat", type=int_at_least(1), default=None,
+                   help="timed repetitions per case (median reported; default 5)")
+    p.add_argument("--threads", type=int_at_least(1), default=None,
+                   help="CPU threads for torch and NumPy's BLAS")
+    p.add_argument("--json", metavar="FILE", type=output_file, help="write machine-readable "
+                   "results, rewritten as each case finishes (an interrupted run keeps them)")
+    p.add_argument("--plot", metavar="FILE.png", type=output_file,
+                   help="draw throughput against batch size (matplotlib)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
     return p
 
 
-def _shape(text):
+def shape(text):
+    """An argparse type: T,B,I,H, four integers >= 1."""
     try:
         T, B, I, H = (int(v) for v in text.split(","))
     except ValueError:
-        raise SystemExit(f"gpurnn bench: --shape must be T,B,I,H (four integers); got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be T,B,I,H (four integers); got {text!r}") from None
     if min(T, B, I, H) < 1:
-        raise SystemExit(f"gpurnn bench: --shape values must be >= 1; got {text!r}")
+        raise argparse.ArgumentTypeError(f"values must be >= 1; got {text!r}")
     return T, B, I, H
 
 
@@ -108,13 +118,19 @@ def run(args):
     cells = tuple(args.cell or ("lstm", "gru", "rnn_tanh"))
     modes = tuple(args.mode or ("fwd", "fwdbw"))
     if args.shape:
-        cases = [bench.Case(c, m, *_shape(s), args.dtype) for c in cells for m in modes for s in args.shape]
+        cases = [bench.Case(c, m, *s, args.dtype) for c in cells for m in modes for s in args.shape]
     else:
         cases = bench.grid(args.quick, cells, modes, args.dtype)
-    repeat = args.repeat or 5
+    repeat = args.repeat if args.repeat is not None else 5
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  (checked before the run, not after it)
+        except ImportError:
+            print("gpurnn bench: --plot needs matplotlib (pip install 'gpurnn[bench]')", file=sys.stderr)
+            return 2
 
     limiter = None
-    if args.threads:
+    if args.threads is not None:
         try:
             import torch
             torch.set_num_threads(args.threads)
@@ -140,15 +156,33 @@ def run(args):
             bar.set_postfix_str(f"{case.id} {impl}")
             bar.update(1)
 
+    env, device = bench.environment(), _device()
+    results = []
+
+    def write_json(complete):
+        # the whole file again after every case, replaced in one step: an interrupted run (or a
+        # crash in a later case) leaves every case measured so far in a readable file
+        data = {"schema": "gpurnn-bench/1", "environment": env, "device": device,
+                "implementations": impls, "not_timed": skipped, "repeat": repeat,
+                "complete": complete, "cases_planned": len(cases) * len(impls), "cases": results}
+        partial = f"{args.json}.partial"
+        with open(partial, "w") as fh:
+            json.dump(data, fh, indent=1)
+        os.replace(partial, args.json)
+
+    def case_done(case, case_results):
+        results.extend(case_results)
+        if args.json:
+            write_json(complete=False)
+
     try:
-        results = bench.run_cases(cases, impls, repeat=repeat, progress=progress)
+        bench.run_cases(cases, impls, repeat=repeat, progress=progress, on_case=case_done)
     finally:
         if bar is not None:
             bar.close()
         if limiter is not None:
             limiter.unregister()
 
-    env = bench.environment()
     print(f"gpurnn bench: {len(cases)} cases x {len(impls)} implementations, median of {repeat}; "
           f"{env['cpu_count']} CPUs, torch threads {env.get('torch_threads')}")
     for impl, why in skipped.items():
@@ -160,10 +194,7 @@ def run(args):
              "(gpurnn.plan.step_floor_seconds; forward cases on a GPU)." if any(
                  r.get("times_floor") is not None for r in results) else ""))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"schema": "gpurnn-bench/1", "environment": env, "device": _device(),
-                       "implementations": impls, "not_timed": skipped, "repeat": repeat,
-                       "cases": results}, fh, indent=1)
+        write_json(complete=True)
         print(f"wrote {args.json}")
     if args.plot:
         plot(results, args.plot)

@@ -11,6 +11,8 @@ import time
 
 import numpy as np
 
+from . import int_at_least
+
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 TOL32, TOL64, TOL_FD = 1e-5, 1e-10, 1e-7
 
@@ -20,7 +22,7 @@ def add_parser(sub):
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", action="append", choices=("numpy", "sim", "cuda"),
                    help="check only these backends (repeatable); default: every available one")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the random problems")
     p.set_defaults(func=run)
     return p
 

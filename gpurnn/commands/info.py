@@ -3,7 +3,10 @@ the plan's capacity table (largest hidden size the persistent kernels take, per 
 and the per-step traffic model for a few reference shapes."""
 from __future__ import annotations
 
+import argparse
 import json
+
+from . import int_at_least
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 DTYPES = ("float32", "float64", "bfloat16")   # bfloat16: storage model only, no kernels yet
@@ -13,13 +16,22 @@ TRAFFIC_SHAPES = ((256, 1), (512, 8), (1024, 8), (1024, 64))
 def add_parser(sub):
     p = sub.add_parser("info", help="versions, backends, devices, persistent capacity",
                        description=__doc__)
-    p.add_argument("--device", help="a named profile (H100, H200, A100, RTX4090, ...) instead of the "
-                   "current CUDA device")
-    p.add_argument("--batch", type=int, action="append", help="batch sizes for the capacity table "
-                   "(repeatable; default 1 and 8)")
+    p.add_argument("--device", type=profile_name, help="a named profile (H100, H200, A100, "
+                   "RTX4090, ...) instead of the current CUDA device")
+    p.add_argument("--batch", type=int_at_least(1), action="append", help="batch sizes for the "
+                   "capacity table (repeatable; default 1 and 8)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=run)
     return p
+
+
+def profile_name(text):
+    """An argparse type: a device profile of gpurnn.plan, by name (any case)."""
+    from gpurnn.plan import PROFILES
+    for name in PROFILES:
+        if name.lower() == text.lower():
+            return name
+    raise argparse.ArgumentTypeError(f"must be one of {', '.join(PROFILES)}; got {text!r}")
 
 
 def collect(device=None, batches=(1, 8)):

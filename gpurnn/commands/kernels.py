@@ -3,7 +3,9 @@ needed) and print its resources next to what the plan assumes; exit 1 on any spi
 count above the plan's budget, or compile failure."""
 from __future__ import annotations
 
+import argparse
 import json
+import re
 
 # The plan's dynamic shared memory is shown at this reference shape, on the profile of each arch.
 REFERENCE = {"input_size": 512, "hidden_size": 512, "batch": 8}
@@ -13,11 +15,20 @@ ARCH_PROFILE = {"sm_80": "A100", "sm_90": "H100", "sm_89": "RTX4090"}
 def add_parser(sub):
     p = sub.add_parser("kernels", help="static GPU checks: registers, spills, shared memory",
                        description=__doc__)
-    p.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"],
+    p.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"], type=arch,
                    help="architectures to compile for (default: sm_80 sm_90)")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     p.set_defaults(func=run)
     return p
+
+
+def arch(text):
+    """An argparse type: a real GPU architecture name, sm_<major><minor> (sm_80, sm_90, ...).
+    Whether NVVM supports it is reported per kernel, as any compile failure."""
+    if not re.fullmatch(r"sm_[1-9]\d*\d", text):
+        raise argparse.ArgumentTypeError(f"must look like sm_80 or sm_90 (sm_<major><minor>); "
+                                         f"got {text!r}")
+    return text
 
 
 def reference_plan(row):
