@@ -87,13 +87,20 @@ def _lengths(lengths, T, B):
     return arr.astype(np.int64)
 
 
+def _check_backend_options(options):
+    # each backend checks its own keys, before it computes anything
+    if options is not None and not isinstance(options, dict):
+        raise TypeError(f"backend_options must be a dict or None; got {type(options).__name__}")
+
+
 def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, lengths=None,
             reverse=False, training=True, backend="auto", backend_options=None):
     """Generic form: returns (y, h_n, c_n, reserve); c_n is None except for LSTM and reserve
     is None unless training."""
     if cell not in CELLS:
         raise ValueError(f"cell must be one of {CELLS}; got {cell!r}")
-    name = resolve(backend, (x, w_ih, w_hh, b_ih, b_hh, h0, c0))
+    name = resolve(backend, {"x": x, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh,
+                             "h0": h0, "c0": c0})
     device = name == "cuda"
     x = _as_array("x", x, device)
     if x.ndim != 3:
@@ -126,8 +133,7 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, lengths
     elif c0 is not None:
         raise ValueError(f"c0 is only for LSTM; got a c0 for {cell}")
     lengths = _lengths(lengths, T, B)
-    if backend_options is not None and not isinstance(backend_options, dict):
-        raise TypeError(f"backend_options must be a dict or None; got {type(backend_options).__name__}")
+    _check_backend_options(backend_options)
     mod = get_backend(name)
     return mod.forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, bool(reverse),
                        bool(training), options=backend_options)
@@ -146,15 +152,21 @@ def backward(reserve, dy=None, dh_n=None, dc_n=None, backend_options=None):
     T, B, I, H = reserve.shape
     dtype = str(reserve.x.dtype)
     xp = _cupy("x") if device else np
-    resolve(reserve.backend, (dy, dh_n, dc_n))      # mixing host and device arrays is an error
+    # mixing host and device arrays is an error
+    resolve(reserve.backend, {"dy": dy, "dh_n": dh_n, "dc_n": dc_n})
+    _check_backend_options(backend_options)
     dy = _or_zeros("dy", dy, (T, B, H), "(T, B, H)", dtype, device, xp)
     dh_n = _or_zeros("dh_n", dh_n, (B, H), "(B, H)", dtype, device, xp)
     if reserve.cell == "lstm":
         dc_n = _or_zeros("dc_n", dc_n, (B, H), "(B, H)", dtype, device, xp)
     elif dc_n is not None:
         raise ValueError(f"dc_n is only for LSTM; got a dc_n for {reserve.cell}")
+    # The reserve is used up only by a backward that succeeded: one whose backend_options the
+    # backend rejects (or that fails for any other reason) leaves it for the retry. Backends
+    # never write into a reserve, so a failed attempt leaves nothing behind in it.
+    grads = get_backend(reserve.backend).backward(reserve, dy, dh_n, dc_n, options=backend_options)
     reserve.consumed = True
-    return get_backend(reserve.backend).backward(reserve, dy, dh_n, dc_n, options=backend_options)
+    return grads
 
 
 def lstm_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, lengths=None,

@@ -12,14 +12,18 @@ generator (`seed`) and kept for backward.
 """
 from __future__ import annotations
 
+import numbers
 from collections import OrderedDict
+from collections.abc import Mapping
 
 import numpy as np
 
 from . import functional as F
 from .arrays import _cupy
-from .backends import is_device_array, resolve
+from .backends import BACKENDS, is_device_array, resolve
 from .cells import GATES, rnn_cell
+
+_SEED_TYPES = (np.random.Generator, np.random.BitGenerator, np.random.SeedSequence)
 
 
 def _to_numpy(name, value):
@@ -45,11 +49,24 @@ class _RNNBase:
                 raise TypeError(f"{name} must be an int; got {type(v).__name__}")
             if v < low:
                 raise ValueError(f"{name} must be >= {low}; got {v}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
+        # any real number, as torch.nn (np.float32(0.25) included); NaN fails the range test
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout <= 1:
             raise ValueError(f"dropout must be a number in [0, 1]; got {dropout!r}")
-        dtype = np.dtype(dtype)
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError as exc:
+            raise TypeError(f"dtype must be float32 or float64; got {dtype!r}") from exc
         if dtype not in (np.float32, np.float64):
             raise TypeError(f"dtype must be float32 or float64; got {dtype}")
+        if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
+            raise ValueError(f"backend must be one of {('auto',) + BACKENDS}; got {backend!r}")
+        if seed is not None and not isinstance(seed, _SEED_TYPES):
+            if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+                raise TypeError(f"seed must be None, a non-negative int or a numpy.random "
+                                f"Generator / BitGenerator / SeedSequence; got "
+                                f"{type(seed).__name__} {seed!r}")
+            if seed < 0:
+                raise ValueError(f"seed must be a non-negative int; got {seed}")
         self.input_size, self.hidden_size, self.num_layers = int(input_size), int(hidden_size), int(num_layers)
         self.bias, self.batch_first, self.bidirectional = bool(bias), bool(batch_first), bool(bidirectional)
         self.dropout = float(dropout)
@@ -86,7 +103,11 @@ class _RNNBase:
         return OrderedDict((k, v.copy()) for k, v in self._params.items())
 
     def load_state_dict(self, state_dict, strict=True):
-        """Load parameters from anything NumPy can convert (e.g. torch CPU tensors)."""
+        """Load parameters from anything NumPy can convert (e.g. torch CPU tensors). All or
+        nothing: a bad entry raises before any parameter changes."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping of parameter names to arrays (what "
+                            f"state_dict() returns); got {type(state_dict).__name__}")
         expected = dict(self._param_shapes())
         unknown = sorted(set(state_dict) - set(expected))
         missing = sorted(set(expected) - set(state_dict))
@@ -126,8 +147,9 @@ class _RNNBase:
         return f"{type(self).__name__}({self.input_size}, {self.hidden_size}{extra})"
 
     # ---- forward / backward -----------------------------------------------------------
-    def _split_hx(self, hx, B, names=("h0", "c0", "hx")):
-        """(h0, c0) from hx (torch's form), each (L*D, B, H) or None; c0 is None except LSTM.
+    def _split_hx(self, hx, B, device, names=("h0", "c0", "hx")):
+        """(h0, c0) from hx (torch's form), each (L*D, B, H) or None; c0 is None except LSTM;
+        converted to the arrays the backend computes on (NumPy, or CuPy when `device`).
         `names` are what the messages call the arguments (backward passes its own)."""
         shape = (self.num_layers * self.num_directions, B, self.hidden_size)
         if hx is None:
@@ -149,6 +171,7 @@ class _RNNBase:
                                 f"got {type(a).__name__}")
             if tuple(a.shape) != shape:
                 raise ValueError(f"{name} has shape {tuple(a.shape)}; expected (L*D, B, H) = {shape}")
+            a = F._as_array(name, a, device)      # a torch tensor's dtype is then NumPy's too
             if a.dtype != self.dtype:
                 raise TypeError(f"{name} has dtype {a.dtype}; expected {self.dtype} (the module's dtype)")
             out.append(a)
@@ -165,16 +188,24 @@ class _RNNBase:
 
     def forward(self, x, hx=None, lengths=None):
         """torch.nn semantics: LSTM returns y, (h_n, c_n); GRU and RNN return y, h_n."""
-        if not hasattr(x, "shape") or len(x.shape) != 3:
+        if not hasattr(x, "shape"):
+            # a nested list (or another array-like without a dtype) is read in the module's dtype
+            try:
+                x = np.asarray(x, dtype=self.dtype)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"x must be an array or a nested list of numbers; got a "
+                                f"{type(x).__name__} NumPy cannot read as {self.dtype} ({exc})") from exc
+        if len(x.shape) != 3:
             raise ValueError(f"x must have 3 dimensions ({'(B, T, I)' if self.batch_first else '(T, B, I)'}); "
-                             f"got shape {tuple(getattr(x, 'shape', ()))}")
-        h0_all, c0_all = None, None
-        hx_arrays = hx if isinstance(hx, (tuple, list)) else (hx,)
-        backend = resolve(self.backend, (x,) + tuple(hx_arrays))
+                             f"got shape {tuple(x.shape)}")
+        if self.cell == "lstm" and isinstance(hx, (tuple, list)) and len(hx) == 2:
+            named = {"x": x, "h0": hx[0], "c0": hx[1]}
+        else:
+            named = {"x": x, "hx": hx if not isinstance(hx, (tuple, list)) else None}
+        backend = resolve(self.backend, named)
         device = backend == "cuda"
         xp = _cupy("x") if device else np
-        if not device:
-            x = np.asarray(x)
+        x = F._as_array("x", x, device)
         if x.dtype != self.dtype:
             raise TypeError(f"x has dtype {x.dtype}; expected {self.dtype} (the module's dtype)")
         if x.shape[2] != self.input_size:
@@ -183,7 +214,7 @@ class _RNNBase:
             x = x.transpose(1, 0, 2)
         x = xp.ascontiguousarray(x)
         B = x.shape[1]
-        h0_all, c0_all = self._split_hx(hx, B)
+        h0_all, c0_all = self._split_hx(hx, B, device)
         params = self._device_params(backend)
         D = self.num_directions
         training = self.training
@@ -232,36 +263,56 @@ class _RNNBase:
         reserves, masks, backend = self._saved
         T, B, _, _ = reserves[0][0].shape
         H, D, L = self.hidden_size, self.num_directions, self.num_layers
-        xp = _cupy("dy") if backend == "cuda" else np
-        dy = F._as_array("dy", dy, backend == "cuda")
+        device = backend == "cuda"
+        xp = _cupy("dy") if device else np
         want = (B, T, D * H) if self.batch_first else (T, B, D * H)
+        if dy is None:
+            raise TypeError(f"dy must be an array of the shape of y = {want}; got None (pass "
+                            f"zeros where the loss does not depend on y)")
+        resolve(backend, {"dy": dy})
+        dy = F._as_array("dy", dy, device)
         if tuple(dy.shape) != want:
             raise ValueError(f"dy has shape {tuple(dy.shape)}; expected the shape of y = {want}")
         if dy.dtype != self.dtype:
             raise TypeError(f"dy has dtype {dy.dtype}; expected {self.dtype} (the module's dtype)")
         if self.batch_first:
             dy = dy.transpose(1, 0, 2)
-        dh_all, dc_all = self._split_hx(dhx, B, names=("dh_n", "dc_n", "dhx"))
-        self._saved = None          # only once the arguments are known good: a bad call can be retried
+        dh_all, dc_all = self._split_hx(dhx, B, device, names=("dh_n", "dc_n", "dhx"))
+        # Nothing moves until every layer's backward has succeeded: the parameter gradients are
+        # collected here and added at the end, and if a layer fails the reserves already used
+        # in this call are handed back (backends never write into a reserve), so the same
+        # call can be retried and the forward's work is not lost.
+        new_grads = {}
+        used = []
         dh0, dc0 = [None] * (L * D), [None] * (L * D)
         grad_out = dy
-        for layer in reversed(range(L)):
-            if masks[layer] is not None:
-                grad_out = grad_out * masks[layer]
-            grad_in = None
-            for d in range(D):
-                sfx = f"_l{layer}" + ("_reverse" if d else "")
-                idx = layer * D + d
-                g = F.backward(reserves[layer][d], xp.ascontiguousarray(grad_out[:, :, d * H:(d + 1) * H]),
-                               None if dh_all is None else dh_all[idx],
-                               None if dc_all is None else dc_all[idx])
-                grad_in = g.dx if grad_in is None else grad_in + g.dx
-                dh0[idx], dc0[idx] = g.dh0, g.dc0
-                for key, val in ((f"weight_ih{sfx}", g.dw_ih), (f"weight_hh{sfx}", g.dw_hh),
-                                 (f"bias_ih{sfx}", g.db_ih), (f"bias_hh{sfx}", g.db_hh)):
-                    if val is not None:
-                        self.grads[key] += val.get() if backend == "cuda" else val
-            grad_out = grad_in
+        try:
+            for layer in reversed(range(L)):
+                if masks[layer] is not None:
+                    grad_out = grad_out * masks[layer]
+                grad_in = None
+                for d in range(D):
+                    sfx = f"_l{layer}" + ("_reverse" if d else "")
+                    idx = layer * D + d
+                    g = F.backward(reserves[layer][d],
+                                   xp.ascontiguousarray(grad_out[:, :, d * H:(d + 1) * H]),
+                                   None if dh_all is None else dh_all[idx],
+                                   None if dc_all is None else dc_all[idx])
+                    used.append(reserves[layer][d])
+                    grad_in = g.dx if grad_in is None else grad_in + g.dx
+                    dh0[idx], dc0[idx] = g.dh0, g.dc0
+                    for key, val in ((f"weight_ih{sfx}", g.dw_ih), (f"weight_hh{sfx}", g.dw_hh),
+                                     (f"bias_ih{sfx}", g.db_ih), (f"bias_hh{sfx}", g.db_hh)):
+                        if val is not None:
+                            new_grads[key] = val.get() if device else val
+                grad_out = grad_in
+        except BaseException:
+            for reserve in used:
+                reserve.consumed = False
+            raise
+        for key, val in new_grads.items():
+            self.grads[key] += val
+        self._saved = None          # each forward feeds one backward
         dx = grad_out.transpose(1, 0, 2) if self.batch_first else grad_out
         if self.cell == "lstm":
             return dx, (xp.stack(dh0), xp.stack(dc0))

@@ -33,6 +33,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import functional as F
+from .backends import BACKENDS
 from .cells import GATES, rnn_cell
 from .interop import convert_all, from_compute, to_compute, torch_stream
 
@@ -75,10 +76,12 @@ class _Layer(torch.autograd.Function):
                                "=True) is not supported: the reserve feeds exactly one backward; "
                                "run the forward again")
         x = ctx.saved_tensors[0]
-        reserve, ctx.reserve = ctx.reserve, None      # a reserve feeds one backward; free it now
         with torch_stream(x):
-            g = F.backward(reserve, to_compute("dy", dy), to_compute("dh_n", dh_n),
+            g = F.backward(ctx.reserve, to_compute("dy", dy), to_compute("dh_n", dh_n),
                            to_compute("dc_n", dc_n))
+            # a reserve feeds one backward: free it now, but only once that backward succeeded
+            # (a failed one leaves it for a retry)
+            ctx.reserve = None
             keep = (True, ctx.has_h0, ctx.has_c0, True, True, ctx.has_bias, ctx.has_bias)
             dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh = (
                 from_compute(v, ctx.family) if wanted else None for v, wanted in zip(g, keep))
@@ -99,13 +102,18 @@ class _RNNBase(nn.Module):
                 raise TypeError(f"{name} must be an int; got {type(v).__name__}")
             if v < low:
                 raise ValueError(f"{name} must be >= {low}; got {v}")
-        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1:
+        # any real number, as torch.nn (np.float32(0.25) included); NaN fails the range test
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout <= 1:
             raise ValueError(f"dropout must be a number in [0, 1]; got {dropout!r}")
         if proj_size != 0:
             raise ValueError(f"proj_size must be 0 (projections are not supported by gpurnn); "
                              f"got {proj_size!r}")
-        if backend not in ("auto", "numpy", "sim", "cuda"):
-            raise ValueError(f"backend must be one of ('auto', 'numpy', 'sim', 'cuda'); got {backend!r}")
+        if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
+            raise ValueError(f"backend must be one of {('auto',) + BACKENDS}; got {backend!r}")
+        resolved_dtype = torch.get_default_dtype() if dtype is None else dtype
+        if resolved_dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"dtype must be torch.float32 or torch.float64 (gpurnn's kernels); "
+                            f"got {dtype!r}")
         if dropout > 0 and num_layers == 1:
             # torch.nn warns the same way; keep the message so filters written for torch apply
             warnings.warn("dropout option adds dropout after all but last recurrent layer, so "

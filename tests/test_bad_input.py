@@ -704,3 +704,134 @@ def test_sim_needs_the_numba_cuda_package(monkeypatch):
     assert not ok and "pip install 'gpurnn[sim]'" in why
     ok, why = availability("cuda")
     assert not ok
+
+
+# ---- constructors check everything at construction ---------------------------------------------
+
+@pytest.mark.parametrize("kwargs,exc,text", [
+    (dict(backend="bogus"), ValueError, "backend must be one of ('auto', 'numpy'"),
+    (dict(backend=None), ValueError, "backend must be one of"),
+    (dict(dtype="bogus"), TypeError, "dtype must be float32 or float64; got 'bogus'"),
+    (dict(dtype=object()), TypeError, "dtype must be float32 or float64; got <object"),
+    (dict(seed=-1), ValueError, "seed must be a non-negative int; got -1"),
+    (dict(seed=1.5), TypeError, "seed must be None, a non-negative int or a numpy.random Generator"),
+    (dict(seed="abc"), TypeError, "seed must be None, a non-negative int or a numpy.random Generator"),
+    (dict(seed=True), TypeError, "got bool True"),
+    (dict(dropout=1j), ValueError, "dropout must be a number in [0, 1]; got 1j"),
+    (dict(dropout=np.float32(1.5)), ValueError, "dropout must be a number in [0, 1]; got np.float32(1.5)"),
+], ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize("cls", [gpurnn.LSTM, gpurnn.GRU, gpurnn.RNN], ids=["LSTM", "GRU", "RNN"])
+def test_layer_constructor_checks_everything(cls, kwargs, exc, text):
+    with pytest.raises(exc, match=msg(text)):
+        cls(I, H, num_layers=2, **kwargs)
+
+
+@pytest.mark.parametrize("dropout", [np.float32(0.25), np.float64(0.25), 0.25, np.int64(0), 1],
+                         ids=["np.float32", "np.float64", "float", "np.int64", "int"])
+def test_dropout_accepts_any_real_number(dropout):
+    m = gpurnn.LSTM(I, H, num_layers=2, dropout=dropout, seed=0)
+    assert m.dropout == float(dropout)
+    y, _ = m(np.ones((T, B, I), np.float32))
+    assert np.isfinite(y).all()
+
+
+@pytest.mark.parametrize("seed", [None, 0, np.int64(3), np.random.SeedSequence(4), np.random.PCG64(5)],
+                         ids=["None", "0", "np.int64", "SeedSequence", "BitGenerator"])
+def test_seeds_numpy_accepts(seed):
+    m = gpurnn.GRU(I, H, seed=seed)
+    assert m.state_dict()["weight_hh_l0"].shape == (3 * H, H)
+
+
+def test_torch_module_constructor_checks_everything():
+    torch = pytest.importorskip("torch")
+    import gpurnn.torch as gt
+    with pytest.raises(ValueError, match=msg("backend must be one of ('auto', 'numpy'", "got 'bogus'")):
+        gt.LSTM(I, H, backend="bogus")
+    with pytest.raises(TypeError, match=msg("dtype must be torch.float32 or torch.float64", "torch.float16")):
+        gt.GRU(I, H, dtype=torch.float16)
+    with pytest.raises(ValueError, match=msg("dropout must be a number in [0, 1]; got 1j")):
+        gt.RNN(I, H, num_layers=2, dropout=1j)
+    # np.float32 dropout: torch.nn takes it, so does gpurnn.torch
+    torch.nn.LSTM(I, H, num_layers=2, dropout=np.float32(0.25))
+    assert gt.LSTM(I, H, num_layers=2, dropout=np.float32(0.25)).dropout == 0.25
+
+
+# ---- the messages of issue 16 -------------------------------------------------------------------
+
+def test_layer_x_as_a_nested_list():
+    m = gpurnn.GRU(I, H, seed=0)
+    m.eval()
+    x = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
+    y_list, _ = m(x.tolist())                      # read in the module's dtype
+    y, _ = m(x)
+    np.testing.assert_array_equal(y_list, y)
+    with pytest.raises(ValueError, match=msg("x must have 3 dimensions ((T, B, I)); got shape (2, 3)")):
+        m([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    with pytest.raises(TypeError, match=msg("x must be an array or a nested list of numbers; got a list")):
+        m([[[1.0, 2.0]], [[1.0]]])                  # ragged
+    with pytest.raises(TypeError, match=msg("x must be an array or a nested list of numbers; got a str")):
+        m("abc")
+
+
+def test_layer_torch_tensor_state_with_torch_input():
+    torch = pytest.importorskip("torch")
+    m = gpurnn.LSTM(I, H, seed=0)
+    x = torch.randn(T, B, I)
+    h0, c0 = torch.randn(1, B, H), torch.randn(1, B, H)
+    y, (h_n, c_n) = m(x, (h0, c0))
+    y_np, (h_np, c_np) = m(x.numpy(), (h0.numpy(), c0.numpy()))
+    np.testing.assert_array_equal(y, y_np)
+    np.testing.assert_array_equal(h_n, h_np)
+    with pytest.raises(TypeError, match=msg("c0 has dtype float64; expected float32 (the module's dtype)")):
+        m(x, (h0, c0.double()))
+    gru = gpurnn.GRU(I, H)
+    with pytest.raises(TypeError, match=msg("hx has dtype float64; expected float32 (the module's dtype)")):
+        gru(x, torch.zeros(1, B, H, dtype=torch.float64))
+
+
+def test_layer_backward_none():
+    m = gpurnn.LSTM(I, H, bidirectional=True)
+    y, _ = m(np.ones((T, B, I), np.float32))
+    with pytest.raises(TypeError, match=msg(f"dy must be an array of the shape of y = {(T, B, 2 * H)}; got None")):
+        m.backward(None)
+    dx, _ = m.backward(np.ones_like(y))            # the rejected call kept the forward
+    assert dx.shape == (T, B, I)
+
+
+def test_layer_backward_device_dy_on_a_host_module():
+    m = gpurnn.GRU(I, H)
+    y, _ = m(np.ones((T, B, I), np.float32))
+    with pytest.raises(TypeError, match=msg("backend 'numpy' takes NumPy arrays; got device arrays: dy",
+                                            "FakeDeviceArray")):
+        m.backward(FakeDeviceArray(y.shape))
+
+
+@pytest.mark.parametrize("fn", ["step_traffic", "step_floor_seconds", "traffic_saving"])
+@pytest.mark.parametrize("bad", ["p", None, 3], ids=["str", "None", "int"])
+def test_plan_functions_take_a_plan(fn, bad):
+    with pytest.raises(TypeError, match=msg("plan must be a gpurnn.plan.Plan (what gpurnn.plan(...) returns); "
+                                            f"got {type(bad).__name__}")):
+        getattr(gpurnn.plan, fn)(bad)
+
+
+@pytest.mark.parametrize("name", ["w_hh", "h0", "b_hh"])
+def test_functional_mixing_names_each_argument(name):
+    a = make("lstm")
+    a[name] = FakeDeviceArray(a[name].shape)
+    with pytest.raises(TypeError) as exc:
+        F.forward("lstm", **a)
+    text = str(exc.value)
+    assert f"{name} (device {__name__}.FakeDeviceArray)" in text, text
+    assert "x (host numpy.ndarray)" in text and "w_ih (host numpy.ndarray)" in text, text
+
+
+def test_functional_cuda_backend_names_the_host_arrays():
+    with pytest.raises(TypeError, match=msg("backend 'cuda' takes device arrays", "got NumPy arrays: x (host numpy.ndarray)")):
+        fwd(backend="cuda")
+
+
+def test_numpy_backend_refuses_kernel_options():
+    with pytest.raises(ValueError, match=msg("backend_options has keys ['blocks', 'path']; the numpy backend takes none")):
+        fwd(backend="numpy", backend_options={"path": "persistent", "blocks": 100000})
+    y, h_n, c_n, res = fwd(backend="numpy", backend_options={})
+    assert res is not None

@@ -79,18 +79,27 @@ def get_backend(name: str):
 
 
 def resolve(backend: str, arrays) -> str:
-    """Resolve 'auto' (or GPURNN_BACKEND) to a backend name by the types of `arrays`.
+    """Resolve 'auto' (or GPURNN_BACKEND) to a backend name by the types of `arrays`, a mapping
+    argument name -> array (None allowed; the names go into the messages).
 
     NumPy arrays go to 'numpy'; anything exposing __cuda_array_interface__ goes to 'cuda';
-    mixing the two in one call is a TypeError. An explicit 'sim' takes NumPy arrays.
+    mixing the two in one call is a TypeError naming each argument. An explicit 'sim' takes
+    NumPy arrays.
     """
-    present = [a for a in arrays if a is not None]
-    kinds = {("device" if is_device_array(a) else "host") for a in present}
-    if len(kinds) > 1:
-        described = ", ".join(sorted({type(a).__module__ + "." + type(a).__name__ for a in present}))
+    from ..arrays import kind_of
+    if not hasattr(arrays, "items"):
+        arrays = {f"argument {i}": a for i, a in enumerate(arrays)}
+    kinds = {name: kind_of(a, name) for name, a in arrays.items() if a is not None}
+
+    def listing(which=None):
+        return ", ".join(f"{name} ({kind} {type(arrays[name]).__module__}."
+                         f"{type(arrays[name]).__name__})"
+                         for name, kind in kinds.items() if which in (None, kind))
+
+    if len(set(kinds.values())) > 1:
         raise TypeError(f"arrays in one call must all be host (NumPy) or all device (CuPy / "
-                        f"__cuda_array_interface__) arrays; got a mix: {described}")
-    on_device = kinds == {"device"}
+                        f"__cuda_array_interface__) arrays; got a mix: {listing()}")
+    on_device = set(kinds.values()) == {"device"}
     if backend == "auto":
         backend = os.environ.get("GPURNN_BACKEND", "auto") or "auto"
     if backend == "auto":
@@ -98,10 +107,11 @@ def resolve(backend: str, arrays) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}; got {backend!r}")
     if backend in ("numpy", "sim") and on_device:
-        raise TypeError(f"backend {backend!r} takes NumPy arrays; got device arrays")
-    if backend == "cuda" and present and not on_device:
-        raise TypeError("backend 'cuda' takes device arrays (CuPy or __cuda_array_interface__); "
-                        "got NumPy arrays")
+        raise TypeError(f"backend {backend!r} takes NumPy arrays; got device arrays: "
+                        f"{listing('device')}")
+    if backend == "cuda" and kinds and not on_device:
+        raise TypeError(f"backend 'cuda' takes device arrays (CuPy or __cuda_array_interface__); "
+                        f"got NumPy arrays: {listing('host')}")
     return backend
 
 
