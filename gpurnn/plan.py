@@ -27,12 +27,12 @@ from typing import Optional
 
 from . import cost
 from .cells import CELLS, GATES, RESERVE_GATES
-from .kernels.layout import KERNEL_REGS_MAX, batch_tiles, smem_bytes, units_per_block
+from .kernels.dtypes import ITEMSIZE, STORAGE
+from .kernels.layout import KERNEL_REGS_MAX, batch_tiles, smem_bytes_for, units_per_block
 
 KB = 1024
 # Dtypes the kernels exist for; the capacity model also takes 16-bit storage (see capacity()).
-KERNEL_DTYPES = ("float32", "float64")
-ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
+KERNEL_DTYPES = STORAGE        # storage dtypes (gpurnn.kernels.dtypes); 16-bit computes in fp32
 # Registers are allocated per warp in units of 256 (sm_50 .. sm_90).
 _REG_ALLOC_UNIT = 256
 _MAX_REGS_PER_THREAD = 255
@@ -288,10 +288,10 @@ class _Fit:
         return max(self.fwd, self.bwd)
 
 
-def _fit_tile(gates, hidden, itemsize, blocks, cap, dev, threads, tile):
+def _fit_tile(gates, hidden, dtype, blocks, cap, dev, threads, tile):
     units = units_per_block(hidden, blocks)
-    fwd = smem_bytes("fwd", gates, hidden, tile, units, itemsize, threads=threads)
-    bwd = smem_bytes("bwd", gates, hidden, tile, units, itemsize, threads=threads)
+    fwd = smem_bytes_for("fwd", gates, hidden, tile, units, dtype, threads=threads)
+    bwd = smem_bytes_for("bwd", gates, hidden, tile, units, dtype, threads=threads)
     by_smem = dev.smem_per_sm // (max(fwd, bwd) + dev.smem_reserved_per_block)
     per_sm = min(cap, by_smem)
     return _Fit(blocks, units, fwd, bwd, per_sm, per_sm * dev.sm_count, tile)
@@ -301,29 +301,29 @@ def _fits(f, dev):
     return f.smem <= dev.smem_per_block_optin and 1 <= f.blocks <= f.coop
 
 
-def _fit_at(gates, hidden, batch, itemsize, blocks, cap, dev, threads, tile=None):
+def _fit_at(gates, hidden, batch, dtype, blocks, cap, dev, threads, tile=None):
     """The fit of a P = blocks grid: with `tile` rows staged at once if given, else with the
     largest tile (whole batch first) that fits; else the one-row attempt, which explains why
     nothing does. Shared memory grows with the tile, so a bisection finds the largest."""
     if tile is not None:
-        return _fit_tile(gates, hidden, itemsize, blocks, cap, dev, threads, tile)
-    whole = _fit_tile(gates, hidden, itemsize, blocks, cap, dev, threads, batch)
+        return _fit_tile(gates, hidden, dtype, blocks, cap, dev, threads, tile)
+    whole = _fit_tile(gates, hidden, dtype, blocks, cap, dev, threads, batch)
     if _fits(whole, dev) or batch == 1:
         return whole
-    one = _fit_tile(gates, hidden, itemsize, blocks, cap, dev, threads, 1)
+    one = _fit_tile(gates, hidden, dtype, blocks, cap, dev, threads, 1)
     if not _fits(one, dev):
         return one
     lo, hi = 1, batch          # fits at lo, not at hi
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if _fits(_fit_tile(gates, hidden, itemsize, blocks, cap, dev, threads, mid), dev):
+        if _fits(_fit_tile(gates, hidden, dtype, blocks, cap, dev, threads, mid), dev):
             lo = mid
         else:
             hi = mid
-    return _fit_tile(gates, hidden, itemsize, blocks, cap, dev, threads, lo)
+    return _fit_tile(gates, hidden, dtype, blocks, cap, dev, threads, lo)
 
 
-def _search(gates, hidden, batch, itemsize, cap, dev, threads, tile=None):
+def _search(gates, hidden, batch, dtype, cap, dev, threads, tile=None):
     """The persistent grid with the smallest slice per block: P = min(H, SMs x k) for the most
     resident blocks per SM k that still fit, then U = ceil(H/P) and P = ceil(H/U) (no empty
     block) — first staging the whole batch at once, then in the largest batch tiles that fit
@@ -335,7 +335,7 @@ def _search(gates, hidden, batch, itemsize, cap, dev, threads, tile=None):
         for k in range(max(cap, 1), 0, -1):
             blocks = min(hidden, dev.sm_count * k)
             units = units_per_block(hidden, blocks)
-            f = _fit_at(gates, hidden, batch, itemsize, -(-hidden // units), cap, dev, threads, t)
+            f = _fit_at(gates, hidden, batch, dtype, -(-hidden // units), cap, dev, threads, t)
             if _fits(f, dev):
                 return f
             if k == 1:
@@ -394,9 +394,9 @@ def _plan(cell, input_size, hidden, batch, dtype, itemsize, dev, blocks, threads
     cap = _resident_limit(threads, regs, dev)
     reasons = []
     if blocks is None:
-        f = _search(gates, hidden, batch, itemsize, cap, dev, threads, tile)
+        f = _search(gates, hidden, batch, dtype, cap, dev, threads, tile)
     else:
-        f = _fit_at(gates, hidden, batch, itemsize, blocks, cap, dev, threads, tile)
+        f = _fit_at(gates, hidden, batch, dtype, blocks, cap, dev, threads, tile)
         reasons.append(f"blocks={blocks} forced by the caller")
         used = -(-hidden // f.units)
         if used < blocks:
@@ -478,16 +478,15 @@ def _plan(cell, input_size, hidden, batch, dtype, itemsize, dev, blocks, threads
 
 def capacity(cell, dtype="float32", device="H100", batch=1, *, threads=None,
              regs_per_thread=None) -> int:
-    """The largest hidden size H that the persistent path takes on `device` (0 if none).
-
-    dtype may also be "float16" or "bfloat16": the same layout with 2-byte elements, i.e. the
-    capacity 16-bit storage would give; gpurnn has no 16-bit kernels, so plan() refuses them.
+    """The largest hidden size H the persistent path fits on `device` (0 if none), whatever
+    the step-time model would choose. dtype is a storage dtype: "float16" and "bfloat16" keep
+    the weight slice in 2-byte elements (the rest of shared memory stays fp32).
     Feasibility falls monotonically with H (U = ceil(H/P) never shrinks as H grows, and the
     shared memory grows with both), so a bisection finds the edge.
     """
     _validate_cell(cell)
     _validate_int("batch", batch)
-    dtype = _dtype_name(dtype, tuple(ITEMSIZE))
+    dtype = _dtype_name(dtype, KERNEL_DTYPES)
     dev = device_profile(device)
     nthreads = _threads(threads, dev)
     regs = _regs_budget(regs_per_thread, nthreads, dev)

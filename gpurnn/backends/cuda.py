@@ -26,6 +26,7 @@ from . import Grads, Reserve
 from .numpy import input_bias, inputs_seen
 from ..cells import GATES, RESERVE_GATES
 from ..kernels import layout
+from ..kernels.dtypes import COMPUTE, host_view
 
 NAME = "cuda"
 PATHS = ("persistent", "stepwise")
@@ -188,55 +189,65 @@ def _steps(T, rev):
 
 def run_forward(rt: Runtime, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse,
                 need_reserve, options):
+    """Storage dtype = x's (float32/64 or 16-bit, gpurnn.kernels.dtypes); Gx, the cell state
+    and every GEMM in the compute dtype; h, y and the reserve gates in the storage dtype."""
     xp = rt.xp
     T, B, I = x.shape
     H = w_hh.shape[1]
     G, S = GATES[cell], RESERVE_GATES[cell]
     dtype = _dtype_name(x)
+    sdt, cdt = x.dtype, np.dtype(COMPUTE[dtype])
     rev = 1 if reverse else 0
     cfg = choose_launch(cell, I, H, B, dtype, rt.device, options)
 
-    gx = xp.matmul(x.reshape(T * B, I), w_ih.T).reshape(T, B, G * H)
+    gx = xp.matmul(x.reshape(T * B, I).astype(cdt, copy=False), w_ih.astype(cdt, copy=False).T)
+    gx = gx.reshape(T, B, G * H)
     bias = input_bias(cell, b_ih, b_hh)
     if bias is not None:
-        gx += bias
+        gx += bias.astype(cdt, copy=False)
     gx = xp.ascontiguousarray(gx)
-    placeholder3 = xp.zeros((1, 1, 1), x.dtype)
+    stored3 = xp.zeros((1, 1, 1), sdt)          # placeholders for absent arrays
+    computed3 = xp.zeros((1, 1, 1), cdt)
     if cell == "gru":
-        b_rec = xp.ascontiguousarray(b_hh) if b_hh is not None else xp.zeros(G * H, x.dtype)
+        b_rec = (xp.ascontiguousarray(b_hh.astype(cdt, copy=False)) if b_hh is not None
+                 else xp.zeros(G * H, cdt))
     else:
-        b_rec = xp.zeros(1, x.dtype)
-    h = xp.empty((T + 1, B, H), x.dtype)
+        b_rec = xp.zeros(1, cdt)
+    h = xp.empty((T + 1, B, H), sdt)
     h[T if rev else 0] = h0
-    c = placeholder3
+    c = computed3
     if cell == "lstm":
-        c = xp.empty((T + 1, B, H), x.dtype)
-        c[T if rev else 0] = c0
+        c = xp.empty((T + 1, B, H), cdt)
+        c[T if rev else 0] = c0.astype(cdt, copy=False)
     # inference keeps no reserve: the kernels skip the gate writes (B*S*H per step)
     save_gates = 1 if (S and need_reserve) else 0
-    gates = xp.empty((T, B, S * H), x.dtype) if save_gates else placeholder3
-    y = xp.empty((T, B, H), x.dtype)
+    gates = xp.empty((T, B, S * H), sdt) if save_gates else stored3
+    y = xp.empty((T, B, H), sdt)
     lengths_k = _kernel_lengths(xp, lengths, T, B)
     w_hh_c = xp.ascontiguousarray(w_hh)
 
+    def k(a):
+        return host_view(xp, a, dtype)
+
     if cfg.path == "persistent":
         P, U, bt = cfg.blocks, cfg.units_per_block, cfg.batch_tile
-        smem = layout.smem_bytes("fwd", G, H, bt, U, x.dtype.itemsize, threads=cfg.threads)
+        smem = layout.smem_bytes_for("fwd", G, H, bt, U, dtype, threads=cfg.threads)
         for t_begin, t_end in _launch_ranges(rt, P, T):
             rt.launch_persistent(cell, "persistent_fwd", dtype, P, cfg.threads, smem,
-                                 (gx, w_hh_c, b_rec, h, c, gates, y, lengths_k, rev, t_begin,
-                                  t_end, U, save_gates, bt), (t_begin, t_end))
+                                 (gx, k(w_hh_c), b_rec, k(h), c, k(gates), k(y), lengths_k, rev,
+                                  t_begin, t_end, U, save_gates, bt), (t_begin, t_end))
     else:
-        w_hh_t = xp.ascontiguousarray(w_hh.T)
-        gh = xp.empty((B, G * H), x.dtype)
+        w_hh_t = xp.ascontiguousarray(w_hh.T.astype(cdt, copy=False))
+        gh = xp.empty((B, G * H), cdt)
         time_of = _steps(T, rev)
         for s in range(T):
-            xp.matmul(h[time_of(s) + rev], w_hh_t, out=gh)
+            xp.matmul(h[time_of(s) + rev].astype(cdt, copy=False), w_hh_t, out=gh)
             rt.launch_pointwise(cell, "pointwise_fwd", dtype, B * H, cfg.threads,
-                                (gx, gh, b_rec, h, c, gates, y, lengths_k, rev, s, save_gates), s)
+                                (gx, gh, b_rec, k(h), c, k(gates), k(y), lengths_k, rev, s,
+                                 save_gates), s)
 
     h_n = h[0 if rev else T].copy()
-    c_n = c[0 if rev else T].copy() if cell == "lstm" else None
+    c_n = c[0 if rev else T].astype(sdt) if cell == "lstm" else None
     reserve = None
     if need_reserve:
         reserve = Reserve(cell=cell, backend=rt.name, reverse=bool(reverse), x=x, w_ih=w_ih,
@@ -246,6 +257,8 @@ def run_forward(rt: Runtime, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, r
 
 
 def run_backward(rt: Runtime, reserve: Reserve, dy, dh_n, dc_n, options):
+    """Gate gradients, carries and every GEMM in the compute dtype; dx, dh0, dc0 and the weight
+    gradients come back in the storage (parameter) dtype."""
     xp = rt.xp
     cell = reserve.cell
     x, w_ih, w_hh, h = reserve.x, reserve.w_ih, reserve.w_hh, reserve.h
@@ -253,6 +266,7 @@ def run_backward(rt: Runtime, reserve: Reserve, dy, dh_n, dc_n, options):
     G = GATES[cell]
     GH = G * H
     dtype = _dtype_name(x)
+    sdt, cdt = x.dtype, np.dtype(COMPUTE[dtype])
     rev = 1 if reserve.reverse else 0
     cfg = reserve.plan if isinstance(reserve.plan, LaunchConfig) else None
     if options or cfg is None:
@@ -261,50 +275,60 @@ def run_backward(rt: Runtime, reserve: Reserve, dy, dh_n, dc_n, options):
         merged.update(_check_options(options))
         cfg = choose_launch(cell, I, H, B, dtype, rt.device, merged)
 
-    placeholder3 = xp.zeros((1, 1, 1), x.dtype)
-    c = reserve.c if reserve.c is not None else placeholder3
-    gates = reserve.gates if reserve.gates is not None else placeholder3
-    dgh = xp.empty((T, B, GH), x.dtype)
-    dgx = xp.empty((T, B, GH), x.dtype) if cell == "gru" else placeholder3
-    dh_carry = xp.array(dh_n, dtype=x.dtype, copy=True, order="C")
-    dc_carry = (xp.array(dc_n, dtype=x.dtype, copy=True, order="C") if cell == "lstm"
-                else xp.zeros((1, 1), x.dtype))
+    stored3 = xp.zeros((1, 1, 1), sdt)
+    computed3 = xp.zeros((1, 1, 1), cdt)
+    c = reserve.c if reserve.c is not None else computed3
+    gates = reserve.gates if reserve.gates is not None else stored3
+    dgh = xp.empty((T, B, GH), cdt)
+    dgx = xp.empty((T, B, GH), cdt) if cell == "gru" else computed3
+    dh_carry = xp.array(dh_n, dtype=cdt, copy=True, order="C")
+    dc_carry = (xp.array(dc_n, dtype=cdt, copy=True, order="C") if cell == "lstm"
+                else xp.zeros((1, 1), cdt))
     dy = xp.ascontiguousarray(dy)
     lengths_k = _kernel_lengths(xp, reserve.lengths, T, B)
     w_hh_c = xp.ascontiguousarray(w_hh)
 
+    def k(a):
+        return host_view(xp, a, dtype)
+
     if cfg.path == "persistent":
         P, U, bt = cfg.blocks, cfg.units_per_block, cfg.batch_tile
-        smem = layout.smem_bytes("bwd", G, H, bt, U, x.dtype.itemsize, threads=cfg.threads)
+        smem = layout.smem_bytes_for("bwd", G, H, bt, U, dtype, threads=cfg.threads)
         for k_begin, k_end in _launch_ranges(rt, P, T + 1):
             rt.launch_persistent(cell, "persistent_bwd", dtype, P, cfg.threads, smem,
-                                 (w_hh_c, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry,
-                                  lengths_k, rev, k_begin, k_end, U, bt), (k_begin, k_end))
+                                 (k(w_hh_c), k(h), c, k(gates), k(dy), dgh, dgx, dh_carry,
+                                  dc_carry, lengths_k, rev, k_begin, k_end, U, bt),
+                                 (k_begin, k_end))
         dh0 = dh_carry
     else:
+        w_hh_f = w_hh_c.astype(cdt, copy=False)
         time_of = _steps(T, rev)
-        dh_rec = xp.zeros((B, H), x.dtype)
+        dh_rec = xp.zeros((B, H), cdt)
         for s in range(T - 1, -1, -1):
             if s + 1 < T:
-                xp.matmul(dgh[time_of(s + 1)], w_hh_c, out=dh_rec)
+                xp.matmul(dgh[time_of(s + 1)], w_hh_f, out=dh_rec)
             rt.launch_pointwise(cell, "pointwise_bwd", dtype, B * H, cfg.threads,
-                                (h, c, gates, dy, dh_rec, dgh, dgx, dh_carry, dc_carry,
+                                (k(h), c, k(gates), k(dy), dh_rec, dgh, dgx, dh_carry, dc_carry,
                                  lengths_k, rev, s), s)
-        dh0 = dh_carry + xp.matmul(dgh[time_of(0)], w_hh_c)
+        dh0 = dh_carry + xp.matmul(dgh[time_of(0)], w_hh_f)
 
     if cell != "gru":
         dgx = dgh
     TB = T * B
     dgx2, dgh2 = dgx.reshape(TB, GH), dgh.reshape(TB, GH)
-    dx = xp.matmul(dgx2, w_ih).reshape(T, B, I)
-    dw_ih = xp.matmul(dgx2.T, inputs_seen(x, reserve.lengths, xp).reshape(TB, I))
-    dw_hh = xp.matmul(dgh2.T, h[rev: rev + T].reshape(TB, H))
+    seen = inputs_seen(x, reserve.lengths, xp).reshape(TB, I).astype(cdt, copy=False)
+    dx = xp.matmul(dgx2, w_ih.astype(cdt, copy=False)).reshape(T, B, I)
+    dw_ih = xp.matmul(dgx2.T, seen)
+    dw_hh = xp.matmul(dgh2.T, h[rev: rev + T].reshape(TB, H).astype(cdt, copy=False))
     db_ih = db_hh = None
     if reserve.has_bias:
         db_ih = dgx2.sum(axis=0)
         db_hh = dgh2.sum(axis=0) if cell == "gru" else db_ih.copy()
-    return Grads(dx=dx, dh0=dh0, dc0=dc_carry if cell == "lstm" else None, dw_ih=dw_ih,
-                 dw_hh=dw_hh, db_ih=db_ih, db_hh=db_hh)
+
+    def out(a):
+        return None if a is None else a.astype(sdt, copy=False)
+    return Grads(dx=out(dx), dh0=out(dh0), dc0=out(dc_carry) if cell == "lstm" else None,
+                 dw_ih=out(dw_ih), dw_hh=out(dw_hh), db_ih=out(db_ih), db_hh=out(db_hh))
 
 
 _RUNTIME: Optional[Runtime] = None

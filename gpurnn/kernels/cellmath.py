@@ -7,17 +7,63 @@ the recurrent pre-activations of that unit (r0..r3, gate order as gpurnn.cells, 
 GRU's b_hn is added here, inside the reset product) and knows the step's input state h_in.
 Masked steps (t >= lengths[b]) keep their gates but copy the state through and output 0.
 Sigmoid is 0.5*tanh(a/2) + 0.5: no exp overflow, the NumPy reference's form.
-Constants are typed per dtype: a float64 literal would promote float32 math.
+Constants are typed per compute dtype: a float64 literal would promote float32 math. 16-bit
+storage (gpurnn.kernels.dtypes): h, y, the reserve gates and dy go through the dtype's
+load/store; gx, b_hh, c and every gradient are in the compute dtype.
 """
 from __future__ import annotations
 
 import functools
 import math
 
-import numpy as np
-from numba import cuda
+from numba import cuda, float32, float64, int32, uint16
+from numba.core.types import float16
+from numba.cuda import libdevice
 
-NP_DTYPES = {"float32": np.float32, "float64": np.float64}
+from .dtypes import NP_COMPUTE
+
+# Numba element types per storage dtype (gpurnn.kernels.dtypes): bfloat16 as raw 16-bit words
+NUMBA_COMPUTE = {"float32": float32, "float64": float64, "float16": float32, "bfloat16": float32}
+NUMBA_STORAGE = {"float32": float32, "float64": float64, "float16": float16, "bfloat16": uint16}
+
+
+@cuda.jit(device=True, inline=True)
+def _same(v):
+    return v
+
+
+@cuda.jit(device=True, inline=True)
+def _half_to_float(v):
+    return float32(v)
+
+
+@cuda.jit(device=True, inline=True)
+def _float_to_half(v):
+    return float16(v)
+
+
+@cuda.jit(device=True, inline=True)
+def _bf16_to_float(w):
+    return libdevice.int_as_float(int32(w) << 16)
+
+
+@cuda.jit(device=True, inline=True)
+def _float_to_bf16(v):
+    if v != v:
+        return uint16(0x7FC0)                       # a quiet NaN
+    # round to nearest even on the float32's bits; in int32 nothing overflows for a non-NaN,
+    # and the low 16 bits of the arithmetic shift are those of a logical one
+    u = libdevice.float_as_int(v)
+    return uint16(((u + int32(0x7FFF) + ((u >> 16) & int32(1))) >> 16) & int32(0xFFFF))
+
+
+def codec(dtype: str):
+    """(load, store) device functions: storage value -> compute value, and back."""
+    if dtype == "float16":
+        return _half_to_float, _float_to_half
+    if dtype == "bfloat16":
+        return _bf16_to_float, _float_to_bf16
+    return _same, _same
 
 
 @cuda.jit(device=True, inline=True)
@@ -42,7 +88,8 @@ def make(cell: str, dtype: str):
         steps); writes dgh[t, b, gate*H + u] (GRU also dgx), dh_carry[b, u] (the direct part
         of dL/dh_in) and (LSTM) dc_carry[b, u].
     """
-    DT = NP_DTYPES[dtype]
+    DT = NP_COMPUTE[dtype]
+    LOAD, STORE = codec(dtype)
     ZERO, HALF, ONE = DT(0), DT(0.5), DT(1)
     IS_LSTM, IS_GRU, IS_RELU = cell == "lstm", cell == "gru", cell == "rnn_relu"
     G = {"lstm": 4, "gru": 3}.get(cell, 1)
@@ -58,10 +105,10 @@ def make(cell: str, dtype: str):
             gg = math.tanh(gx[t, b, 2 * H + u] + r2)
             o = HALF * math.tanh(HALF * (gx[t, b, 3 * H + u] + r3)) + HALF
             if save_gates:
-                gates[t, b, u] = i
-                gates[t, b, H + u] = f
-                gates[t, b, 2 * H + u] = gg
-                gates[t, b, 3 * H + u] = o
+                gates[t, b, u] = STORE(i)
+                gates[t, b, H + u] = STORE(f)
+                gates[t, b, 2 * H + u] = STORE(gg)
+                gates[t, b, 3 * H + u] = STORE(o)
             c_in = c[t_in, b, u]
             c_out = c_in
             h_out = h_in
@@ -75,10 +122,10 @@ def make(cell: str, dtype: str):
             hn = r2 + b_rec[2 * H + u]
             n = math.tanh(gx[t, b, 2 * H + u] + r * hn)
             if save_gates:
-                gates[t, b, u] = r
-                gates[t, b, H + u] = z
-                gates[t, b, 2 * H + u] = n
-                gates[t, b, 3 * H + u] = hn
+                gates[t, b, u] = STORE(r)
+                gates[t, b, H + u] = STORE(z)
+                gates[t, b, 2 * H + u] = STORE(n)
+                gates[t, b, 3 * H + u] = STORE(hn)
             h_out = h_in
             if active:
                 h_out = n + z * (h_in - n)
@@ -90,8 +137,8 @@ def make(cell: str, dtype: str):
                     h_out = a if a > ZERO else ZERO
                 else:
                     h_out = math.tanh(a)
-        h[t_out, b, u] = h_out
-        y[t, b, u] = h_out if active else ZERO
+        h[t_out, b, u] = STORE(h_out)
+        y[t, b, u] = STORE(h_out if active else ZERO)
 
     @cuda.jit(device=True, inline=True)
     def bwd_unit(h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, t, t_in, t_out, b, u, dh):
@@ -104,12 +151,12 @@ def make(cell: str, dtype: str):
                 if IS_GRU:
                     dgx[t, b, g * H + u] = ZERO
             return
-        dh += dy[t, b, u]
+        dh += LOAD(dy[t, b, u])
         if IS_LSTM:
-            i = gates[t, b, u]
-            f = gates[t, b, H + u]
-            gg = gates[t, b, 2 * H + u]
-            o = gates[t, b, 3 * H + u]
+            i = LOAD(gates[t, b, u])
+            f = LOAD(gates[t, b, H + u])
+            gg = LOAD(gates[t, b, 2 * H + u])
+            o = LOAD(gates[t, b, 3 * H + u])
             tanh_c = math.tanh(c[t_out, b, u])
             dc = dc_carry[b, u] + dh * o * (ONE - tanh_c * tanh_c)
             dgh[t, b, u] = dc * gg * (i * (ONE - i))
@@ -119,12 +166,12 @@ def make(cell: str, dtype: str):
             dc_carry[b, u] = dc * f
             dh_carry[b, u] = ZERO
         elif IS_GRU:
-            r = gates[t, b, u]
-            z = gates[t, b, H + u]
-            n = gates[t, b, 2 * H + u]
-            hn = gates[t, b, 3 * H + u]
+            r = LOAD(gates[t, b, u])
+            z = LOAD(gates[t, b, H + u])
+            n = LOAD(gates[t, b, 2 * H + u])
+            hn = LOAD(gates[t, b, 3 * H + u])
             dan = dh * (ONE - z) * (ONE - n * n)
-            daz = dh * (h[t_in, b, u] - n) * (z * (ONE - z))
+            daz = dh * (LOAD(h[t_in, b, u]) - n) * (z * (ONE - z))
             dar = dan * hn * (r * (ONE - r))
             dgx[t, b, u] = dar
             dgx[t, b, H + u] = daz
@@ -134,7 +181,7 @@ def make(cell: str, dtype: str):
             dgh[t, b, 2 * H + u] = dan * r          # the recurrent side of n is r * hn
             dh_carry[b, u] = dh * z
         else:
-            h_out = h[t_out, b, u]
+            h_out = LOAD(h[t_out, b, u])
             if IS_RELU:
                 da = dh if h_out > ZERO else ZERO
             else:

@@ -19,8 +19,10 @@ because every dot product (length H forward, G*H backward) is split over a group
 sums meet in `scratch` and are added in a fixed order — the short serial chains keep small
 batches fast and the reduction stays deterministic without atomics or warp shuffles (which
 Numba's simulator lacks).
-All in the compute dtype (float32 or float64). Threads per block is a launch parameter
-(a multiple of 32, 32..1024); kernels loop with a block stride, so any such value is correct.
+The weight slice is in the storage dtype (16-bit for float16/bfloat16: half the bytes per
+weight), everything after it in the compute dtype (gpurnn.kernels.dtypes), starting at the
+first compute-aligned element past the slice. Threads per block is a launch parameter (a
+multiple of 32, 32..1024); kernels loop with a block stride, so any such value is correct.
 """
 from __future__ import annotations
 
@@ -39,17 +41,23 @@ def units_per_block(hidden: int, blocks: int) -> int:
     return -(-hidden // blocks)
 
 
+def _regions(direction, gates, hidden, batch_tile, units, threads):
+    """(weight elements, compute elements) of one persistent block's shared memory."""
+    if direction == "fwd":
+        row = padded_row(hidden, lanes_per_output(batch_tile * gates * units, threads))
+        return gates * units * row, batch_tile * hidden + batch_tile * gates * units + threads
+    if direction == "bwd":
+        row = padded_row(gates * hidden, lanes_per_output(batch_tile * units, threads))
+        return units * row, batch_tile * gates * hidden + threads
+    raise ValueError(f"direction must be 'fwd' or 'bwd'; got {direction!r}")
+
+
 def smem_elements(direction: str, gates: int, hidden: int, batch_tile: int, units: int, *,
                   threads: int) -> int:
     """Elements of dynamic shared memory one persistent block needs ('fwd' or 'bwd') when the
-    batch is staged batch_tile rows at a time."""
-    if direction == "fwd":
-        row = padded_row(hidden, lanes_per_output(batch_tile * gates * units, threads))
-        return gates * units * row + batch_tile * hidden + batch_tile * gates * units + threads
-    if direction == "bwd":
-        row = padded_row(gates * hidden, lanes_per_output(batch_tile * units, threads))
-        return units * row + batch_tile * gates * hidden + threads
-    raise ValueError(f"direction must be 'fwd' or 'bwd'; got {direction!r}")
+    batch is staged batch_tile rows at a time and weights and compute share one dtype."""
+    w, rest = _regions(direction, gates, hidden, batch_tile, units, threads)
+    return w + rest
 
 
 def padded_row(length: int, lanes: int) -> int:
@@ -61,8 +69,20 @@ def padded_row(length: int, lanes: int) -> int:
 
 
 def smem_bytes(direction: str, gates: int, hidden: int, batch_tile: int, units: int,
-               itemsize: int, *, threads: int) -> int:
-    return smem_elements(direction, gates, hidden, batch_tile, units, threads=threads) * itemsize
+               itemsize: int, *, threads: int, weight_itemsize: int = None) -> int:
+    """Bytes of dynamic shared memory: the weight slice at weight_itemsize (default itemsize),
+    padded to a compute element, then the compute regions at itemsize (the compute dtype's)."""
+    w, rest = _regions(direction, gates, hidden, batch_tile, units, threads)
+    wi = itemsize if weight_itemsize is None else weight_itemsize
+    return -(-w * wi // itemsize) * itemsize + rest * itemsize
+
+
+def smem_bytes_for(direction: str, gates: int, hidden: int, batch_tile: int, units: int,
+                   dtype: str, *, threads: int) -> int:
+    """smem_bytes for a storage dtype name (gpurnn.kernels.dtypes)."""
+    from .dtypes import COMPUTE, ITEMSIZE
+    return smem_bytes(direction, gates, hidden, batch_tile, units, ITEMSIZE[COMPUTE[dtype]],
+                      threads=threads, weight_itemsize=ITEMSIZE[dtype])
 
 
 def batch_tiles(batch: int, batch_tile: int) -> int:

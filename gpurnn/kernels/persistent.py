@@ -44,12 +44,14 @@ from __future__ import annotations
 
 import functools
 
-from numba import cuda, float32, float64
+from numba import cuda
 from numba.cuda.core import config
 
 from . import cellmath
 from ..cells import GATES
-from .cellmath import NP_DTYPES, step_times
+from .cellmath import step_times
+from .cellmath import NUMBA_COMPUTE, NUMBA_STORAGE, codec
+from .dtypes import ITEMSIZE, NP_COMPUTE, SHORT
 
 if config.ENABLE_CUDASIM:
     # Numba's own simulator has no cooperative-groups intrinsics; its grid.sync() is only a
@@ -66,9 +68,6 @@ else:
     # The intrinsics, unlike cuda.cg.this_grid(), compile without a driver (static checks).
     from numba.cuda.cg import _grid_group_sync, _this_grid
 
-# shared-array element types: Numba types work in compiled kernels and in the simulator alike
-NUMBA_TYPES = {"float32": float32, "float64": float64}
-SHORT = {"float32": "f32", "float64": "f64"}
 
 
 @cuda.jit(device=True, inline=True)
@@ -101,30 +100,36 @@ def _padded_row(length, lanes):
 def make_fwd(cell: str, dtype: str):
     """The persistent forward kernel (plain Python function, cuda.jit-able) for cell, dtype.
 
-    Arguments (all C-contiguous, compute dtype unless said otherwise):
+    Arguments (all C-contiguous; [S] storage dtype, else compute dtype: gpurnn.kernels.dtypes):
       gx       (T, B, G*H)  input projection with folded biases; read only
-      w_hh     (G*H, H)     recurrent weights; read only, once per launch
+      w_hh     (G*H, H)     [S] recurrent weights; read only, once per launch
       b_rec    (G*H,)       GRU: b_hh (zeros without bias); other cells: any (1,) placeholder
-      h        (T+1, B, H)  reserve states: h0 at h[0] (forward) / h[T] (reverse) on entry
+      h        (T+1, B, H)  [S] reserve states: h0 at h[0] (forward) / h[T] (reverse) on entry
       c        (T+1, B, H)  LSTM cell states, c0 placed like h0; other cells: (1,1,1) placeholder
-      gates    (T, B, 4*H)  LSTM/GRU activated gates (written when save_gates); else, and for
+      gates    (T, B, 4*H)  [S] LSTM/GRU activated gates (written when save_gates); else, and for
                             RNN, a (1,1,1) placeholder
-      y        (T, B, H)    outputs (written); none of the arrays may alias each other
+      y        (T, B, H)    [S] outputs (written); none of the arrays may alias each other
       lengths  int32 (B,)   per-sequence lengths (T for all when the caller had none)
       reverse, t_begin, t_end, units : int32 (see the module docstring)
       save_gates int32      1 in a training forward (keeps the reserve), 0 for inference
       batch_tile int32      rows of h staged at once, 1..B (the plan's choice)
-    Dynamic shared memory: layout.smem_bytes('fwd', G, H, batch_tile, units, itemsize).
+    Dynamic shared memory: layout.smem_bytes_for('fwd', G, H, batch_tile, units, dtype).
     """
     G = GATES[cell]
-    DT = NP_DTYPES[dtype]
-    SMEM_TYPE = NUMBA_TYPES[dtype]
+    DT = NP_COMPUTE[dtype]
+    SMEM_TYPE = NUMBA_COMPUTE[dtype]        # staged h, pre-activations, partial sums
+    W_SMEM_TYPE = NUMBA_STORAGE[dtype]      # the weight slice: 16-bit for 16-bit storage
+    W_BYTES, C_BYTES = ITEMSIZE[dtype], DT(0).itemsize
+    LOAD, _ = codec(dtype)
     ZERO = DT(0)                  # typed: a float64 literal would promote f32 math
     fwd_unit, _ = cellmath.make(cell, dtype)
 
     def kernel(gx, w_hh, b_rec, h, c, gates, y, lengths, reverse, t_begin, t_end, units,
                save_gates, batch_tile):
         grid = _this_grid()
+        # the dynamic shared memory, as weights (storage type) and as compute values: one
+        # buffer, the compute regions after the weight slice (the same view at 32/64 bits)
+        wsm = cuda.shared.array(0, dtype=W_SMEM_TYPE)
         smem = cuda.shared.array(0, dtype=SMEM_TYPE)
         T = gx.shape[0]
         B = h.shape[1]
@@ -138,7 +143,7 @@ def make_fwd(cell: str, dtype: str):
         lanes, groups = _lane_split(batch_tile * gu, stride)
         lane = tid % lanes
         row_len = _padded_row(H, lanes)
-        h_off = gu * row_len
+        h_off = (gu * row_len * W_BYTES + C_BYTES - 1) // C_BYTES
         pre_off = h_off + batch_tile * H
         scr_off = pre_off + batch_tile * gu
 
@@ -148,7 +153,7 @@ def make_fwd(cell: str, dtype: str):
             row = idx // H
             k = row % nu
             g = row // nu
-            smem[(g * units + k) * row_len + m] = w_hh[g * H + u0 + k, m]
+            wsm[(g * units + k) * row_len + m] = w_hh[g * H + u0 + k, m]
         # no barrier here: the weights are first read after the staging barrier of step one
 
         for s in range(t_begin, t_end):
@@ -158,7 +163,7 @@ def make_fwd(cell: str, dtype: str):
                 if b0 > 0:
                     cuda.syncthreads()      # the last tile's update has read h_prev and pre
                 for idx in range(tid, nb * H, stride):
-                    smem[h_off + idx] = h[t_in, b0 + idx // H, idx % H]
+                    smem[h_off + idx] = LOAD(h[t_in, b0 + idx // H, idx % H])
                 cuda.syncthreads()
                 n_out = nb * G * nu                     # dot products of this tile
                 for rnd in range((n_out + groups - 1) // groups):
@@ -175,7 +180,7 @@ def make_fwd(cell: str, dtype: str):
                         w_at = (g * units + k) * row_len
                         h_at = h_off + b * H
                         for m in range(lane, H, lanes):
-                            acc += smem[w_at + m] * smem[h_at + m]
+                            acc += LOAD(wsm[w_at + m]) * smem[h_at + m]
                     if lanes == 1:
                         if oi < n_out:
                             smem[pre_off + (b * G + g) * units + k] = acc
@@ -219,11 +224,11 @@ def make_fwd(cell: str, dtype: str):
 def make_bwd(cell: str, dtype: str):
     """The persistent backward (BPTT) kernel for cell, dtype.
 
-    Arguments (all C-contiguous, compute dtype unless said otherwise):
-      w_hh      (G*H, H)     recurrent weights; read only, columns of U_j once per launch
-      h, c, gates            the forward's reserve (layout: gpurnn.cells); read only; c and
+    Arguments (all C-contiguous; [S] storage dtype, else compute dtype: gpurnn.kernels.dtypes):
+      w_hh      (G*H, H)     [S] recurrent weights; read only, columns of U_j once per launch
+      h, c, gates            the forward's reserve ([S] h and gates; layout: gpurnn.cells); read only; c and
                              gates are (1,1,1) placeholders where the cell has none
-      dy        (T, B, H)    output gradient; read only
+      dy        (T, B, H)    [S] output gradient; read only
       dgh       (T, B, G*H)  recurrent-side pre-activation gradients (written; read back by
                              every block one phase later)
       dgx       (T, B, G*H)  GRU: input-side gradients (written); else (1,1,1) placeholder
@@ -232,17 +237,21 @@ def make_bwd(cell: str, dtype: str):
       lengths   int32 (B,) ; reverse, k_begin, k_end, units : int32 (module docstring)
       batch_tile int32       rows of gate gradients staged at once, 1..B
     No argument may alias another. Dynamic shared memory:
-    layout.smem_bytes('bwd', G, H, batch_tile, units, itemsize).
+    layout.smem_bytes_for('bwd', G, H, batch_tile, units, dtype).
     """
     G = GATES[cell]
-    DT = NP_DTYPES[dtype]
-    SMEM_TYPE = NUMBA_TYPES[dtype]
+    DT = NP_COMPUTE[dtype]
+    SMEM_TYPE = NUMBA_COMPUTE[dtype]        # staged gate gradients, partial sums
+    W_SMEM_TYPE = NUMBA_STORAGE[dtype]      # the weight columns
+    W_BYTES, C_BYTES = ITEMSIZE[dtype], DT(0).itemsize
+    LOAD, _ = codec(dtype)
     ZERO = DT(0)
     _, bwd_unit = cellmath.make(cell, dtype)
 
     def kernel(w_hh, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, reverse,
                k_begin, k_end, units, batch_tile):
         grid = _this_grid()
+        wsm = cuda.shared.array(0, dtype=W_SMEM_TYPE)     # as in the forward: one buffer
         smem = cuda.shared.array(0, dtype=SMEM_TYPE)
         T = dy.shape[0]
         B = h.shape[1]
@@ -254,7 +263,7 @@ def make_bwd(cell: str, dtype: str):
         lanes, groups = _lane_split(batch_tile * units, stride)
         lane = tid % lanes
         row_len = _padded_row(GH, lanes)
-        dg_off = units * row_len
+        dg_off = (units * row_len * W_BYTES + C_BYTES - 1) // C_BYTES
         scr_off = dg_off + batch_tile * GH
 
         # global reads coalesce over k (consecutive columns); this once-per-launch store is the
@@ -262,7 +271,7 @@ def make_bwd(cell: str, dtype: str):
         for idx in range(tid, GH * nu, stride):
             k = idx % nu
             row = idx // nu
-            smem[k * row_len + row] = w_hh[row, u0 + k]
+            wsm[k * row_len + row] = w_hh[row, u0 + k]
         # no barrier here: the columns are first read after a phase's staging barrier
 
         for kk in range(k_begin, k_end):
@@ -291,7 +300,7 @@ def make_bwd(cell: str, dtype: str):
                         k = oi % nu
                         w_at = k * row_len
                         for row in range(lane, GH, lanes):
-                            dh_rec += smem[w_at + row] * smem[dg_at + row]
+                            dh_rec += LOAD(wsm[w_at + row]) * smem[dg_at + row]
                     if lanes > 1:
                         smem[scr_off + tid] = dh_rec
                         cuda.syncthreads()

@@ -14,29 +14,31 @@ from numba import cuda
 
 from . import cellmath
 from ..cells import GATES
-from .cellmath import NP_DTYPES, step_times
-from .persistent import SHORT
+from .cellmath import step_times
+from .cellmath import codec
+from .dtypes import NP_COMPUTE, SHORT
 
 
 @functools.lru_cache(maxsize=None)
 def make_fwd(cell: str, dtype: str):
     """Pointwise forward of processing step `s` for cell, dtype.
 
-    Arguments (C-contiguous, compute dtype unless said otherwise):
+    Arguments (C-contiguous; [S] storage dtype, else compute dtype: gpurnn.kernels.dtypes):
       gx       (T, B, G*H)  input projection with folded biases; read only
       gh       (B, G*H)     h_in @ W_hh^T for this step, no bias; read only
       b_rec    (G*H,)       GRU: b_hh (zeros without bias); other cells: (1,) placeholder
-      h        (T+1, B, H)  reserve states; reads h[t_in], writes h[t_out]
+      h        (T+1, B, H)  [S] reserve states; reads h[t_in], writes h[t_out]
       c        (T+1, B, H)  LSTM (reads c[t_in], writes c[t_out]); else (1,1,1) placeholder
-      gates    (T, B, 4*H)  LSTM/GRU activated gates (written when save_gates); else, and for
+      gates    (T, B, 4*H)  [S] LSTM/GRU activated gates (written when save_gates); else, and for
                             RNN, a (1,1,1) placeholder
-      y        (T, B, H)    written (0 on masked steps)
+      y        (T, B, H)    [S] written (0 on masked steps)
       lengths  int32 (B,) ; reverse, s : int32 (s = processing step, t = s or T-1-s)
       save_gates int32      1 in a training forward (keeps the reserve), 0 for inference
     No argument may alias another.
     """
     G = GATES[cell]
-    ZERO = NP_DTYPES[dtype](0)    # typed: a float64 literal would promote f32 math
+    ZERO = NP_COMPUTE[dtype](0)   # typed: a float64 literal would promote f32 math
+    LOAD, _ = codec(dtype)
     fwd_unit, _ = cellmath.make(cell, dtype)
 
     def kernel(gx, gh, b_rec, h, c, gates, y, lengths, reverse, s, save_gates):
@@ -57,7 +59,7 @@ def make_fwd(cell: str, dtype: str):
                 r2 = gh[b, 2 * H + u]
             if G > 3:
                 r3 = gh[b, 3 * H + u]
-            h_in = h[t_in, b, u]
+            h_in = LOAD(h[t_in, b, u])
             fwd_unit(gx, b_rec, h, c, gates, y, lengths, t, t_in, t_out, b, u, r0, r1, r2, r3, h_in,
                      save_gates)
 
@@ -70,9 +72,9 @@ def make_fwd(cell: str, dtype: str):
 def make_bwd(cell: str, dtype: str):
     """Pointwise backward of processing step `s` for cell, dtype.
 
-    Arguments (C-contiguous, compute dtype unless said otherwise):
-      h, c, gates            the forward's reserve; read only ((1,1,1) placeholders where none)
-      dy        (T, B, H)    read only; ignored on masked steps
+    Arguments (C-contiguous; [S] storage dtype, else compute dtype: gpurnn.kernels.dtypes):
+      h, c, gates            the forward's reserve ([S] h, gates); read only ((1,1,1) placeholders where none)
+      dy        (T, B, H)    [S] read only; ignored on masked steps
       dh_rec    (B, H)       dgh[step processed after s] @ W_hh (zeros for the last step)
       dgh       (T, B, G*H)  recurrent-side gate gradients, written at step t
       dgx       (T, B, G*H)  GRU input-side gate gradients (written); else (1,1,1) placeholder

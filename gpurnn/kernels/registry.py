@@ -6,36 +6,40 @@ from __future__ import annotations
 
 import functools
 
-from numba import float32, float64, int32, void
+from numba import int32, void
 
 from ..cells import CELLS, GATES
+from .cellmath import NUMBA_COMPUTE, NUMBA_STORAGE
+from .dtypes import STORAGE
 from .layout import KernelSpec
 from . import persistent, pointwise
 
-DTYPES = ("float32", "float64")
+DTYPES = STORAGE
 KINDS = ("persistent_fwd", "persistent_bwd", "pointwise_fwd", "pointwise_bwd")
-_NUMBA = {"float32": float32, "float64": float64}
 
 
 def signature(kind: str, dtype: str):
-    """The Numba signature of a kernel kind; every array is C-contiguous, scalars are int32."""
-    f = _NUMBA[dtype]
-    a1, a2, a3 = f[::1], f[:, ::1], f[:, :, ::1]
+    """The Numba signature of a kernel kind for a storage dtype; every array is C-contiguous,
+    scalars are int32. s*: storage arrays (W_hh, h, y, gates, dy), c*: compute arrays (Gx,
+    b_hh, the cell state, gradients and carries) — the same type at 32 and 64 bits."""
+    s, c = NUMBA_STORAGE[dtype], NUMBA_COMPUTE[dtype]
+    s2, s3 = s[:, ::1], s[:, :, ::1]
+    c1, c2, c3 = c[::1], c[:, ::1], c[:, :, ::1]
     i1 = int32[::1]
     if kind == "persistent_fwd":
         # gx, w_hh, b_rec, h, c, gates, y, lengths, reverse, t_begin, t_end, units, save_gates,
         # batch_tile
-        return void(a3, a2, a1, a3, a3, a3, a3, i1, int32, int32, int32, int32, int32, int32)
+        return void(c3, s2, c1, s3, c3, s3, s3, i1, int32, int32, int32, int32, int32, int32)
     if kind == "persistent_bwd":
         # w_hh, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, reverse, k_begin, k_end,
         # units, batch_tile
-        return void(a2, a3, a3, a3, a3, a3, a3, a2, a2, i1, int32, int32, int32, int32, int32)
+        return void(s2, s3, c3, s3, s3, c3, c3, c2, c2, i1, int32, int32, int32, int32, int32)
     if kind == "pointwise_fwd":
         # gx, gh, b_rec, h, c, gates, y, lengths, reverse, s, save_gates
-        return void(a3, a2, a1, a3, a3, a3, a3, i1, int32, int32, int32)
+        return void(c3, c2, c1, s3, c3, s3, s3, i1, int32, int32, int32)
     if kind == "pointwise_bwd":
         # h, c, gates, dy, dh_rec, dgh, dgx, dh_carry, dc_carry, lengths, reverse, s
-        return void(a3, a3, a3, a3, a2, a3, a3, a2, a2, i1, int32, int32)
+        return void(s3, c3, s3, s3, c2, c3, c3, c2, c2, i1, int32, int32)
     raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
 
 
@@ -63,5 +67,5 @@ def spec(cell: str, kind: str, dtype: str) -> KernelSpec:
 
 
 def specializations() -> list[KernelSpec]:
-    """Every specialization: each cell x dtype x kind (32 kernels)."""
+    """Every specialization: each cell x storage dtype x kind (64 kernels)."""
     return [spec(cell, kind, dtype) for cell in CELLS for dtype in DTYPES for kind in KINDS]

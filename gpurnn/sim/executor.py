@@ -27,7 +27,7 @@ import numpy as np
 from . import memory
 from .fakecuda import Dim3, Translator, dim3
 from .memory import GLOBAL, SHARED, Abort, TrackedArray, poison_value
-from .report import (BarrierError, KernelError, LaunchReport, NotModelled, SimulatorError,
+from .report import (BarrierError, KernelError, LaunchReport, SimulatorError,
                      SimulatorFindings, WatchdogTimeout, located, where, who)
 
 PREEMPT_EVERY = 20000        # accesses before the baton moves on (lets spin-waits progress)
@@ -274,17 +274,19 @@ class Launch:
         blk = self.blocks[th.block]
         dynamic = shape == 0 or shape == (0,)
         if dynamic:
-            arr = blk.dynamic
+            # one buffer per block, all bytes 0xFF (NaN in every float width); each dtype's
+            # view of it is tracked on its own
+            if blk.dynamic is None:
+                blk.dynamic = {"bytes": np.full(self.shared_bytes, 0xFF, np.uint8)}
+            arr = blk.dynamic.get(dtype)
             if arr is None:
                 n = self.shared_bytes // dtype.itemsize
-                arr = TrackedArray(np.full(n, poison_value(dtype), dtype),
-                                   f"shared (dynamic) of block {th.block_label}", SHARED, self,
-                                   check_uninit=True)
-                blk.dynamic = arr
-            elif arr.dtype != dtype:
-                raise NotModelled(located(f"dynamic shared memory viewed as {dtype} after "
-                                          f"{arr.dtype}: one dtype per launch is modelled", th,
-                                          frame.f_code, frame.f_lineno))
+                label = f"shared (dynamic) of block {th.block_label}"
+                if len(blk.dynamic) > 1:
+                    label = f"shared (dynamic, as {dtype}) of block {th.block_label}"
+                arr = TrackedArray(blk.dynamic["bytes"][: n * dtype.itemsize].view(dtype), label,
+                                   SHARED, self, check_uninit=True)
+                blk.dynamic[dtype] = arr
             return arr
         shape = shape if isinstance(shape, tuple) else (shape,)
         key = (frame.f_code, frame.f_lineno, shape, dtype)

@@ -82,6 +82,38 @@ class FakeMath(types.ModuleType):
 FAKE_MATH = FakeMath()
 
 
+class FakeLibdevice(types.ModuleType):
+    """numba.cuda.libdevice's bit casts (what 16-bit storage needs); the rest is not modelled."""
+
+    def __init__(self):
+        super().__init__("numba.cuda.libdevice (gpurnn strict simulator)")
+
+    @staticmethod
+    def int_as_float(i):
+        return np.array(i, np.int32).view(np.float32)[()]
+
+    @staticmethod
+    def float_as_int(f):
+        return np.array(f, np.float32).view(np.int32)[()]
+
+    @staticmethod
+    def uint_as_float(i):
+        return np.array(i, np.uint32).view(np.float32)[()]
+
+    @staticmethod
+    def float_as_uint(f):
+        return np.array(f, np.float32).view(np.uint32)[()]
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise NotModelled(f"libdevice.{name} is not modelled by gpurnn's strict simulator "
+                          f"(modelled: int_as_float, float_as_int, uint_as_float, float_as_uint)")
+
+
+FAKE_LIBDEVICE = FakeLibdevice()
+
+
 # -- the cuda module of one launch ------------------------------------------------------------
 class _Shared:
     def __init__(self, launch):
@@ -275,6 +307,8 @@ class Translator:
                 return self.cuda
             if v is math:
                 return FAKE_MATH
+            if v.__name__ == "numba.cuda.libdevice":
+                return FAKE_LIBDEVICE
             return v
         special = self._special.get(id(v))
         if special is not None:
