@@ -15,8 +15,8 @@ each sequence from its own last step back to t = 0 (torch PackedSequence semanti
 dc0 is None except for LSTM, db_* None without bias. A reserve feeds exactly one backward.
 
 Arrays: NumPy in -> NumPy out (backend 'numpy', or 'sim' to run the CUDA kernels in Numba's
-simulator); CuPy / __cuda_array_interface__ in -> the 'cuda' backend. dtype float32 or float64,
-the same for every array. Non-contiguous inputs are copied to C order. T = 0 or B = 0 is a
+simulator); CuPy / __cuda_array_interface__ in -> the 'cuda' backend. dtype float32, float64,
+float16 or bfloat16 (ml_dtypes; 16-bit storage computes in float32), the same for every array. Non-contiguous inputs are copied to C order. T = 0 or B = 0 is a
 ValueError (an empty sequence batch has no meaningful state to return). NaN/Inf in inputs
 propagate to outputs (never an error, never a crash).
 """
@@ -27,11 +27,12 @@ import numpy as np
 from .arrays import _cupy, kind_of, to_compute
 from .backends import Grads, get_backend, is_device_array, resolve
 from .cells import CELLS, GATES, rnn_cell
+from .kernels.dtypes import STORAGE
 
 __all__ = ["forward", "backward", "lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
            "rnn_forward", "rnn_backward", "Grads"]
 
-_FLOAT_DTYPES = ("float32", "float64")
+_FLOAT_DTYPES = STORAGE       # float32, float64 and 16-bit storage (fp32 compute)
 
 
 def _shape(a):
@@ -107,7 +108,7 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, lengths
         raise ValueError(f"x must have 3 dimensions (T, B, I); got shape {_shape(x)}")
     dtype = str(x.dtype)
     if dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"x has dtype {x.dtype}; expected float32 or float64")
+        raise TypeError(f"x has dtype {x.dtype}; expected one of {_FLOAT_DTYPES}")
     T, B, I = _shape(x)
     if T == 0 or B == 0:
         raise ValueError(f"x has shape {_shape(x)}; expected at least one step and one sequence")
@@ -150,7 +151,7 @@ def backward(reserve, dy=None, dh_n=None, dc_n=None, backend_options=None):
                            "(a reserve feeds exactly one backward)")
     device = reserve.backend == "cuda"
     T, B, I, H = reserve.shape
-    dtype = str(reserve.x.dtype)
+    dtype = str(reserve.storage if reserve.storage is not None else reserve.x.dtype)
     xp = _cupy("x") if device else np
     # mixing host and device arrays is an error
     resolve(reserve.backend, {"dy": dy, "dh_n": dh_n, "dc_n": dc_n})

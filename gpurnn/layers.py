@@ -22,6 +22,7 @@ from . import functional as F
 from .arrays import _cupy
 from .backends import BACKENDS, is_device_array, resolve
 from .cells import GATES, rnn_cell
+from .kernels.dtypes import numpy_dtype
 
 _SEED_TYPES = (np.random.Generator, np.random.BitGenerator, np.random.SeedSequence)
 
@@ -52,12 +53,7 @@ class _RNNBase:
         # any real number, as torch.nn (np.float32(0.25) included); NaN fails the range test
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout <= 1:
             raise ValueError(f"dropout must be a number in [0, 1]; got {dropout!r}")
-        try:
-            dtype = np.dtype(dtype)
-        except TypeError as exc:
-            raise TypeError(f"dtype must be float32 or float64; got {dtype!r}") from exc
-        if dtype not in (np.float32, np.float64):
-            raise TypeError(f"dtype must be float32 or float64; got {dtype}")
+        dtype = numpy_dtype(dtype)      # float32, float64, float16 or bfloat16 (ml_dtypes)
         if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
             raise ValueError(f"backend must be one of {('auto',) + BACKENDS}; got {backend!r}")
         if seed is not None and not isinstance(seed, _SEED_TYPES):

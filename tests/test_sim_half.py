@@ -140,3 +140,37 @@ def test_bfloat16_rounding_is_nearest_even_like_ml_dtypes():
     assert np.array_equal(words[:-1], want.view(np.uint16))
     assert np.array_equal(back[:-1], want.astype(np.float32))
     assert words[-1] == 0x7FC0 and np.isnan(back[-1])
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_functional_api_takes_16bit_on_numpy_and_sim(dtype):
+    from gpurnn import functional as F
+    args, cot = case("lstm", 3, 2, 4, 7, dtype, 11)
+    outs = {}
+    for backend in ("numpy", "sim"):
+        y, h_n, c_n, res = F.lstm_forward(args["x"], args["w_ih"], args["w_hh"], args["b_ih"],
+                                          args["b_hh"], args["h0"], args["c0"], backend=backend)
+        grads = F.lstm_backward(res, cot["dy"], cot["dh_n"], cot["dc_n"])
+        assert y.dtype == DTYPES[dtype] and grads.dw_hh.dtype == DTYPES[dtype]
+        outs[backend] = (y, grads)
+    u = UNIT[dtype]
+    assert rel_err(outs["sim"][0], outs["numpy"][0]) <= 8 * u
+    for name in outs["numpy"][1]._fields:
+        assert rel_err(getattr(outs["sim"][1], name), getattr(outs["numpy"][1], name)) <= 16 * u
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_modules_in_16bit_on_the_strict_simulator(dtype):
+    import gpurnn
+    x = np.random.default_rng(12).standard_normal((3, 2, 4)).astype(DTYPES[dtype])
+    mods = {b: gpurnn.GRU(4, 7, num_layers=2, bidirectional=True, dtype=dtype, seed=3, backend=b)
+            for b in ("numpy", "sim")}
+    outs = {b: m(x, lengths=np.array([3, 2])) for b, m in mods.items()}
+    assert outs["sim"][0].dtype == DTYPES[dtype]
+    assert rel_err(outs["sim"][0], outs["numpy"][0]) <= 8 * UNIT[dtype]
+    dy = np.ones(outs["sim"][0].shape, DTYPES[dtype])
+    for m in mods.values():
+        m.backward(dy)
+    for name, g in mods["numpy"].grads.items():
+        assert mods["sim"].grads[name].dtype == DTYPES[dtype]
+        assert rel_err(mods["sim"].grads[name], g) <= 16 * UNIT[dtype], name

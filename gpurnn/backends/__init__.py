@@ -51,6 +51,7 @@ class Reserve:
     gates: Any            # (T, B, S*H) or None
     consumed: bool = False
     plan: Any = None      # kernel backends: the launch configuration their forward used
+    storage: Any = None   # NumPy backend: the caller's 16-bit dtype when the reserve is fp32
 
     @property
     def shape(self):

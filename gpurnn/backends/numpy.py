@@ -81,9 +81,37 @@ def check_options(options):
                          f"the kernel backends 'sim' and 'cuda')")
 
 
-@_ieee
+def _widen(a):
+    return None if a is None else a.astype(np.float32)
+
+
+def _narrow(a, dtype):
+    return None if a is None else a.astype(dtype)
+
+
 def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_reserve, *, options=None):
     check_options(options)
+    if x.dtype.itemsize != 2:
+        return _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_reserve)
+    # 16-bit storage (float16, bfloat16): the reference computes in float32 on the 16-bit
+    # values and hands results back in the caller's dtype; its reserve stays float32.
+    y, h_n, c_n, reserve = _forward(cell, *map(_widen, (x, w_ih, w_hh, b_ih, b_hh, h0, c0)),
+                                    lengths, reverse, need_reserve)
+    if reserve is not None:
+        reserve.storage = x.dtype
+    return _narrow(y, x.dtype), _narrow(h_n, x.dtype), _narrow(c_n, x.dtype), reserve
+
+
+def backward(reserve, dy, dh_n, dc_n, *, options=None):
+    check_options(options)
+    if reserve.storage is None:
+        return _backward(reserve, dy, dh_n, dc_n)
+    grads = _backward(reserve, _widen(dy), _widen(dh_n), _widen(dc_n))
+    return Grads(*(_narrow(g, reserve.storage) for g in grads))
+
+
+@_ieee
+def _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_reserve):
     T, B, I = x.shape
     H = w_hh.shape[1]
     G = GATES[cell]
@@ -226,8 +254,7 @@ def _backward_factors(cell, gates, c_out, c_in, h_in, h_out, H):
 
 
 @_ieee
-def backward(reserve, dy, dh_n, dc_n, *, options=None):
-    check_options(options)
+def _backward(reserve, dy, dh_n, dc_n):
     cell, x, w_ih, w_hh, h, c, gates = (reserve.cell, reserve.x, reserve.w_ih, reserve.w_hh,
                                         reserve.h, reserve.c, reserve.gates)
     T, B, I, H = reserve.shape

@@ -30,6 +30,26 @@ def is_16bit(dtype: str) -> bool:
     return ITEMSIZE[dtype] == 2
 
 
+def numpy_dtype(dtype) -> np.dtype:
+    """The NumPy dtype of a storage dtype name (or dtype); bfloat16 is ml_dtypes'. Raises
+    TypeError naming the supported ones, or how to get ml_dtypes."""
+    try:
+        name = "bfloat16" if dtype == "bfloat16" else np.dtype(dtype).name
+        shown = name
+    except TypeError:
+        name, shown = None, repr(dtype)
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError as exc:
+            raise TypeError("dtype bfloat16 needs the ml_dtypes package (NumPy has no "
+                            "bfloat16): pip install ml_dtypes") from exc
+        return np.dtype(ml_dtypes.bfloat16)
+    if name not in STORAGE:
+        raise TypeError(f"dtype must be one of {STORAGE}; got {shown}")
+    return np.dtype(name)
+
+
 def host_view(xp, a, dtype: str):
     """The array as a kernel takes it: bfloat16 as its raw uint16 words, anything else as is."""
     return a.view(xp.uint16) if dtype == "bfloat16" else a
