@@ -24,11 +24,12 @@ def test_info_json_schema(capsys):
         assert isinstance(b["why"], str) and b["why"]
     assert info["profile"].startswith("A100")
     caps = {(r["cell"], r["dtype"]): r for r in info["capacity"]}
-    assert len(caps) == 12
+    assert len(caps) == 16
     # wider elements leave room for fewer hidden units; the batch does not (it is tiled)
     for cell in ("lstm", "gru", "rnn_tanh"):
         assert caps[(cell, "float32")]["B1"] == caps[(cell, "float32")]["B16"] > 0  # tiled
         assert caps[(cell, "float64")]["B1"] < caps[(cell, "float32")]["B1"] < caps[(cell, "bfloat16")]["B1"]
+        assert caps[(cell, "float16")]["B1"] == caps[(cell, "bfloat16")]["B1"]
     assert caps[("lstm", "float32")]["B1"] < caps[("gru", "float32")]["B1"] < caps[("rnn_tanh", "float32")]["B1"]
     for r in info["traffic"]:
         assert r["stepwise_dram_bytes"] > r["persistent_dram_bytes"] > 0

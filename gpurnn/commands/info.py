@@ -9,7 +9,7 @@ import json
 from . import int_at_least
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
-DTYPES = ("float32", "float64", "bfloat16")   # bfloat16: storage model only, no kernels yet
+DTYPES = ("float32", "float64", "float16", "bfloat16")   # 16-bit: storage, fp32 compute
 TRAFFIC_SHAPES = ((256, 1), (512, 8), (1024, 8), (1024, 64))
 
 
@@ -72,6 +72,11 @@ def collect(device=None, batches=(1, 8)):
         if prof.mem_bandwidth:
             row["persistent_floor_us"] = planmod.step_floor_seconds(p, "persistent") * 1e6
             row["stepwise_floor_us"] = planmod.step_floor_seconds(p, "stepwise") * 1e6
+        for path in ("persistent", "stepwise"):     # the step-time model (gpurnn.cost)
+            fwd, bwd = p.predicted_step(path, "fwd"), p.predicted_step(path, "bwd")
+            if fwd is not None:
+                row[f"{path}_model_fwd_us"] = fwd.total * 1e6
+                row[f"{path}_model_fwdbw_us"] = (fwd.total + bwd.total) * 1e6
         info["traffic"].append(row)
     return info
 
@@ -100,18 +105,23 @@ def run(args):
     else:
         print("devices: none (the tables below are for a named profile)")
     print(f"\npersistent capacity on {info['profile']}")
-    print("largest hidden size H the persistent kernels take (bfloat16: storage model only, "
-          "no bf16 kernels yet):")
+    print("largest hidden size H the persistent kernels take (16-bit: weights stored in 16 bits "
+          "in shared memory, fp32 compute; the batch is tiled, so B does not set it):")
     header = ("cell", "dtype") + tuple(f"B={b}" for b in batches)
     rows = [(r["cell"], r["dtype"]) + tuple(r[f"B{b}"] for b in batches) for r in info["capacity"]]
     print(_table(header, rows))
     print("\nper-step forward traffic model, LSTM float32 (DRAM bytes; floor = bytes / bandwidth):")
-    header = ("H", "B", "plan", "persistent", "stepwise", "floor persistent", "floor stepwise")
+    header = ("H", "B", "plan", "persistent", "stepwise", "floor persistent", "floor stepwise",
+              "model persistent", "model stepwise")
     rows = []
     for r in info["traffic"]:
         rows.append((r["H"], r["B"], r["path"], f"{r['persistent_dram_bytes'] / 1024:.1f} KiB",
                      f"{r['stepwise_dram_bytes'] / 1024:.1f} KiB",
                      f"{r.get('persistent_floor_us', float('nan')):.3f} us",
-                     f"{r.get('stepwise_floor_us', float('nan')):.3f} us"))
+                     f"{r.get('stepwise_floor_us', float('nan')):.3f} us",
+                     f"{r.get('persistent_model_fwd_us', float('nan')):.2f} us",
+                     f"{r.get('stepwise_model_fwd_us', float('nan')):.2f} us"))
     print(_table(header, rows))
+    print("model: gpurnn.cost's predicted forward step (unmeasured until `gpurnn bench` runs on a "
+          "GPU)")
     return 0
