@@ -47,8 +47,9 @@ def assess(rows):
     for r in rows:
         p = reference_plan(r)
         dyn = None
-        if p is not None and not (r.kind.startswith("persistent") and p.path != "persistent"):
-            # A persistent kernel the plan would not launch at this shape assumes nothing.
+        if p is not None and not (r.kind.startswith("persistent") and not p.persistent_fits):
+            # A persistent kernel that does not fit at this shape assumes nothing; one that fits
+            # is sized even where the step-time model prefers the stepwise path.
             dyn = {"persistent_fwd": p.smem_bytes_fwd, "persistent_bwd": p.smem_bytes_bwd}.get(r.kind, 0)
         problems = []
         if r.error:
@@ -94,8 +95,8 @@ def run(args):
         for t in table:
             print("  ".join(c.ljust(w) for c, w in zip(t, widths)) + "  " + t[-1])
         print(f"\nplan dyn smem: dynamic shared memory per block the plan assumes at {shape} "
-              f"({', '.join(f'{a}: {d}' for a, d in ARCH_PROFILE.items())}); 'stepwise': the plan "
-              f"takes the stepwise path there; stack includes the grid-sync call frame")
+              f"({', '.join(f'{a}: {d}' for a, d in ARCH_PROFILE.items())}); 'stepwise': the "
+              f"persistent kernels do not fit there; stack includes the grid-sync call frame")
     return 1 if any(r["problems"] for r in rows) else 0
 
 
