@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-BACKENDS = ("numpy", "sim", "cuda")
+BACKENDS = ("numpy", "cpu", "sim", "cuda")
 
 
 class Grads(NamedTuple):
@@ -67,9 +67,11 @@ def is_device_array(a) -> bool:
 
 
 def get_backend(name: str):
-    """The backend module for a resolved name ('numpy', 'sim' or 'cuda')."""
+    """The backend module for a resolved name ('numpy', 'cpu', 'sim' or 'cuda')."""
     if name == "numpy":
         from . import numpy as mod
+    elif name == "cpu":
+        from . import cpu as mod
     elif name == "sim":
         from . import sim as mod
     elif name == "cuda":
@@ -83,7 +85,8 @@ def resolve(backend: str, arrays) -> str:
     """Resolve 'auto' (or GPURNN_BACKEND) to a backend name by the types of `arrays`, a mapping
     argument name -> array (None allowed; the names go into the messages).
 
-    NumPy arrays go to 'numpy'; anything exposing __cuda_array_interface__ goes to 'cuda';
+    NumPy arrays go to 'cpu' (the fast CPU path; 'numpy' where Numba is missing), anything
+    exposing __cuda_array_interface__ goes to 'cuda';
     mixing the two in one call is a TypeError naming each argument. An explicit 'sim' takes
     NumPy arrays.
     """
@@ -104,10 +107,10 @@ def resolve(backend: str, arrays) -> str:
     if backend == "auto":
         backend = os.environ.get("GPURNN_BACKEND", "auto") or "auto"
     if backend == "auto":
-        return "cuda" if on_device else "numpy"
+        return "cuda" if on_device else ("cpu" if availability("cpu")[0] else "numpy")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}; got {backend!r}")
-    if backend in ("numpy", "sim") and on_device:
+    if backend in ("numpy", "cpu", "sim") and on_device:
         raise TypeError(f"backend {backend!r} takes NumPy arrays; got device arrays: "
                         f"{listing('device')}")
     if backend == "cuda" and kinds and not on_device:
@@ -121,6 +124,10 @@ def availability(name: str):
     import importlib.util
     if name == "numpy":
         return True, "always (CPU reference)"
+    if name == "cpu":
+        if importlib.util.find_spec("numba") is None:
+            return False, "Numba is not installed (pip install numba)"
+        return True, "fused Numba kernels on an OpenMP team, GEMMs by MKL (torch) or OpenBLAS (NumPy)"
     if name == "sim":
         # numba's own, deprecated numba.cuda (present without numba-cuda) lacks what the
         # kernels use: the numba-cuda package is required, not just an importable numba.cuda

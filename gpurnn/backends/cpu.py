@@ -1,0 +1,361 @@
+"""CPU backend ('cpu'): the fast path for NumPy arrays and torch CPU tensors, beside (never
+instead of) the NumPy reference. Same entry points, conventions and reserve layout as every
+backend (gpurnn/backends/__init__.py, gpurnn/cells.py); the algorithm is gpurnn/cpu/kernels.py.
+
+Per call: the weights are checked against the copy prepared for them (one pass, bit for bit) and
+prepared again only when they changed: split by hidden units into one part per thread, gate-major
+rows per part, packed by MKL for the batch size in use. Workspace (input projections, per-step
+products, gate gradients) is kept per Python thread and reused; only what is returned (outputs,
+reserve, gradients) is allocated. Then one call runs the whole pass on an OpenMP team.
+
+Threads: the calling thread's OpenMP thread count (OMP_NUM_THREADS, torch.set_num_threads and
+threadpoolctl all set it), at most one thread per 16 hidden units; options={'threads': n} fixes
+it. Under torch (MKL) the team is torch's own OpenMP team and MKL runs single-threaded inside
+it, so no second pool spins beside torch's. With NumPy's OpenBLAS its process-wide thread count
+is set to 1 while the team runs (and restored), for the same reason.
+
+options (backend_options): 'blas' ('auto' | 'mkl' | 'openblas' | 'numba', see
+gpurnn.cpu.native.find_blas), 'threads' (int >= 1).
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections import OrderedDict
+
+import numpy as np
+
+from . import Grads, Reserve
+from ..cells import CELLS, GATES, RESERVE_GATES
+from ..cpu import kernels as K
+from ..cpu import native
+from .numpy import inputs_seen
+
+NAME = "cpu"
+OPTION_KEYS = ("blas", "threads")
+MIN_UNITS_PER_THREAD = 16
+PREPARED_PER_THREAD = 8        # weight sets kept prepared per Python thread (least recently used go)
+
+_local = threading.local()
+_UINT = {np.dtype(np.float32): np.uint32, np.dtype(np.float64): np.uint64}
+_CALL = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+
+def check_options(options):
+    """The backend options as a dict, validated (ValueError/TypeError naming the key)."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise TypeError(f"backend_options must be a dict or None; got {type(options).__name__}")
+    unknown = sorted(set(options) - set(OPTION_KEYS))
+    if unknown:
+        raise ValueError(f"backend_options has unknown keys {unknown} for backend 'cpu'; "
+                         f"expected a subset of {OPTION_KEYS}")
+    blas = options.get("blas", "auto")
+    if blas not in ("auto",) + native.BLAS_NAMES:
+        raise ValueError(f"backend_options['blas'] must be one of {('auto',) + native.BLAS_NAMES}; "
+                         f"got {blas!r}")
+    threads = options.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
+                                or threads < 1):
+        raise ValueError(f"backend_options['threads'] must be an int >= 1; got {threads!r}")
+    return options
+
+
+class _Runtime:
+    """The BLAS and OpenMP runtime of one call, as the kernels' rt vector."""
+
+    def __init__(self, options, dtype, hidden):
+        self.blas = native.find_blas(options.get("blas", "auto"))
+        self.openmp = native.find_openmp()
+        threads = options.get("threads")
+        if threads is None:
+            threads = 1
+            if self.openmp is not None and not self.openmp.in_parallel():
+                threads = self.openmp.max_threads()
+        self.threads = max(1, min(int(threads), hidden // MIN_UNITS_PER_THREAD or 1))
+        f32 = np.dtype(dtype) == np.float32
+        self.packed = self.blas.packed and f32
+        rt = np.zeros(K.VEC, np.int64)
+        rt[K.RT_KIND] = self.blas.kind
+        rt[K.RT_GEMM] = self.blas.sgemm if f32 else self.blas.dgemm
+        rt[K.RT_COMPUTE] = self.blas.compute if self.packed else 0
+        rt[K.RT_LOCAL] = self.blas.set_threads_local
+        omp = self.openmp
+        if omp is not None:
+            rt[K.RT_BARRIER], rt[K.RT_THREAD_NUM], rt[K.RT_NUM_THREADS] = (
+                omp.barrier, omp.thread_num, omp.num_threads)
+        else:
+            rt[K.RT_THREAD_NUM], rt[K.RT_NUM_THREADS] = _solo_addresses()
+        self.rt = rt
+
+    def run(self, which, dtype, sz, arrays):
+        """Run the pass on the team (or on this thread alone when there is one thread)."""
+        block = np.zeros(K.BLOCK, np.int64)
+        block[:K.VEC] = sz
+        block[K.VEC:2 * K.VEC] = self.rt
+        descr = []
+        for a in arrays:
+            shape = a.shape + (1,) * (3 - a.ndim)
+            descr += [a.ctypes.data, *shape]
+        block[2 * K.VEC: 2 * K.VEC + len(descr)] = descr
+        entry = K.trampoline(which, dtype)
+        team = self.threads > 1 and self.openmp is not None
+        restore = None
+        if team and self.blas.threads:
+            get, put = self.blas.threads
+            restore = get()
+            put(1)
+        try:
+            if team:
+                self.openmp.lib.GOMP_parallel(entry, block.ctypes.data, self.threads, 0)
+            else:
+                _CALL(entry)(block.ctypes.data)
+        finally:
+            if restore is not None:
+                self.blas.threads[1](restore)
+
+
+_solo = []
+
+
+def _solo_addresses():
+    """omp_get_thread_num / omp_get_num_threads stand-ins (0 and 1) where no OpenMP exists."""
+    if not _solo:
+        from numba import cfunc, types
+        zero = cfunc(types.int32())(lambda: 0)
+        one = cfunc(types.int32())(lambda: 1)
+        _solo.append((zero, one))
+    zero, one = _solo[0]
+    return zero.address, one.address
+
+
+def _state():
+    if not hasattr(_local, "prepared"):
+        _local.prepared = OrderedDict()
+        _local.workspace = {}
+    return _local
+
+
+def _workspace(name, shape, dtype):
+    """A reused buffer of this Python thread, viewed as `shape` (contents undefined)."""
+    ws = _state().workspace
+    size = int(np.prod(shape))
+    buf = ws.get(name)
+    if buf is None or buf.dtype != dtype or buf.size < size:
+        buf = np.empty(max(size, int(1.25 * buf.size) if buf is not None and buf.dtype == dtype else 0),
+                       dtype)
+        ws[name] = buf
+    return buf[:size].reshape(shape)
+
+
+def release_workspace():
+    """Free this Python thread's prepared weights and reused buffers."""
+    state = _state()
+    state.prepared.clear()
+    state.workspace.clear()
+
+
+class _Prepared:
+    """One weight set split into parts (see gpurnn/cpu/kernels.py), and its MKL packs per B."""
+
+    def __init__(self, cell, dtype, I, H, P):
+        G = GATES[cell]
+        self.cell, self.dtype, self.G, self.H, self.I = cell, np.dtype(dtype), G, H, I
+        nmax = -(-H // P)
+        if H >= MIN_UNITS_PER_THREAD * P:
+            nmax = -(-nmax // MIN_UNITS_PER_THREAD) * MIN_UNITS_PER_THREAD   # cache-line parts
+        self.nmax, self.P = nmax, -(-H // nmax)
+        P = self.P
+        self.wx = np.zeros((P, G * nmax, I), dtype)
+        self.wh = np.zeros((P, G * nmax, H), dtype)
+        self.b_ih = np.zeros((P, G * nmax, 1), dtype)
+        self.b_hh = np.zeros((P, G * nmax, 1), dtype)
+        self.bias = np.zeros((P, G * nmax), dtype)
+        self.bhn = np.zeros((P, nmax), dtype)
+        self.forward_packs, self.backward_packs = {}, {}
+        self.fresh = True
+
+    def parts(self):
+        for k in range(self.P):
+            u0 = k * self.nmax
+            yield k, u0, min(self.nmax, self.H - u0)
+
+    def sync(self, w_ih, w_hh, b_ih, b_hh):
+        """Bring the parts up to date with the weights (one compare pass; copies if changed)."""
+        uint = _UINT[self.dtype]
+        G, H, nmax = self.G, self.H, self.nmax
+        changed = K.sync_parts(w_ih.view(uint), self.wx.view(uint), H, nmax, G)
+        changed |= K.sync_parts(w_hh.view(uint), self.wh.view(uint), H, nmax, G)
+        bias_changed = False
+        if b_ih is not None:
+            bias_changed |= K.sync_parts(b_ih.reshape(-1, 1).view(uint), self.b_ih.view(uint), H, nmax, G)
+            bias_changed |= K.sync_parts(b_hh.reshape(-1, 1).view(uint), self.b_hh.view(uint), H, nmax, G)
+        if bias_changed or self.fresh:
+            # folded input bias: b_ih + b_hh, except GRU's n gate whose b_hn stays in the product
+            for k, _, n in self.parts():
+                if n <= 0:
+                    continue
+                bi, bh = self.b_ih[k, :G * n, 0], self.b_hh[k, :G * n, 0]
+                folded = bi + bh
+                if self.cell == "gru":
+                    folded[2 * n:] = bi[2 * n:]
+                    self.bhn[k, :n] = bh[2 * n:]
+                self.bias[k, :G * n] = folded
+        if changed or self.fresh:
+            self.forward_packs.clear()
+            self.backward_packs.clear()
+        self.fresh = False
+
+    def forward_pack(self, blas, B):
+        """W_k^T packed for C(B, G*n_k) = h(B, H) @ W_k^T, per part (MKL, float32)."""
+        if B not in self.forward_packs:
+            G, H = self.G, self.H
+            sizes = [blas.lib.cblas_sgemm_pack_get_size(162, B, G * n, H) for _, _, n in self.parts()]
+            packs = np.zeros((self.P, -(-max(sizes) // 4)), np.float32)
+            for k, _, n in self.parts():
+                blas.lib.cblas_sgemm_pack(101, 162, 112, B, G * n, H, 1.0, self.wh[k].ctypes.data, H,
+                                          packs[k].ctypes.data)
+            self.forward_packs[B] = packs
+        return self.forward_packs[B]
+
+    def backward_pack(self, blas, B, w_hh):
+        """W_hh[:, part] packed for dh(B, n_k) = dgates(B, G*H) @ W_hh[:, part] (MKL, float32)."""
+        if B not in self.backward_packs:
+            GH, H = self.G * self.H, self.H
+            sizes = [blas.lib.cblas_sgemm_pack_get_size(162, B, n, GH) for _, _, n in self.parts()]
+            packs = np.zeros((self.P, -(-max(sizes) // 4)), np.float32)
+            for k, u0, n in self.parts():
+                blas.lib.cblas_sgemm_pack(101, 162, 111, B, n, GH, 1.0,
+                                          w_hh.ctypes.data + u0 * w_hh.itemsize, H, packs[k].ctypes.data)
+            self.backward_packs[B] = packs
+        return self.backward_packs[B]
+
+
+def _prepared(cell, w_ih, w_hh, b_ih, b_hh, runtime):
+    """The prepared parts for these weights on this Python thread, up to date."""
+    H, I = w_hh.shape[1], w_ih.shape[1]
+    ident = tuple((a.__array_interface__["data"][0], a.shape) if a is not None else None
+                  for a in (w_ih, w_hh, b_ih, b_hh))
+    key = (cell, w_ih.dtype.str, runtime.threads, ident)
+    cache = _state().prepared
+    prep = cache.get(key)
+    if prep is None:
+        prep = _Prepared(cell, w_ih.dtype, I, H, runtime.threads)
+        cache[key] = prep
+        while len(cache) > PREPARED_PER_THREAD:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    prep.sync(w_ih, w_hh, b_ih, b_hh)
+    return prep
+
+
+def _sizes(cell, T, B, I, H, reverse, lengths, save, prep):
+    sz = np.zeros(K.VEC, np.int64)
+    sz[[K.SZ_T, K.SZ_B, K.SZ_I, K.SZ_H]] = T, B, I, H
+    sz[K.SZ_CELL] = CELLS.index(cell)
+    sz[K.SZ_REV] = int(reverse)
+    sz[K.SZ_HASLEN] = lengths is not None
+    sz[K.SZ_SAVE] = int(save)
+    sz[K.SZ_P], sz[K.SZ_NMAX], sz[K.SZ_G] = prep.P, prep.nmax, prep.G
+    sz[K.SZ_S] = RESERVE_GATES[cell]
+    return sz
+
+
+def _widen(a):
+    return None if a is None else a.astype(np.float32)
+
+
+def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_reserve, *, options=None):
+    options = check_options(options)
+    if x.dtype.itemsize == 2:
+        # 16-bit storage (float16, bfloat16) computes in float32, as the NumPy reference does:
+        # results in the caller's dtype, the reserve in float32
+        y, h_n, c_n, reserve = _forward(cell, *map(_widen, (x, w_ih, w_hh, b_ih, b_hh, h0, c0)),
+                                        lengths, reverse, need_reserve, options)
+        if reserve is not None:
+            reserve.storage = x.dtype
+        return tuple(None if a is None else a.astype(x.dtype) for a in (y, h_n, c_n)) + (reserve,)
+    return _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_reserve, options)
+
+
+def backward(reserve, dy, dh_n, dc_n, *, options=None):
+    options = check_options(options if options is not None else reserve.plan["options"])
+    if getattr(reserve, "storage", None) is None:
+        return _backward(reserve, dy, dh_n, dc_n, options)
+    grads = _backward(reserve, _widen(dy), _widen(dh_n), _widen(dc_n), options)
+    return Grads(*(None if g is None else g.astype(reserve.storage) for g in grads))
+
+
+def _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_reserve, options):
+    T, B, I = x.shape
+    H = w_hh.shape[1]
+    dtype = x.dtype
+    rt = _Runtime(options, dtype, H)
+    prep = _prepared(cell, w_ih, w_hh, b_ih, b_hh, rt)
+    rt.threads = min(rt.threads, prep.P)
+    G, S, P, nmax = prep.G, RESERVE_GATES[cell], prep.P, prep.nmax
+    lstm = cell == "lstm"
+    save = bool(need_reserve and S)
+    slots = T + 1 if need_reserve else 2
+    hs = np.empty((slots, B, H), dtype) if need_reserve else _workspace("hs", (2, B, H), dtype)
+    cs = None
+    if lstm:
+        cs = np.empty((slots, B, H), dtype) if need_reserve else _workspace("cs", (2, B, H), dtype)
+    first = (T if reverse else 0) % slots
+    hs[first] = h0
+    if lstm:
+        cs[first] = c0
+    gates = np.empty((T, B, S * H), dtype) if save else None
+    y = np.empty((T, B, H), dtype)
+    h_n = np.empty((B, H), dtype)
+    c_n = np.empty((B, H), dtype) if lstm else None
+    packs = prep.forward_pack(rt.blas, B) if rt.packed else None
+    one = np.zeros((1, 1, 1), dtype)
+    arrays = (x, lengths if lengths is not None else np.zeros(1, np.int64), hs,
+              cs if lstm else one, gates if save else one, y, h_n, c_n if lstm else one[0],
+              prep.wx, prep.wh, packs if packs is not None else np.zeros((1, 1), np.float32),
+              prep.bias, prep.bhn, _workspace("gx", (P, T * B, G * nmax), dtype),
+              _workspace("rec", (P, B, G * nmax), dtype), _workspace("scratch", (P, 4 * nmax), dtype))
+    rt.run("forward", dtype, _sizes(cell, T, B, I, H, reverse, lengths, save, prep), arrays)
+    reserve = None
+    if need_reserve:
+        reserve = Reserve(cell=cell, backend=NAME, reverse=bool(reverse), x=x, w_ih=w_ih, w_hh=w_hh,
+                          has_bias=b_ih is not None, lengths=lengths, h=hs, c=cs, gates=gates,
+                          plan={"options": options, "prepared": prep})
+    return y, h_n, c_n, reserve
+
+
+def _backward(reserve, dy, dh_n, dc_n, options):
+    cell, x, w_ih, w_hh = reserve.cell, reserve.x, reserve.w_ih, reserve.w_hh
+    T, B, I, H = reserve.shape
+    dtype = x.dtype
+    G = GATES[cell]
+    GH = G * H
+    rt = _Runtime(options, dtype, H)
+    prep = reserve.plan["prepared"]
+    prep.sync(w_ih, w_hh, None, None)          # weights changed since the forward: use them as they are
+    rt.threads = min(rt.threads, prep.P)
+    lstm, gru = cell == "lstm", cell == "gru"
+    dgx = _workspace("dgx", (T, B, GH), dtype)
+    dgh = _workspace("dgh", (T, B, GH), dtype) if gru else dgx
+    dh = np.array(dh_n, dtype=dtype, order="C", copy=True)
+    dc = np.array(dc_n, dtype=dtype, order="C", copy=True) if lstm else None
+    dx = np.empty((T, B, I), dtype)
+    dw_ih = np.empty((GH, I), dtype)
+    dw_hh = np.empty((GH, H), dtype)
+    db_ih = np.empty(GH, dtype) if reserve.has_bias else None
+    db_hh = np.empty(GH, dtype) if reserve.has_bias else None
+    packs = prep.backward_pack(rt.blas, B, w_hh) if rt.packed else None
+    one = np.zeros((1, 1, 1), dtype)
+    x_seen = np.ascontiguousarray(inputs_seen(x, reserve.lengths, np))
+    lengths = reserve.lengths
+    arrays = (x_seen, lengths if lengths is not None else np.zeros(1, np.int64), reserve.h,
+              reserve.c if lstm else one, reserve.gates if reserve.gates is not None else one, dy,
+              w_ih, w_hh, packs if packs is not None else np.zeros((1, 1), np.float32), dgx, dgh, dh,
+              _workspace("dhadd", (B, H), dtype), dc if lstm else one[0], dx, dw_ih, dw_hh,
+              db_ih if db_ih is not None else one[0, 0], db_hh if db_hh is not None else one[0, 0])
+    sz = _sizes(cell, T, B, I, H, reserve.reverse, lengths, False, prep)
+    rt.run("backward", dtype, sz, arrays)
+    return Grads(dx=dx, dh0=dh, dc0=dc, dw_ih=dw_ih, dw_hh=dw_hh, db_ih=db_ih, db_hh=db_hh)

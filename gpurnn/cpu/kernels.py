@@ -1,0 +1,532 @@
+"""Numba kernels of the CPU fast path: one worker per direction of the pass (forward, backward)
+that every thread of an OpenMP team runs over the whole sequence. Cell math and reserve layout
+as gpurnn/cells.py; the readable version of the same algorithm is gpurnn/backends/numpy.py.
+
+Who owns what (the CPU form of DESIGN.md §2's persistent kernel): the hidden units are cut into
+P parts of `nmax` units (the last may be shorter); part k owns units [k*nmax, k*nmax + n_k) and
+keeps its own rows of W_ih and W_hh for all G gates (`wx[k]`, `wh[k]`: (G*n_k, I), (G*n_k, H),
+gate-major), packed once per weight version where the BLAS can (MKL). Thread `tid` of a team of
+`nt` runs parts tid, tid + nt, ... so any team size is correct.
+
+Forward: each thread projects its parts' inputs for all T*B rows in one GEMM (before the loop),
+then per step: rec_k = h_{t-1} W_k^T (one GEMM per part), the fused pointwise update of the
+part's units, and **one barrier** (h_t complete before any thread reads it).
+Backward: per step: the pointwise gate gradients of the thread's units, **one barrier** (all of
+dgates_t written), then dh_{t-1}[:, own units] = dgates_t W_hh[:, own units] (one GEMM per
+part). After the loop, one barrier, then dx, dW_ih, dW_hh and the bias sums as large GEMMs
+split by rows over the team. dc never crosses threads.
+
+Arguments: `sz` and `rt` are int64 vectors (indices SZ_*, RT_*). Arrays that a call does not use
+are 1-element placeholders. Kernels never allocate, never validate and never raise.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import carray, cfunc, njit, types
+from numba.extending import overload
+
+from ..cells import CELLS
+from .native import GEMM_CBLAS64, GEMM_FORTRAN, call_byref, call_i32, call_void, voidptr
+
+LSTM, GRU, RNN_TANH, RNN_RELU = (CELLS.index(c) for c in ("lstm", "gru", "rnn_tanh", "rnn_relu"))
+
+# sz: sizes and switches of one call
+SZ_T, SZ_B, SZ_I, SZ_H, SZ_CELL, SZ_REV, SZ_HASLEN, SZ_SAVE, SZ_P, SZ_NMAX, SZ_G, SZ_S = range(12)
+# rt: the GEMM kind, then addresses (0: absent): gemm, MKL packed compute, OpenMP barrier,
+# MKL's thread-local thread count, omp_get_thread_num, omp_get_num_threads
+RT_KIND, RT_GEMM, RT_COMPUTE, RT_BARRIER, RT_LOCAL, RT_THREAD_NUM, RT_NUM_THREADS = range(7)
+VEC = 16   # sizes of sz and rt in an argument block
+
+# Fortran/CBLAS constants
+_ROW_MAJOR, _NO_TRANS, _TRANS, _PACKED = 101, 111, 112, 151
+_N, _T = ord("N"), ord("T")
+
+_FAST = {"contract", "arcp"}     # FMA and reciprocal multiply; never nnan/ninf (NaN must propagate)
+_JIT = dict(nogil=True, error_model="numpy", fastmath=_FAST, cache=True)
+
+# ---- activations ---------------------------------------------------------------------------------
+# float32: an odd rational minimax fit of tanh on [-9, 9] (relative error 2e-8 in exact
+# arithmetic, <= 4e-7 absolute in float32; tanh(9) rounds to 1 in float32), so LLVM vectorises
+# it. float64: math.tanh, so float64 matches the NumPy reference to rounding.
+_P = tuple(np.float32(v) for v in (1.0, 1.33810448e-01, 3.49561094e-03, 2.06094598e-05, 1.33551857e-08))
+_Q = tuple(np.float32(v) for v in (1.0, 4.67143604e-01, 2.58770688e-02, 3.28567223e-04, 7.77677279e-07))
+_P0, _P1, _P2, _P3, _P4 = _P
+_Q0, _Q1, _Q2, _Q3, _Q4 = _Q
+_NINE, _ONE, _HALF = np.float32(9.0), np.float32(1.0), np.float32(0.5)
+
+
+def tanh(x):
+    """tanh for the kernels (see the overload)."""
+    return math.tanh(x)
+
+
+@overload(tanh, inline="always")
+def _tanh_impl(x):
+    if x == types.float32:
+        def fast(x):
+            # max/min with x first return x when it is NaN: NaN passes through
+            v = min(max(x, -_NINE), _NINE)
+            s = v * v
+            p = (((_P4 * s + _P3) * s + _P2) * s + _P1) * s + _P0
+            q = (((_Q4 * s + _Q3) * s + _Q2) * s + _Q1) * s + _Q0
+            return min(max(v * p / q, -_ONE), _ONE)
+        return fast
+    return lambda x: math.tanh(x)
+
+
+def sigmoid(x):
+    """sigmoid for the kernels: the reference's 0.5*tanh(x/2) + 0.5 (no exp to overflow)."""
+    return 0.5 * math.tanh(0.5 * x) + 0.5
+
+
+@overload(sigmoid, inline="always")
+def _sigmoid_impl(x):
+    half = np.float32(0.5) if x == types.float32 else 0.5
+    return lambda x: half * tanh(half * x) + half
+
+
+# ---- GEMM ----------------------------------------------------------------------------------------
+
+@njit(**_JIT)
+def gemm_loops(a, ta, b, tb, c, beta):
+    """c = op(a) op(b) + beta*c with Numba loops (the BLAS of last resort)."""
+    m, n = c.shape
+    k = a.shape[0] if ta else a.shape[1]
+    for i in range(m):
+        for j in range(n):
+            c[i, j] = 0 if beta == 0 else c[i, j] * beta
+    if not ta and not tb:
+        for i in range(m):
+            for p in range(k):
+                aip = a[i, p]
+                for j in range(n):
+                    c[i, j] += aip * b[p, j]
+    elif not ta:
+        for i in range(m):
+            for j in range(n):
+                s = c.dtype.type(0)
+                for p in range(k):
+                    s += a[i, p] * b[j, p]
+                c[i, j] += s
+    elif not tb:
+        for p in range(k):
+            for i in range(m):
+                api = a[p, i]
+                for j in range(n):
+                    c[i, j] += api * b[p, j]
+    else:
+        for i in range(m):
+            for j in range(n):
+                s = c.dtype.type(0)
+                for p in range(k):
+                    s += a[p, i] * b[j, p]
+                c[i, j] += s
+
+
+@njit(inline="always")
+def _ld(a):
+    return max(1, a.strides[0] // a.itemsize) if a.shape[0] > 1 else max(1, a.shape[1])
+
+
+@njit(inline="always")
+def gemm(rt, a, ta, b, tb, c, beta):
+    """Row-major c (m, n) = op(a) @ op(b) + beta * c on 2-D views with unit inner stride;
+    op(a) is a.T when ta. beta == 0 never reads c."""
+    m, n = c.shape
+    k = a.shape[0] if ta else a.shape[1]
+    kind = rt[RT_KIND]
+    one = c.dtype.type(1)
+    bt = c.dtype.type(beta)
+    if kind == GEMM_FORTRAN:
+        # column-major view of the same memory: c^T = op(b)^T op(a)^T
+        call_byref(rt[RT_GEMM], (np.uint8(_T if tb else _N), np.uint8(_T if ta else _N),
+                                 np.int32(n), np.int32(m), np.int32(k), one,
+                                 voidptr(b.ctypes.data), np.int32(_ld(b)),
+                                 voidptr(a.ctypes.data), np.int32(_ld(a)), bt,
+                                 voidptr(c.ctypes.data), np.int32(_ld(c))))
+    elif kind == GEMM_CBLAS64:
+        call_void(rt[RT_GEMM], (np.int32(_ROW_MAJOR), np.int32(_TRANS if ta else _NO_TRANS),
+                                np.int32(_TRANS if tb else _NO_TRANS), np.int64(m), np.int64(n),
+                                np.int64(k), one, a.ctypes.data, np.int64(_ld(a)), b.ctypes.data,
+                                np.int64(_ld(b)), bt, c.ctypes.data, np.int64(_ld(c))))
+    else:
+        gemm_loops(a, ta, b, tb, c, beta)
+
+
+@njit(inline="always")
+def gemm_packed(rt, a, packed_b, c, k):
+    """Row-major c (m, n) = a (m, k) @ B with B packed by MKL's cblas_sgemm_pack (float32)."""
+    m, n = c.shape
+    call_void(rt[RT_COMPUTE], (np.int32(_ROW_MAJOR), np.int32(_NO_TRANS), np.int32(_PACKED),
+                               np.int32(m), np.int32(n), np.int32(k), a.ctypes.data, np.int32(_ld(a)),
+                               packed_b.ctypes.data, np.int32(k), np.float32(0.0), c.ctypes.data,
+                               np.int32(_ld(c))))
+
+
+@njit(inline="always")
+def barrier(rt, nt):
+    if nt > 1:
+        call_void(rt[RT_BARRIER], ())
+
+
+@njit(inline="always")
+def _blas_threads(rt, n):
+    """This thread's BLAS thread count (MKL); returns the previous setting."""
+    if rt[RT_LOCAL] != 0:
+        return call_i32(rt[RT_LOCAL], (np.int32(n),))
+    return np.int32(0)
+
+
+@njit(inline="always")
+def _part(k, nmax, H):
+    u0 = k * nmax
+    return u0, min(nmax, H - u0)
+
+
+# ---- forward -------------------------------------------------------------------------------------
+
+@njit(**_JIT)
+def forward_worker(tid, nt, sz, rt, x, lengths, hs, cs, gates, y, hn, cn, wx, wh, whpk, bias, bhn,
+                   gxw, rec, scratch):
+    """One thread's share of a forward pass.
+      x (T, B, I) ; lengths (B,) int64 ; hs, cs (Th, B, H) states, slot j % Th holds boundary
+      state j (Th = T+1 with a reserve, else 2) ; gates (T, B, S*H) reserve ; y (T, B, H) ;
+      hn, cn (B, H) ; wx (P, G*nmax, I), wh (P, G*nmax, H) part rows ; whpk (P, bytes/4) wh
+      packed by MKL for M = B ; bias (P, G*nmax) folded input bias ; bhn (P, nmax) GRU b_hn ;
+      gxw (P, T*B, G*nmax), rec (P, B, G*nmax) and scratch (P, 4*nmax) per-part workspace.
+    Cell steps work on contiguous slices indexed from 0, which is what lets LLVM vectorise."""
+    T, B, I, H = sz[SZ_T], sz[SZ_B], sz[SZ_I], sz[SZ_H]
+    cell, rev, has_len, save = sz[SZ_CELL], sz[SZ_REV], sz[SZ_HASLEN], sz[SZ_SAVE]
+    P, nmax, G = sz[SZ_P], sz[SZ_NMAX], sz[SZ_G]
+    packed = rt[RT_COMPUTE] != 0
+    Th = hs.shape[0]
+    old = _blas_threads(rt, 1)
+    x2 = x.reshape(T * B, I)
+    for k in range(tid, P, nt):
+        u0, n = _part(k, nmax, H)
+        if n > 0:
+            gemm(rt, x2, False, wx[k, :G * n, :], True, gxw[k, :, :G * n], 0.0)
+    for s in range(T):
+        t = T - 1 - s if rev else s
+        h_in, h_out = hs[(t + rev) % Th], hs[(t + 1 - rev) % Th]
+        c_in, c_out = cs[(t + rev) % cs.shape[0]], cs[(t + 1 - rev) % cs.shape[0]]
+        for k in range(tid, P, nt):
+            u0, n = _part(k, nmax, H)
+            if n <= 0:
+                continue
+            r = rec[k, :, :G * n]
+            if packed:
+                gemm_packed(rt, h_in, whpk[k], r, H)
+            else:
+                gemm(rt, h_in, False, wh[k, :G * n, :], True, r, 0.0)
+            bk, gxk, junk = bias[k], gxw[k], scratch[k]
+            S = sz[SZ_S]
+            for b in range(B):
+                if has_len != 0 and t >= lengths[b]:
+                    h_out[b, u0:u0 + n] = h_in[b, u0:u0 + n]
+                    y[t, b, u0:u0 + n] = 0
+                    if cell == LSTM:
+                        c_out[b, u0:u0 + n] = c_in[b, u0:u0 + n]
+                    if save:
+                        for q in range(S):
+                            gates[t, b, q * H + u0:q * H + u0 + n] = 0
+                    continue
+                a, rb = gxk[t * B + b], r[b]
+                if save:
+                    gr = gates[t, b]
+                    g0, g1 = gr[u0:u0 + n], gr[H + u0:H + u0 + n]
+                    g2, g3 = gr[2 * H + u0:2 * H + u0 + n], gr[3 * H + u0:3 * H + u0 + n]
+                else:       # nothing kept: the gates go to this part's scratch
+                    g0, g1, g2, g3 = junk[:n], junk[n:2 * n], junk[2 * n:3 * n], junk[3 * n:4 * n]
+                if cell == LSTM:
+                    _lstm_step(a, rb, bk, n, c_in[b, u0:u0 + n], c_out[b, u0:u0 + n],
+                               h_out[b, u0:u0 + n], y[t, b, u0:u0 + n], g0, g1, g2, g3)
+                elif cell == GRU:
+                    _gru_step(a, rb, bk, bhn[k], n, h_in[b, u0:u0 + n], h_out[b, u0:u0 + n],
+                              y[t, b, u0:u0 + n], g0, g1, g2, g3)
+                else:
+                    _rnn_step(a, rb, bk, n, h_out[b, u0:u0 + n], y[t, b, u0:u0 + n], cell == RNN_RELU)
+        barrier(rt, nt)
+    last = (0 if rev else T) % Th
+    for k in range(tid, P, nt):
+        u0, n = _part(k, nmax, H)
+        for b in range(B):
+            for j in range(max(n, 0)):
+                hn[b, u0 + j] = hs[last, b, u0 + j]
+                if cell == LSTM:
+                    cn[b, u0 + j] = cs[last, b, u0 + j]
+    _blas_threads(rt, old)
+
+
+@njit(inline="always")
+def _lstm_step(a, r, bias, n, c_in, c_out, h_out, y, g0, g1, g2, g3):
+    """a, r, bias: the part's input projection, recurrent product and bias rows (4 blocks of n);
+    the rest are the part's slices of the state, output and gate rows."""
+    for j in range(n):
+        i = sigmoid(a[j] + r[j] + bias[j])
+        f = sigmoid(a[n + j] + r[n + j] + bias[n + j])
+        g = tanh(a[2 * n + j] + r[2 * n + j] + bias[2 * n + j])
+        o = sigmoid(a[3 * n + j] + r[3 * n + j] + bias[3 * n + j])
+        g0[j] = i
+        g1[j] = f
+        g2[j] = g
+        g3[j] = o
+        c = f * c_in[j] + i * g
+        h = o * tanh(c)
+        c_out[j] = c
+        h_out[j] = h
+        y[j] = h
+
+
+@njit(inline="always")
+def _gru_step(a, r, bias, bhn, n, h_in, h_out, y, g0, g1, g2, g3):
+    for j in range(n):
+        rg = sigmoid(a[j] + r[j] + bias[j])
+        z = sigmoid(a[n + j] + r[n + j] + bias[n + j])
+        hn = r[2 * n + j] + bhn[j]
+        ng = tanh(a[2 * n + j] + bias[2 * n + j] + rg * hn)
+        g0[j] = rg
+        g1[j] = z
+        g2[j] = ng
+        g3[j] = hn
+        h = ng + z * (h_in[j] - ng)
+        h_out[j] = h
+        y[j] = h
+
+
+@njit(inline="always")
+def _rnn_step(a, r, bias, n, h_out, y, relu):
+    for j in range(n):
+        v = a[j] + r[j] + bias[j]
+        if relu:
+            h = v * 0 if v < 0 else v     # NaN is not < 0: it propagates, as np.maximum does
+        else:
+            h = tanh(v)
+        h_out[j] = h
+        y[j] = h
+
+
+# ---- backward ------------------------------------------------------------------------------------
+
+@njit(**_JIT)
+def backward_worker(tid, nt, sz, rt, x, lengths, hs, cs, gates, dy, w_ih, w_hh, whtpk, dgx, dgh,
+                    dh, dhadd, dc, dx, dw_ih, dw_hh, db_ih, db_hh):
+    """One thread's share of a backward pass.
+      x (T, B, I) inputs with padded steps zeroed ; hs, cs (T+1, B, H), gates (T, B, S*H) the
+      reserve ; dy (T, B, H) ; w_ih (G*H, I), w_hh (G*H, H) ; whtpk (P, bytes/4) W_hh[:, part]
+      packed by MKL for M = B ; dgx, dgh (T, B, G*H) gate gradients (input / recurrent side; the
+      same array except GRU) ; dh (B, H) in: dh_n, out: dh0 ; dhadd (B, H) workspace ; dc (B, H)
+      in: dc_n, out: dc0 ; outputs dx (T, B, I), dw_ih, dw_hh, db_ih, db_hh (G*H,) when sz has
+      bias (db_* length 1 otherwise)."""
+    T, B, I, H = sz[SZ_T], sz[SZ_B], sz[SZ_I], sz[SZ_H]
+    cell, rev, has_len = sz[SZ_CELL], sz[SZ_REV], sz[SZ_HASLEN]
+    P, nmax, G = sz[SZ_P], sz[SZ_NMAX], sz[SZ_G]
+    GH = G * H
+    packed = rt[RT_COMPUTE] != 0
+    old = _blas_threads(rt, 1)
+    for s in range(T):
+        t = s if rev else T - 1 - s              # the forward's steps, last first
+        for k in range(tid, P, nt):
+            u0, n = _part(k, nmax, H)
+            if n <= 0:
+                continue
+            for b in range(B):
+                if has_len != 0 and t >= lengths[b]:
+                    dhadd[b, u0:u0 + n] = dh[b, u0:u0 + n]      # the state was copied through
+                    for q in range(G):
+                        dgx[t, b, q * H + u0:q * H + u0 + n] = 0
+                        dgh[t, b, q * H + u0:q * H + u0 + n] = 0
+                    continue
+                d = dh[b, u0:u0 + n]
+                d += dy[t, b, u0:u0 + n]                 # dh_t, in place: dh is rewritten below
+                g, dg = gates[t, b], dgx[t, b]
+                if cell == LSTM:
+                    _lstm_grad(n, d, dc[b, u0:u0 + n], g[u0:u0 + n], g[H + u0:H + u0 + n],
+                               g[2 * H + u0:2 * H + u0 + n], g[3 * H + u0:3 * H + u0 + n],
+                               cs[t + 1 - rev, b, u0:u0 + n], cs[t + rev, b, u0:u0 + n],
+                               dg[u0:u0 + n], dg[H + u0:H + u0 + n], dg[2 * H + u0:2 * H + u0 + n],
+                               dg[3 * H + u0:3 * H + u0 + n])
+                elif cell == GRU:
+                    dr = dgh[t, b]
+                    _gru_grad(n, d, g[u0:u0 + n], g[H + u0:H + u0 + n], g[2 * H + u0:2 * H + u0 + n],
+                              g[3 * H + u0:3 * H + u0 + n], hs[t + rev, b, u0:u0 + n],
+                              dg[u0:u0 + n], dg[H + u0:H + u0 + n], dg[2 * H + u0:2 * H + u0 + n],
+                              dr[u0:u0 + n], dr[H + u0:H + u0 + n], dr[2 * H + u0:2 * H + u0 + n],
+                              dhadd[b, u0:u0 + n])
+                else:
+                    _rnn_grad(n, d, hs[t + 1 - rev, b, u0:u0 + n], dg[u0:u0 + n], cell == RNN_RELU)
+        barrier(rt, nt)
+        for k in range(tid, P, nt):
+            u0, n = _part(k, nmax, H)
+            if n <= 0:
+                continue
+            if packed:
+                gemm_packed(rt, dgh[t], whtpk[k], dh[:, u0:u0 + n], GH)
+            else:
+                gemm(rt, dgh[t], False, w_hh[:, u0:u0 + n], False, dh[:, u0:u0 + n], 0.0)
+            for b in range(B):
+                if has_len != 0 and t >= lengths[b]:
+                    for j in range(n):
+                        dh[b, u0 + j] = dhadd[b, u0 + j]
+                elif cell == GRU:
+                    for j in range(n):
+                        dh[b, u0 + j] += dhadd[b, u0 + j]
+    barrier(rt, nt)
+    # everything else is large GEMMs, split by rows over the team
+    TB = T * B
+    dgx2, dgh2 = dgx.reshape(TB, GH), dgh.reshape(TB, GH)
+    r0, r1 = _rows(tid, nt, TB)
+    if r1 > r0:
+        gemm(rt, dgx2[r0:r1], False, w_ih, False, dx.reshape(TB, I)[r0:r1], 0.0)
+    q0, q1 = _rows(tid, nt, GH)
+    if q1 > q0:
+        gemm(rt, dgx2[:, q0:q1], True, x.reshape(TB, I), False, dw_ih[q0:q1], 0.0)
+        h_in = hs[rev:rev + T].reshape(TB, H)
+        gemm(rt, dgh2[:, q0:q1], True, h_in, False, dw_hh[q0:q1], 0.0)
+        if db_ih.shape[0] == GH:
+            for q in range(q0, q1):
+                db_ih[q] = 0
+                db_hh[q] = 0
+            for row in range(TB):
+                for q in range(q0, q1):
+                    db_ih[q] += dgx2[row, q]
+                    db_hh[q] += dgh2[row, q]
+    _blas_threads(rt, old)
+
+
+@njit(inline="always")
+def _rows(tid, nt, total):
+    per = (total + nt - 1) // nt
+    r0 = min(total, tid * per)
+    return r0, min(total, r0 + per)
+
+
+@njit(inline="always")
+def _lstm_grad(n, d, dc, i, f, g, o, c_out, c_in, di, df, dg, do):
+    """d: dh_t (this part's units); dc: in dc_t, out dc_{t-1}; gate slices of the reserve."""
+    one = dc.dtype.type(1)
+    for j in range(n):
+        tc = tanh(c_out[j])
+        dcc = dc[j] + d[j] * o[j] * (one - tc * tc)
+        di[j] = dcc * g[j] * i[j] * (one - i[j])
+        df[j] = dcc * c_in[j] * f[j] * (one - f[j])
+        dg[j] = dcc * i[j] * (one - g[j] * g[j])
+        do[j] = d[j] * tc * o[j] * (one - o[j])
+        dc[j] = dcc * f[j]
+
+
+@njit(inline="always")
+def _gru_grad(n, d, r, z, ng, hn, h_in, dxr, dxz, dxn, dhr, dhz, dhn, dhadd):
+    one = d.dtype.type(1)
+    for j in range(n):
+        dn = d[j] * (one - z[j]) * (one - ng[j] * ng[j])
+        dz = d[j] * (h_in[j] - ng[j]) * z[j] * (one - z[j])
+        dr = dn * hn[j] * r[j] * (one - r[j])
+        dxr[j] = dr
+        dxz[j] = dz
+        dxn[j] = dn
+        dhr[j] = dr
+        dhz[j] = dz
+        dhn[j] = dn * r[j]
+        dhadd[j] = d[j] * z[j]
+
+
+@njit(inline="always")
+def _rnn_grad(n, d, h_out, da, relu):
+    one = d.dtype.type(1)
+    for j in range(n):
+        h = h_out[j]
+        if relu:
+            da[j] = d[j] if h > 0 else d[j] * 0     # as the reference: (h > 0) * d
+        else:
+            da[j] = d[j] * (one - h * h)
+
+
+# ---- one call on a whole team ----------------------------------------------------------------------
+# A trampoline per (pass, dtype) unpacks an argument block: int64 [sz (VEC), rt (VEC), then per
+# array: address, d0, d1, d2]. The caller keeps every array alive until the team has returned.
+
+@njit(inline="always")
+def _v1(blk, i, like):
+    base = 2 * VEC + 4 * i
+    return carray(voidptr(blk[base]), (blk[base + 1],), like.dtype)
+
+
+@njit(inline="always")
+def _v2(blk, i, like):
+    base = 2 * VEC + 4 * i
+    return carray(voidptr(blk[base]), (blk[base + 1], blk[base + 2]), like.dtype)
+
+
+@njit(inline="always")
+def _v3(blk, i, like):
+    base = 2 * VEC + 4 * i
+    return carray(voidptr(blk[base]), (blk[base + 1], blk[base + 2], blk[base + 3]), like.dtype)
+
+
+_F32, _F64, _I64 = np.zeros(1, np.float32), np.zeros(1, np.float64), np.zeros(1, np.int64)
+BLOCK = 2 * VEC + 4 * 20     # int64 entries of an argument block
+
+
+def _make_forward(like):
+    def trampoline(block):
+        blk = carray(block, (BLOCK,), np.int64)
+        sz, rt = blk[:VEC], blk[VEC:2 * VEC]
+        tid, nt = call_i32(rt[RT_THREAD_NUM], ()), call_i32(rt[RT_NUM_THREADS], ())
+        forward_worker(tid, nt, sz, rt, _v3(blk, 0, like), _v1(blk, 1, _I64), _v3(blk, 2, like),
+                       _v3(blk, 3, like), _v3(blk, 4, like), _v3(blk, 5, like), _v2(blk, 6, like),
+                       _v2(blk, 7, like), _v3(blk, 8, like), _v3(blk, 9, like), _v2(blk, 10, _F32),
+                       _v2(blk, 11, like), _v2(blk, 12, like), _v3(blk, 13, like), _v3(blk, 14, like),
+                       _v2(blk, 15, like))
+    return trampoline
+
+
+def _make_backward(like):
+    def trampoline(block):
+        blk = carray(block, (BLOCK,), np.int64)
+        sz, rt = blk[:VEC], blk[VEC:2 * VEC]
+        tid, nt = call_i32(rt[RT_THREAD_NUM], ()), call_i32(rt[RT_NUM_THREADS], ())
+        backward_worker(tid, nt, sz, rt, _v3(blk, 0, like), _v1(blk, 1, _I64), _v3(blk, 2, like),
+                        _v3(blk, 3, like), _v3(blk, 4, like), _v3(blk, 5, like), _v2(blk, 6, like),
+                        _v2(blk, 7, like), _v2(blk, 8, _F32), _v3(blk, 9, like), _v3(blk, 10, like),
+                        _v2(blk, 11, like), _v2(blk, 12, like), _v2(blk, 13, like), _v3(blk, 14, like),
+                        _v2(blk, 15, like), _v2(blk, 16, like), _v1(blk, 17, like), _v1(blk, 18, like))
+    return trampoline
+
+
+_trampolines = {}
+
+
+def trampoline(which, dtype):
+    """The C address of the team entry point for ('forward' | 'backward', dtype), compiled on
+    first use (the workers it calls are cached on disk by Numba)."""
+    key = (which, np.dtype(dtype).name)
+    if key not in _trampolines:
+        like = _F32 if key[1] == "float32" else _F64
+        make = _make_forward if which == "forward" else _make_backward
+        _trampolines[key] = cfunc(types.void(types.voidptr))(make(like))
+    return _trampolines[key].address
+
+
+# ---- weights: prepared once per weight version ---------------------------------------------------
+
+@njit(nogil=True, cache=True)
+def sync_parts(src, parts, H, nmax, G):
+    """Make parts[k, q*n_k + j] == src[q*H + k*nmax + j] (rows; arrays of unsigned integers
+    viewing the float bits, so NaN compares equal to itself). Returns True if anything
+    had to be copied, i.e. the weights changed since they were last prepared."""
+    changed = False
+    P = parts.shape[0]
+    for k in range(P):
+        u0 = k * nmax
+        n = min(nmax, H - u0)
+        for q in range(G):
+            for j in range(max(n, 0)):
+                srow, prow = src[q * H + u0 + j], parts[k, q * n + j]
+                for col in range(src.shape[1]):
+                    if prow[col] != srow[col]:
+                        prow[col] = srow[col]
+                        changed = True
+    return changed
