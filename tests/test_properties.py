@@ -98,7 +98,7 @@ def _gpurnn_run(p, params, x, h0, c0, seeds):
     name, kw = KIND[p["cell"]]
     m = getattr(gpurnn, name)(p["I"], p["H"], num_layers=p["layers"], bias=p["bias"],
                               batch_first=p["batch_first"], bidirectional=p["bidirectional"],
-                              dtype=p["dtype"], **kw)
+                              dtype=p["dtype"], backend="numpy", **kw)
     m.load_state_dict(params)
     lstm = p["cell"] == "lstm"
     hx = None

@@ -24,6 +24,7 @@ L9 = [(0, 0, 0, 0), (0, 1, 1, 1), (0, 2, 2, 2), (1, 0, 1, 2), (1, 1, 2, 0), (1, 
       (2, 0, 2, 1), (2, 1, 0, 2), (2, 2, 1, 0)]
 PAIRWISE = [tuple(SIZES[k] for k in row) for row in L9]
 SLOW = {"sim"}          # backends that run kernels thread by thread: the pairwise set only
+HOST_FAST = [b for b in BACKENDS if b not in SLOW | {"cuda"}]    # the modules' NumPy backends
 
 
 def _backend(name):
@@ -99,9 +100,10 @@ def test_functional_never_writes_its_inputs_slow_backends(backend, cell, reverse
     _check_backend(_backend(backend), cell, reverse, PAIRWISE, rng, rerun=False)
 
 
-def test_h1_lstm_weights_survive_forwards():
-    # the issue's reproduction: hidden_size 1, two forwards, then the weights and the gradients
-    m = gpurnn.LSTM(3, 1, seed=0, dtype="float64")
+@pytest.mark.parametrize("backend", HOST_FAST)
+def test_h1_lstm_weights_survive_forwards(backend):
+    # the issue's reproduction: hidden_size 1, two forwards, then the weights
+    m = gpurnn.LSTM(3, 1, seed=0, dtype="float64", backend=_backend(backend))
     before = m.state_dict()
     x = np.random.default_rng(1).standard_normal((4, 2, 3))
     y1, _ = m(x)
@@ -116,8 +118,10 @@ def test_h1_lstm_weights_survive_forwards():
                                     (gpurnn.RNN, {"nonlinearity": "relu"})],
                          ids=["lstm", "gru", "rnn_tanh", "rnn_relu"])
 @pytest.mark.parametrize("H", SIZES)
-def test_module_never_writes_parameters_or_inputs(cls, kw, H, rng):
-    m = cls(2, H, num_layers=2, bidirectional=True, dtype="float64", seed=3, **kw)
+@pytest.mark.parametrize("backend", HOST_FAST)
+def test_module_never_writes_parameters_or_inputs(backend, cls, kw, H, rng):
+    m = cls(2, H, num_layers=2, bidirectional=True, dtype="float64", seed=3,
+            backend=_backend(backend), **kw)
     for p in m.parameters():
         p.flags.writeable = False
     params = {k: v.copy() for k, v in m.state_dict().items()}
@@ -146,11 +150,13 @@ def test_module_never_writes_parameters_or_inputs(cls, kw, H, rng):
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 @pytest.mark.parametrize("H", SIZES)
-def test_torch_module_never_writes_parameters_or_inputs(kind, H):
+@pytest.mark.parametrize("backend", HOST_FAST)
+def test_torch_module_never_writes_parameters_or_inputs(backend, kind, H):
     torch = pytest.importorskip("torch")
     import gpurnn.torch as gt
     torch.manual_seed(H)
-    m = getattr(gt, kind)(2, H, num_layers=2, bidirectional=True, dtype=torch.float64)
+    m = getattr(gt, kind)(2, H, num_layers=2, bidirectional=True, dtype=torch.float64,
+                          backend=_backend(backend))
     T, B = 3, 2
     x = torch.randn(T, B, 2, dtype=torch.float64, requires_grad=True)
     h0 = torch.randn(4, B, H, dtype=torch.float64, requires_grad=True)
