@@ -15,6 +15,11 @@ Arguments arrive validated and normalised by `gpurnn.functional` (nothing below 
             had none
 Returns y (T, B, H) (zeros at t >= lengths[b]), h_n, c_n (None unless LSTM) and a Reserve
 (None unless need_reserve). Layout of the reserve: gpurnn.cells.
+
+What every backend promises (tests/test_readonly.py, tests/test_failed_calls.py): it never
+writes into an array it was given (they may be the caller's own, even read-only) nor into a
+Reserve (backward only reads it, so a failed backward can be retried); it checks its `options`
+before computing anything.
 """
 from __future__ import annotations
 
