@@ -238,7 +238,7 @@ def test_threads_defaults_and_validation():
 @pytest.mark.parametrize("kwargs, exc, match", [
     (dict(cell="rnn"), ValueError, "rnn_tanh"),
     (dict(cell="LSTM"), ValueError, "cell must be one of"),
-    (dict(dtype="float16"), ValueError, "dtype must be one of"),
+    (dict(dtype="int8"), ValueError, "dtype must be one of"),
     (dict(hidden_size=0), ValueError, "hidden_size must be >= 1; got 0"),
     (dict(batch=2.0), TypeError, "batch must be an int; got float"),
     (dict(input_size=True), TypeError, "input_size must be an int"),
