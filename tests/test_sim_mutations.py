@@ -137,7 +137,7 @@ def _delete(line_no):
 
 
 @pytest.mark.parametrize("line_no", BARRIER_LINES,
-                         ids=[f"L{i + 1}-{LINES[i].strip()}" for i in BARRIER_LINES])
+                         ids=[f"L{i + 1}-{LINES[i].split('#')[0].strip()}" for i in BARRIER_LINES])
 def test_deleting_any_barrier_is_caught(line_no):
     found = caught_by(_delete(line_no), f"L{line_no + 1}")
     assert found is not None, (f"deleting line {line_no + 1} ({LINES[line_no].strip()}) of "
