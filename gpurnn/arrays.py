@@ -52,13 +52,20 @@ def to_compute(name, a):
         return a
     if _is_torch_tensor(a):
         t = a.detach()
+        bf16 = t.dtype == sys.modules["torch"].bfloat16
         if t.device.type == "cpu":
             if t.is_conj() or t.is_neg():     # lazy views that .numpy() refuses
                 t = t.resolve_conj().resolve_neg()
+            if bf16:                          # NumPy has no bfloat16: ml_dtypes', same bits
+                return t.contiguous().view(sys.modules["torch"].int16).numpy().view(
+                    _ml_bfloat16(name))
             return t.contiguous().numpy()
         if t.device.type != "cuda":
             raise TypeError(f"{name} is a torch tensor on device {t.device}; expected a CPU or "
                             f"CUDA tensor")
+        if bf16:
+            raise TypeError(f"{name} is a bfloat16 CUDA tensor; CuPy has no bfloat16, so gpurnn's "
+                            f"GPU path takes float16, float32 or float64 tensors")
         return _cupy(name).from_dlpack(t.contiguous())
     if hasattr(a, "__cuda_array_interface__"):
         return _cupy(name).asarray(a)
@@ -75,6 +82,15 @@ def to_compute(name, a):
         cause = exc
     raise TypeError(f"{name} must be an array (NumPy, CuPy, torch, or anything with "
                     f"__cuda_array_interface__ / __dlpack__); got {type(a).__name__}") from cause
+
+
+def _ml_bfloat16(name):
+    try:
+        import ml_dtypes
+    except ImportError as exc:
+        raise TypeError(f"{name} is a bfloat16 tensor, which needs the ml_dtypes package on the "
+                        f"host (NumPy has no bfloat16): pip install ml_dtypes") from exc
+    return ml_dtypes.bfloat16
 
 
 def _cupy(name):

@@ -56,6 +56,8 @@ def from_compute(a, family):
         raise ValueError(f"family must be 'numpy', 'cupy' or 'torch'; got {family!r}")
     import torch
     if isinstance(a, np.ndarray):
+        if a.dtype.name == "bfloat16":     # ml_dtypes' bfloat16: the same bits, zero copy
+            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(a)
     return torch.from_dlpack(a)
 
