@@ -1,6 +1,15 @@
 """Benchmark runner behind `gpurnn bench` and `benchmarks/`: cases, an explicit FLOP model, the
 implementations being compared, and timing with the device synchronised inside the timed call.
 
+Fair timing on a CPU (time_blocks): idle BLAS/OpenMP workers keep spinning for 10-100 ms after
+a call and slow whatever runs next, so implementations are never timed call by call. Each is
+timed in blocks: untimed calls first (at least `warmup_s` of them, so the other library's
+workers have gone idle), then `repeat` timed calls; the order of the implementations rotates
+from round to round, and each reports the median over all its rounds, with the share of the
+machine's CPU time other processes used during its blocks (Linux /proc/stat; None elsewhere).
+Before anything is timed, each implementation's result on the case's data is checked against
+the float64 NumPy reference (check_runner): a wrong implementation is never timed.
+
 FLOP model (one layer, one direction, multiply-add = 2 FLOPs), G gates:
     forward   2*T*B*G*H*(I + H)      input projection + recurrent GEMMs
               + P*T*B*H              pointwise (P = 12 LSTM, 14 GRU, 2 RNN; transcendental = 1)
@@ -22,9 +31,14 @@ from .cells import GATES
 POINTWISE = {"lstm": 12, "gru": 14, "rnn_tanh": 2, "rnn_relu": 2}
 TORCH_CLASS = {"lstm": ("LSTM", {}), "gru": ("GRU", {}), "rnn_tanh": ("RNN", {"nonlinearity": "tanh"}),
                "rnn_relu": ("RNN", {"nonlinearity": "relu"})}
-IMPLS = ("gpurnn-numpy", "torch-cpu", "gpurnn-cuda", "gpurnn-cuda-stepwise", "torch-cudnn", "gpurnn-sim")
-PEER = {"gpurnn-numpy": "torch-cpu", "gpurnn-sim": "torch-cpu", "gpurnn-cuda": "torch-cudnn",
-        "gpurnn-cuda-stepwise": "torch-cudnn"}
+IMPLS = ("gpurnn-cpu", "gpurnn-numpy", "torch-cpu", "gpurnn-cuda", "gpurnn-cuda-stepwise",
+         "torch-cudnn", "gpurnn-sim")
+PEER = {"gpurnn-cpu": "torch-cpu", "gpurnn-numpy": "torch-cpu", "gpurnn-sim": "torch-cpu",
+        "gpurnn-cuda": "torch-cudnn", "gpurnn-cuda-stepwise": "torch-cudnn"}
+GPURNN_BACKEND = {"gpurnn-cpu": "cpu", "gpurnn-numpy": "numpy", "gpurnn-sim": "sim",
+                  "gpurnn-cuda": "cuda", "gpurnn-cuda-stepwise": "cuda"}
+# norm-relative error allowed against the float64 NumPy reference before a case is timed
+CHECK_TOL = {"float32": 1e-4, "float64": 1e-9}
 
 
 @dataclass(frozen=True)
@@ -64,8 +78,8 @@ def available_impls():
     """{impl: (available, reason)} for every implementation bench knows."""
     from .backends import availability
     out = {}
-    ok, why = availability("numpy")
-    out["gpurnn-numpy"] = (ok, why)
+    for impl in ("gpurnn-cpu", "gpurnn-numpy"):
+        out[impl] = availability(GPURNN_BACKEND[impl])
     try:
         import torch
         out["torch-cpu"] = (True, f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -92,14 +106,34 @@ def _data(case, rng, xp=np):
     return {n: xp.asarray(v.astype(case.dtype)) for n, v in host.items()}
 
 
+class Runner:
+    """One implementation on one case. Calling it runs one iteration (the device synchronised
+    before it returns); outputs() runs one more and returns what it computed as float64 NumPy
+    arrays: y, and for fwdbw the gradients dx, dw_ih, dw_hh, db_ih, db_hh."""
+
+    def __init__(self, run, outputs):
+        self._run, self.outputs = run, outputs
+
+    def __call__(self):
+        self._run()
+
+
+def _host64(a):
+    if hasattr(a, "detach"):
+        a = a.detach().cpu().numpy()
+    elif hasattr(a, "get"):
+        a = a.get()
+    return np.asarray(a, dtype=np.float64)
+
+
 def make_runner(impl, case, seed=0):
-    """A zero-argument callable running one iteration of `case` with `impl`, returning only
-    after the device has finished (synchronised inside the timed call)."""
+    """A Runner for `impl` on `case`, on the data of _data(case, seed): every implementation
+    computes with the same inputs and weights."""
     rng = np.random.default_rng(seed)
     training = case.mode == "fwdbw"
-    if impl in ("gpurnn-numpy", "gpurnn-sim", "gpurnn-cuda", "gpurnn-cuda-stepwise"):
+    if impl in GPURNN_BACKEND:
         from . import functional as F
-        backend = {"gpurnn-numpy": "numpy", "gpurnn-sim": "sim"}.get(impl, "cuda")
+        backend = GPURNN_BACKEND[impl]
         options = {"path": "stepwise"} if impl == "gpurnn-cuda-stepwise" else None
         sync = lambda: None  # noqa: E731
         xp = np
@@ -109,13 +143,20 @@ def make_runner(impl, case, seed=0):
             sync = cupy.cuda.get_current_stream().synchronize
         d = _data(case, rng, xp)
 
-        def run():
+        def step():
             y, h_n, c_n, res = F.forward(case.cell, d["x"], d["w_ih"], d["w_hh"], d["b_ih"], d["b_hh"],
                                          training=training, backend=backend, backend_options=options)
-            if training:
-                F.backward(res, d["dy"], backend_options=options)
+            grads = F.backward(res, d["dy"], backend_options=options) if training else None
             sync()
-        return run
+            return y, grads
+
+        def outputs():
+            y, g = step()
+            out = {"y": y}
+            if g is not None:
+                out.update(dx=g.dx, dw_ih=g.dw_ih, dw_hh=g.dw_hh, db_ih=g.db_ih, db_hh=g.db_hh)
+            return {k: _host64(v) for k, v in out.items()}
+        return Runner(step, outputs)
     if impl in ("torch-cpu", "torch-cudnn"):
         import torch
         device = "cuda" if impl == "torch-cudnn" else "cpu"
@@ -123,6 +164,10 @@ def make_runner(impl, case, seed=0):
         tdtype = getattr(torch, case.dtype)
         m = getattr(torch.nn, name)(case.I, case.H, **kw).to(device=device, dtype=tdtype)
         d = _data(case, rng)
+        with torch.no_grad():
+            for key, p in (("w_ih", m.weight_ih_l0), ("w_hh", m.weight_hh_l0), ("b_ih", m.bias_ih_l0),
+                           ("b_hh", m.bias_hh_l0)):
+                p.copy_(torch.from_numpy(d[key]))
         x = torch.tensor(d["x"], device=device, requires_grad=training)
         dy = torch.tensor(d["dy"], device=device)
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -130,18 +175,130 @@ def make_runner(impl, case, seed=0):
         def run():
             if training:
                 x.grad = None
+                m.zero_grad(set_to_none=True)
                 y, _ = m(x)
                 y.backward(dy)
             else:
                 with torch.no_grad():
-                    m(x)
+                    y, _ = m(x)
             sync()
-        return run
+            return y
+
+        def outputs():
+            y = run()
+            out = {"y": y}
+            if training:
+                out.update(dx=x.grad, dw_ih=m.weight_ih_l0.grad, dw_hh=m.weight_hh_l0.grad,
+                           db_ih=m.bias_ih_l0.grad, db_hh=m.bias_hh_l0.grad)
+            return {k: _host64(v) for k, v in out.items()}
+        return Runner(run, outputs)
     raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
 
 
+_references = {}
+
+
+def reference(case, seed=0):
+    """The float64 NumPy reference's outputs on the case's data (as Runner.outputs)."""
+    key = (case, seed)
+    if key not in _references:
+        d = _data(case, np.random.default_rng(seed))          # the very values the runners use
+        d64 = {k: v.astype(np.float64) for k, v in d.items()}
+        from . import functional as F
+        y, _, _, res = F.forward(case.cell, d64["x"], d64["w_ih"], d64["w_hh"], d64["b_ih"],
+                                 d64["b_hh"], training=case.mode == "fwdbw", backend="numpy")
+        out = {"y": y}
+        if res is not None:
+            g = F.backward(res, d64["dy"])
+            out.update(dx=g.dx, dw_ih=g.dw_ih, dw_hh=g.dw_hh, db_ih=g.db_ih, db_hh=g.db_hh)
+        _references.clear()                                   # keep one case's arrays at a time
+        _references[key] = out
+    return _references[key]
+
+
+def check_runner(runner, impl, case, seed=0):
+    """Largest norm-relative error of the runner's outputs against the float64 reference;
+    RuntimeError naming the output when it is above CHECK_TOL (NaN is never within it)."""
+    want = reference(case, seed)
+    got = runner.outputs()
+    worst = 0.0
+    for key, w in want.items():
+        g = got[key]
+        if g.shape != w.shape:
+            raise RuntimeError(f"{impl} on {case.id}: {key} has shape {g.shape}; expected {w.shape}")
+        err = float(np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-300))
+        if not np.isfinite(err) or err > CHECK_TOL[case.dtype]:
+            raise RuntimeError(f"{impl} on {case.id}: {key} differs from the float64 NumPy "
+                               f"reference by {err:.2e} (allowed {CHECK_TOL[case.dtype]:.0e}); "
+                               f"not timed")
+        worst = max(worst, err)
+    return worst
+
+
+class cpu_share:
+    """Context manager: .other is the share of the machine's CPU time that other processes
+    used while it was open (0..1), from /proc/stat and this process's own times; None where
+    /proc/stat is not there."""
+
+    @staticmethod
+    def _machine():
+        try:
+            with open("/proc/stat") as fh:
+                v = [int(x) for x in fh.readline().split()[1:9]]
+        except OSError:
+            return None
+        return sum(v) - v[3] - v[4], sum(v)          # busy, all (jiffies)
+
+    @staticmethod
+    def _own():
+        import os
+        t = os.times()
+        return (t.user + t.system) * os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self):
+        self.other = None
+        self._m0, self._o0 = self._machine(), self._own()
+        return self
+
+    def __exit__(self, *exc):
+        m1 = self._machine()
+        if self._m0 is not None and m1 is not None and m1[1] > self._m0[1]:
+            busy = (m1[0] - self._m0[0]) - (self._own() - self._o0)
+            self.other = min(1.0, max(0.0, busy / (m1[1] - self._m0[1])))
+        return False
+
+
+def time_blocks(runners, rounds=3, repeat=5, warmup_s=0.2, progress=None):
+    """Time {impl: runner} fairly (see the module's docstring). Returns {impl: (median seconds,
+    all timed seconds, mean other-process CPU share or None)}."""
+    names = list(runners)
+    times = {n: [] for n in names}
+    shares = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            run = runners[name]
+            # the share covers the untimed calls too: /proc/stat counts in 10 ms ticks
+            with cpu_share() as share:
+                calls, until = 0, time.perf_counter() + warmup_s
+                while calls < 2 or time.perf_counter() < until:
+                    run()
+                    calls += 1
+                for _ in range(repeat):
+                    t0 = time.perf_counter()
+                    run()
+                    times[name].append(time.perf_counter() - t0)
+            if share.other is not None:
+                shares[name].append(share.other)
+            if progress is not None:
+                progress(name, r)
+    return {n: (statistics.median(times[n]), times[n],
+                statistics.fmean(shares[n]) if shares[n] else None) for n in names}
+
+
 def time_runner(run, repeat=5, warmup=1, min_time=0.0):
-    """Median seconds of `repeat` timed calls after `warmup` untimed ones."""
+    """Median seconds of `repeat` timed calls after `warmup` untimed ones (one implementation
+    alone; to compare implementations use time_blocks)."""
     for _ in range(warmup):
         run()
     times = []
@@ -172,30 +329,39 @@ def traffic_floor(case: Case, impl: str, device=None):
     return case.T * planmod.step_floor_seconds(p, path, training=False)
 
 
-def run_cases(cases, impls, repeat=5, warmup=1, progress=None, on_case=None):
-    """Time every case with every impl; returns result dicts (one per case x impl) with median
-    seconds, tokens/s, GFLOP/s, the ratio to the case's peer when the peer was timed, and for
-    GPU forward cases where the time sits against the traffic model's floor.
-    progress(case, impl) is called after each timing; on_case(case, its result dicts) once a
-    case is complete (ratios filled in), so a caller can save results as they come."""
+def run_cases(cases, impls, repeat=5, rounds=3, warmup_s=0.2, progress=None, on_case=None):
+    """Check, then time every case with every impl (time_blocks); returns result dicts (one per
+    case x impl) with median seconds, tokens/s, GFLOP/s, the error against the reference, the
+    other-process CPU share, the ratio to the case's peer when the peer was timed, and for GPU
+    forward cases where the time sits against the traffic model's floor.
+    progress(case, impl) is called after each implementation's last block; on_case(case, its
+    result dicts) once a case is complete (ratios filled in), so a caller can save results as
+    they come."""
     results = []
     for case in cases:
-        by_impl = {}
+        runners = {impl: make_runner(impl, case) for impl in impls}
+        errors = {impl: check_runner(run, impl, case) for impl, run in runners.items()}
+
+        def block_done(impl, r):
+            if progress is not None and r == rounds - 1:
+                progress(case, impl)
+        timed = time_blocks(runners, rounds=rounds, repeat=repeat, warmup_s=warmup_s,
+                            progress=block_done)
+        del runners
         for impl in impls:
-            median, times = time_runner(make_runner(impl, case), repeat=repeat, warmup=warmup)
-            by_impl[impl] = median
+            median, times, other = timed[impl]
             floor = traffic_floor(case, impl)
             results.append({"case": case.id, **asdict(case), "impl": impl, "median_s": median,
-                            "times_s": times, "tokens_per_s": case.T * case.B / median,
+                            "times_s": times, "rounds": rounds, "repeat": repeat,
+                            "tokens_per_s": case.T * case.B / median,
                             "gflops": flops(case) / median / 1e9, "model_flops": flops(case),
+                            "max_rel_err": errors[impl], "other_cpu_share": other,
                             "traffic_floor_s": floor,
                             "times_floor": None if floor is None else median / floor})
-            if progress is not None:
-                progress(case, impl)
         for r in results[-len(impls):]:
             peer = PEER.get(r["impl"])
-            r["peer"] = peer if peer in by_impl else None
-            r["ratio_to_peer"] = (r["median_s"] / by_impl[peer]) if peer in by_impl else None
+            r["peer"] = peer if peer in timed else None
+            r["ratio_to_peer"] = (r["median_s"] / timed[peer][0]) if peer in timed else None
         if on_case is not None:
             on_case(case, results[-len(impls):])
     return results

@@ -7,7 +7,8 @@
 
 Same constructor, parameter names, shapes, init (uniform(-1/sqrt(H), 1/sqrt(H)) drawn in
 torch's order, so one seed gives both modules the same weights) and return values as torch.nn,
-plus `backend=` ('auto': CPU tensors -> the NumPy backend, zero copy; CUDA tensors -> the 'cuda'
+plus `backend=` ('auto': CPU tensors -> the 'cpu' fast path, zero copy, its GEMMs by torch's MKL
+on torch's own OpenMP threads; 'numpy' the readable reference; CUDA tensors -> the 'cuda'
 backend through DLPack on torch's current stream; 'sim' runs the CUDA kernels in Numba's
 simulator on CPU tensors). `proj_size` is not supported.
 

@@ -26,6 +26,12 @@ LENGTHS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def reference_backend(monkeypatch):
+    # these checks are of the reference itself; the fast paths are checked against it
+    monkeypatch.setenv("GPURNN_BACKEND", "numpy")
+
+
 def _run(cell, arrays, lengths, reverse, training=True):
     """One forward through the cell's public functional wrapper; returns (y, h_n, c_n, reserve)."""
     x, w_ih, w_hh, b_ih, b_hh, h0, c0 = (arrays[k] for k in ("x", "w_ih", "w_hh", "b_ih", "b_hh", "h0", "c0"))

@@ -1,5 +1,6 @@
-"""The NumPy backend against torch.nn: outputs, final states and every gradient through
-autograd with random upstream gradients, weights loaded through load_state_dict."""
+"""The NumPy backend (the reference) and the CPU fast path against torch.nn: outputs, final
+states and every gradient through autograd with random upstream gradients, weights loaded
+through load_state_dict."""
 import numpy as np
 import pytest
 
@@ -34,9 +35,10 @@ def _id(case):
             + ("-batch_first" if bf else "") + ("-lengths" if lengths else ""))
 
 
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
-def test_layer_matches_torch(case, dtype, rng):
+def test_layer_matches_torch(case, dtype, backend, rng):
     cell, kw, T, B, I, H, L, bidir, batch_first, lengths = case
     tdtype = torch.float32 if dtype == np.float32 else torch.float64
     torch.manual_seed(int(rng.integers(1 << 30)))
@@ -44,7 +46,7 @@ def test_layer_matches_torch(case, dtype, rng):
                       dropout=0.0, **kw).to(tdtype)
     ref.train()
     mine = getattr(gpurnn, cell)(I, H, num_layers=L, bidirectional=bidir, batch_first=batch_first,
-                                 dtype=dtype, **kw)
+                                 dtype=dtype, backend=backend, **kw)
     mine.load_state_dict(ref.state_dict())
     D = 2 if bidir else 1
 

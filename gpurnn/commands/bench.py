@@ -1,7 +1,12 @@
 """`gpurnn bench`: forward and forward+backward of LSTM/GRU/RNN over a grid of (T, B, I, H) for
 every available gpurnn backend and peer (torch CPU; on a GPU torch cuDNN and gpurnn's stepwise
 path), with median time, tokens/s, GFLOP/s from an explicit FLOP model (gpurnn.bench), and the
-ratio to the peer timed in the same run."""
+ratio to the peer timed in the same run.
+
+Each implementation's result is checked against the float64 NumPy reference before it is timed;
+then implementations are timed in blocks (untimed calls first, the order rotating over
+--rounds rounds of --repeat timed calls each, medians), and the share of CPU time other
+processes used during each one's blocks is reported (see gpurnn.bench)."""
 from __future__ import annotations
 
 import argparse
@@ -26,9 +31,14 @@ def add_parser(sub):
     p.add_argument("--shape", action="append", type=shape, metavar="T,B,I,H",
                    help="custom case shape (repeatable)")
     p.add_argument("--repeat", type=int_at_least(1), default=None,
-                   help="timed repetitions per case (median reported; default 5)")
+                   help="timed calls per block (default 5)")
+    p.add_argument("--rounds", type=int_at_least(1), default=None,
+                   help="blocks per implementation, the order rotating (default 3; 2 with --quick)")
+    p.add_argument("--warmup", type=seconds, default=None, metavar="SECONDS",
+                   help="untimed calls before each block, at least this long (default 0.2; "
+                   "0.05 with --quick)")
     p.add_argument("--threads", type=int_at_least(1), default=None,
-                   help="CPU threads for torch and NumPy's BLAS")
+                   help="CPU threads for torch, NumPy's BLAS and gpurnn's cpu backend (OpenMP)")
     p.add_argument("--json", metavar="FILE", type=output_file, help="write machine-readable "
                    "results, rewritten as each case finishes (an interrupted run keeps them)")
     p.add_argument("--plot", metavar="FILE.png", type=output_file,
@@ -36,6 +46,17 @@ def add_parser(sub):
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
     return p
+
+
+def seconds(text):
+    """An argparse type: a number of seconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0; got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0; got {text!r}")
+    return value
 
 
 def shape(text):
@@ -52,6 +73,9 @@ def shape(text):
 def format_table(results):
     header = ("case", "impl", "median ms", "tokens/s", "GFLOP/s", "vs peer")
     with_floor = any(r.get("times_floor") is not None for r in results)
+    with_share = any(r.get("other_cpu_share") is not None for r in results)
+    if with_share:
+        header += ("other CPU",)
     if with_floor:
         header += ("x traffic floor",)
     rows = []
@@ -60,6 +84,8 @@ def format_table(results):
                  and r["impl"] != r.get("peer") else "")
         row = (r["case"], r["impl"], f"{r['median_s'] * 1e3:.2f}", f"{r['tokens_per_s']:.3g}",
                f"{r['gflops']:.2f}", ratio)
+        if with_share:
+            row += ("" if r.get("other_cpu_share") is None else f"{100 * r['other_cpu_share']:.0f}%",)
         if with_floor:
             row += ("" if r.get("times_floor") is None else f"{r['times_floor']:.1f}x",)
         rows.append(row)
@@ -122,6 +148,8 @@ def run(args):
     else:
         cases = bench.grid(args.quick, cells, modes, args.dtype)
     repeat = args.repeat if args.repeat is not None else 5
+    rounds = args.rounds if args.rounds is not None else (2 if args.quick else 3)
+    warmup = args.warmup if args.warmup is not None else (0.05 if args.quick else 0.2)
     if args.plot:
         try:
             import matplotlib  # noqa: F401  (checked before the run, not after it)
@@ -164,6 +192,7 @@ def run(args):
         # crash in a later case) leaves every case measured so far in a readable file
         data = {"schema": "gpurnn-bench/1", "environment": env, "device": device,
                 "implementations": impls, "not_timed": skipped, "repeat": repeat,
+                "rounds": rounds, "warmup_s": warmup,
                 "complete": complete, "cases_planned": len(cases) * len(impls), "cases": results}
         partial = f"{args.json}.partial"
         with open(partial, "w") as fh:
@@ -176,20 +205,26 @@ def run(args):
             write_json(complete=False)
 
     try:
-        bench.run_cases(cases, impls, repeat=repeat, progress=progress, on_case=case_done)
+        bench.run_cases(cases, impls, repeat=repeat, rounds=rounds, warmup_s=warmup,
+                        progress=progress, on_case=case_done)
     finally:
         if bar is not None:
             bar.close()
         if limiter is not None:
             limiter.unregister()
 
-    print(f"gpurnn bench: {len(cases)} cases x {len(impls)} implementations, median of {repeat}; "
+    print(f"gpurnn bench: {len(cases)} cases x {len(impls)} implementations, each checked against "
+          f"the float64 reference, then timed in {rounds} rounds of {repeat} calls (order rotating, "
+          f"at least {warmup:g} s of untimed calls before each block), medians; "
           f"{env['cpu_count']} CPUs, torch threads {env.get('torch_threads')}")
     for impl, why in skipped.items():
         print(f"  not timed: {impl}: {why}")
     print(format_table(results))
     print("Read it: 'vs peer' is this implementation's median time over its peer's in the same run "
           "(below 1.00x = faster). GFLOP/s uses the FLOP model in gpurnn.bench for every implementation."
+          + (" 'other CPU' is the share of the machine's CPU time other processes used during "
+             "that implementation's timed blocks (high: the numbers are not to be trusted)."
+             if any(r.get("other_cpu_share") is not None for r in results) else "")
           + (" 'x traffic floor' is the time over the plan's DRAM-traffic floor for the recurrence "
              "(gpurnn.plan.step_floor_seconds; forward cases on a GPU)." if any(
                  r.get("times_floor") is not None for r in results) else ""))
