@@ -329,6 +329,23 @@ def traffic_floor(case: Case, impl: str, device=None):
     return case.T * planmod.step_floor_seconds(p, path, training=False)
 
 
+def model_seconds(case: Case, impl: str, device=None):
+    """Seconds the step-time model (gpurnn.cost, through the plan) predicts for the recurrence
+    of `case` on `device` (None: the current GPU; or a profile name): T steps of the path the
+    implementation runs (forward, or forward + backward), the plan's choice for gpurnn-cuda and
+    the stepwise path for gpurnn-cuda-stepwise. None for other implementations: measured over
+    predicted is what calibrates the model on a GPU's first run."""
+    if impl not in ("gpurnn-cuda", "gpurnn-cuda-stepwise"):
+        return None
+    from . import plan as planmod
+    p = planmod.plan(case.cell, case.I, case.H, case.B, case.dtype, device)
+    path = p.path if impl == "gpurnn-cuda" else "stepwise"
+    fwd, bwd = p.predicted_step(path, "fwd"), p.predicted_step(path, "bwd")
+    if fwd is None:
+        return None
+    return case.T * (fwd.total + (bwd.total if case.mode == "fwdbw" else 0.0))
+
+
 def run_cases(cases, impls, repeat=5, rounds=3, warmup_s=0.2, progress=None, on_case=None):
     """Check, then time every case with every impl (time_blocks); returns result dicts (one per
     case x impl) with median seconds, tokens/s, GFLOP/s, the error against the reference, the
@@ -351,13 +368,16 @@ def run_cases(cases, impls, repeat=5, rounds=3, warmup_s=0.2, progress=None, on_
         for impl in impls:
             median, times, other = timed[impl]
             floor = traffic_floor(case, impl)
+            model = model_seconds(case, impl)
             results.append({"case": case.id, **asdict(case), "impl": impl, "median_s": median,
                             "times_s": times, "rounds": rounds, "repeat": repeat,
                             "tokens_per_s": case.T * case.B / median,
                             "gflops": flops(case) / median / 1e9, "model_flops": flops(case),
                             "max_rel_err": errors[impl], "other_cpu_share": other,
                             "traffic_floor_s": floor,
-                            "times_floor": None if floor is None else median / floor})
+                            "times_floor": None if floor is None else median / floor,
+                            "model_s": model,
+                            "times_model": None if model is None else median / model})
         for r in results[-len(impls):]:
             peer = PEER.get(r["impl"])
             r["peer"] = peer if peer in timed else None

@@ -346,3 +346,22 @@ def test_import_gpurnn_stays_light():
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_bench_reports_measured_over_the_step_time_model():
+    from gpurnn import bench
+    from gpurnn.commands.bench import format_table
+    for mode in ("fwd", "fwdbw"):
+        case = bench.Case("lstm", mode, 50, 8, 256, 512)
+        p = plan("lstm", 256, 512, 8, device="H100")
+        steps = p.predicted_step(None, "fwd").total + (
+            p.predicted_step(None, "bwd").total if mode == "fwdbw" else 0.0)
+        assert bench.model_seconds(case, "gpurnn-cuda", "H100") == pytest.approx(50 * steps)
+        stepwise = p.predicted_step("stepwise", "fwd").total
+        assert bench.model_seconds(case, "gpurnn-cuda-stepwise", "H100") >= 50 * stepwise
+        assert bench.model_seconds(case, "torch-cudnn", "H100") is None
+        assert bench.model_seconds(case, "gpurnn-numpy", "H100") is None
+    row = {"case": "c", "impl": "gpurnn-cuda", "median_s": 2e-4, "tokens_per_s": 1.0,
+           "gflops": 1.0, "times_model": 1.25}
+    table = format_table([row, dict(row, impl="torch-cudnn", times_model=None)])
+    assert "measured/model" in table.splitlines()[0] and "1.25" in table.splitlines()[1]

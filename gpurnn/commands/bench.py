@@ -78,6 +78,9 @@ def format_table(results):
         header += ("other CPU",)
     if with_floor:
         header += ("x traffic floor",)
+    with_model = any(r.get("times_model") is not None for r in results)
+    if with_model:
+        header += ("measured/model",)
     rows = []
     for r in results:
         ratio = (f"{r['ratio_to_peer']:.2f}x {r['peer']}" if r.get("ratio_to_peer") is not None
@@ -88,6 +91,8 @@ def format_table(results):
             row += ("" if r.get("other_cpu_share") is None else f"{100 * r['other_cpu_share']:.0f}%",)
         if with_floor:
             row += ("" if r.get("times_floor") is None else f"{r['times_floor']:.1f}x",)
+        if with_model:
+            row += ("" if r.get("times_model") is None else f"{r['times_model']:.2f}",)
         rows.append(row)
     widths = [max(len(x[i]) for x in rows + [header]) for i in range(len(header))]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
@@ -227,7 +232,10 @@ def run(args):
              if any(r.get("other_cpu_share") is not None for r in results) else "")
           + (" 'x traffic floor' is the time over the plan's DRAM-traffic floor for the recurrence "
              "(gpurnn.plan.step_floor_seconds; forward cases on a GPU)." if any(
-                 r.get("times_floor") is not None for r in results) else ""))
+                 r.get("times_floor") is not None for r in results) else "")
+          + (" 'measured/model' is the time over the step-time model's prediction (gpurnn.cost; "
+             "gpurnn's GPU rows): the first GPU run calibrates the model." if any(
+                 r.get("times_model") is not None for r in results) else ""))
     if args.json:
         write_json(complete=True)
         print(f"wrote {args.json}")
