@@ -41,6 +41,20 @@ from .interop import convert_all, from_compute, to_compute, torch_stream
 __all__ = ["LSTM", "GRU", "RNN"]
 
 
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _autocast_dtype(x):
+    """The 16-bit dtype an enclosing torch.autocast region asks for on x's device, else None.
+    Inside one, the layers run as torch.nn's RNNs do there: inputs and weights cast to that
+    dtype (differentiably: gradients reach float32 parameters as float32)."""
+    kind = x.device.type
+    if not torch.is_autocast_enabled(kind):
+        return None
+    dtype = torch.get_autocast_dtype(kind)
+    return dtype if dtype in (torch.float16, torch.bfloat16) else None
+
+
 class _Layer(torch.autograd.Function):
     """One layer, one direction. Tensors in, tensors out, time-major:
     x (T, B, I); h0, c0 (B, H) or None (zeros); weights as torch; lengths a (B,) int64 NumPy
@@ -112,9 +126,9 @@ class _RNNBase(nn.Module):
         if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
             raise ValueError(f"backend must be one of {('auto',) + BACKENDS}; got {backend!r}")
         resolved_dtype = torch.get_default_dtype() if dtype is None else dtype
-        if resolved_dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"dtype must be torch.float32 or torch.float64 (gpurnn's kernels); "
-                            f"got {dtype!r}")
+        if resolved_dtype not in _DTYPES:
+            raise TypeError(f"dtype must be one of {_DTYPES} (gpurnn's kernels; 16-bit storage "
+                            f"computes in float32); got {dtype!r}")
         if dropout > 0 and num_layers == 1:
             # torch.nn warns the same way; keep the message so filters written for torch apply
             warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
@@ -206,9 +220,13 @@ class _RNNBase(nn.Module):
         if x.shape[2] != self.input_size:
             raise ValueError(f"input has {x.shape[2]} features; expected input_size = {self.input_size}")
         weight = getattr(self, self._flat_weights_names[0])
-        if x.dtype != weight.dtype or x.device != weight.device:
+        cast = _autocast_dtype(x)
+        if (x.dtype != weight.dtype and cast is None) or x.device != weight.device:
             raise TypeError(f"input is {x.dtype} on {x.device}; expected {weight.dtype} on "
                             f"{weight.device} (the module's parameters)")
+
+        def run_as(t):          # what the layers compute on: the autocast dtype inside autocast
+            return t if t is None or cast is None else t.to(cast)
         B = x.shape[1]
         L, D, H = self.num_layers, self.num_directions, self.hidden_size
         h0_all = c0_all = None
@@ -228,7 +246,7 @@ class _RNNBase(nn.Module):
                 h0_all = h0_all.unsqueeze(1)
                 c0_all = c0_all.unsqueeze(1) if is_lstm else None
 
-        x = x.contiguous()
+        x = run_as(x).contiguous()
         # cuDNN's rule: keep a reserve only for a training forward that autograd will go back through
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(
             p.requires_grad for p in self.parameters()) or any(
@@ -243,11 +261,11 @@ class _RNNBase(nn.Module):
                 idx = layer * D + d
                 res = _Layer.apply(
                     self.cell, bool(d), self.backend, lengths, keep_reserve, layer_input,
-                    None if h0_all is None else h0_all[idx],
-                    None if c0_all is None else c0_all[idx],
-                    getattr(self, f"weight_ih{sfx}"), getattr(self, f"weight_hh{sfx}"),
-                    getattr(self, f"bias_ih{sfx}") if self.bias else None,
-                    getattr(self, f"bias_hh{sfx}") if self.bias else None)
+                    None if h0_all is None else run_as(h0_all[idx]),
+                    None if c0_all is None else run_as(c0_all[idx]),
+                    run_as(getattr(self, f"weight_ih{sfx}")), run_as(getattr(self, f"weight_hh{sfx}")),
+                    run_as(getattr(self, f"bias_ih{sfx}")) if self.bias else None,
+                    run_as(getattr(self, f"bias_hh{sfx}")) if self.bias else None)
                 outs.append(res[0])
                 h_n.append(res[1])
                 if is_lstm:
