@@ -138,7 +138,7 @@ class TrackedArray:
     def _check_writers(self, lin, thread, kind, frame):
         w = self.writers[lin]
         if w is None:
-            if self.check_uninit:
+            if self.check_uninit and kind != WRITE:
                 self._uninit(lin, thread, frame)
         elif type(w) is tuple:
             if not _ordered(w, thread):
@@ -188,16 +188,7 @@ class TrackedArray:
         lin = self._linear(idx, thread, frame)
         if self.readonly:
             self._fault(thread, frame, f"is read-only ({self.space} memory); a store was attempted")
-        w = self.writers[lin]
-        if w is not None:
-            if type(w) is tuple:
-                if not _ordered(w, thread):
-                    self._race(lin, w, thread, WRITE, frame)
-            else:
-                for rec in w:
-                    if not _ordered(rec, thread):
-                        self._race(lin, rec, thread, WRITE, frame)
-                        break
+        self._check_writers(lin, thread, WRITE, frame)
         self._check_readers(lin, thread, WRITE, frame)
         self.writers[lin] = (thread, thread.be, thread.ge, frame.f_code, frame.f_lineno, WRITE)
         if self.writes is not None:
