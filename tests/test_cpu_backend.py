@@ -47,6 +47,10 @@ CONFIGS = [
     (7, 3, 5, 48, None, False, True, True, 2, "mkl"),
     (3, 2, 3, 1, [3, 2], True, True, True, None, "auto"),
     (9, 2, 16, 96, [9, 4], True, True, True, None, "auto"),
+    # B = 1: the per-step product is a matrix-vector product, for each BLAS
+    (6, 1, 5, 40, [4], True, True, True, 2, "openblas"),
+    (4, 1, 3, 33, None, False, True, True, 2, "mkl"),
+    (3, 1, 4, 24, None, True, False, False, 2, "numba"),
 ]
 
 
@@ -282,3 +286,22 @@ def test_one_openmp_runtime_with_torch(order):
     assert count == "1"
     if order == "torch-first" and _blas_here("mkl"):
         assert blas == "mkl"
+
+
+def test_results_are_never_shared_while_in_use(rng):
+    # big results reuse buffers nothing references any more; one still referenced (or viewed)
+    # is never handed out again
+    a, g = _data("lstm", 64, 8, 16, 256, True, False, rng)       # y, reserve and dx >= 1 MB
+    y1, _, _, res1 = F.forward("lstm", **a, backend="cpu")
+    keep = y1.copy()
+    view = res1.gates[3:]
+    y2, _, _, res2 = F.forward("lstm", **{**a, "x": a["x"] * 0.5}, backend="cpu")
+    for first, second in ((y1, y2), (res1.h, res2.h), (res1.c, res2.c), (res1.gates, res2.gates)):
+        assert not np.shares_memory(first, second)
+    np.testing.assert_array_equal(y1, keep)
+    grads = F.backward(res2, **g)
+    assert not np.shares_memory(grads.dx, view) and not np.shares_memory(grads.dx, y1)
+    del y2, res2
+    y3, _, _, res3 = F.forward("lstm", **a, backend="cpu")      # may reuse the freed ones
+    np.testing.assert_array_equal(y3, keep)
+    np.testing.assert_array_equal(y1, keep)

@@ -20,6 +20,8 @@ gpurnn.cpu.native.find_blas), 'threads' (int >= 1).
 from __future__ import annotations
 
 import ctypes
+import math
+import sys
 import threading
 from collections import OrderedDict
 
@@ -38,6 +40,7 @@ PREPARED_PER_THREAD = 8        # weight sets kept prepared per Python thread (le
 
 _local = threading.local()
 _UINT = {np.dtype(np.float32): np.uint32, np.dtype(np.float64): np.uint64}
+_I64, _F32 = np.dtype(np.int64), np.dtype(np.float32)
 _CALL = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 
 
@@ -62,6 +65,13 @@ def check_options(options):
     return options
 
 
+_rt_vectors = {}
+
+
+def _addr(a):
+    return a.__array_interface__["data"][0]
+
+
 class _Runtime:
     """The BLAS and OpenMP runtime of one call, as the kernels' rt vector."""
 
@@ -74,31 +84,40 @@ class _Runtime:
             if self.openmp is not None and not self.openmp.in_parallel():
                 threads = self.openmp.max_threads()
         self.threads = max(1, min(int(threads), hidden // MIN_UNITS_PER_THREAD or 1))
-        f32 = np.dtype(dtype) == np.float32
+        f32 = dtype == np.float32
         self.packed = self.blas.packed and f32
+        key = (self.blas.name, f32)
+        if key not in _rt_vectors:
+            _rt_vectors[key] = self._vector(f32)
+        self.rt = _rt_vectors[key]
+
+    def _vector(self, f32):
         rt = np.zeros(K.VEC, np.int64)
         rt[K.RT_KIND] = self.blas.kind
         rt[K.RT_GEMM] = self.blas.sgemm if f32 else self.blas.dgemm
         rt[K.RT_COMPUTE] = self.blas.compute if self.packed else 0
         rt[K.RT_LOCAL] = self.blas.set_threads_local
+        rt[K.RT_GEMV] = self.blas.sgemv if f32 else self.blas.dgemv
         omp = self.openmp
         if omp is not None:
             rt[K.RT_BARRIER], rt[K.RT_THREAD_NUM], rt[K.RT_NUM_THREADS] = (
                 omp.barrier, omp.thread_num, omp.num_threads)
         else:
             rt[K.RT_THREAD_NUM], rt[K.RT_NUM_THREADS] = _solo_addresses()
-        self.rt = rt
+        return rt
+
+    def uses_gemv(self, batch):
+        """At B = 1 the per-step product is a matrix-vector product (no pack needed)."""
+        return batch == 1 and self.rt[K.RT_GEMV] != 0
 
     def run(self, which, dtype, sz, arrays):
         """Run the pass on the team (or on this thread alone when there is one thread)."""
-        block = np.zeros(K.BLOCK, np.int64)
-        block[:K.VEC] = sz
-        block[K.VEC:2 * K.VEC] = self.rt
-        descr = []
+        descr = list(sz) + [0] * (K.VEC - len(sz)) + self.rt.tolist()
         for a in arrays:
-            shape = a.shape + (1,) * (3 - a.ndim)
-            descr += [a.ctypes.data, *shape]
-        block[2 * K.VEC: 2 * K.VEC + len(descr)] = descr
+            shape = a.shape
+            descr += (_addr(a), shape[0], shape[1] if a.ndim > 1 else 1, shape[2] if a.ndim > 2 else 1)
+        block = np.zeros(K.BLOCK, np.int64)
+        block[:len(descr)] = descr
         entry = K.trampoline(which, dtype)
         team = self.threads > 1 and self.openmp is not None
         restore = None
@@ -108,9 +127,9 @@ class _Runtime:
             put(1)
         try:
             if team:
-                self.openmp.lib.GOMP_parallel(entry, block.ctypes.data, self.threads, 0)
+                self.openmp.lib.GOMP_parallel(entry, _addr(block), self.threads, 0)
             else:
-                _CALL(entry)(block.ctypes.data)
+                _CALL(entry)(_addr(block))
         finally:
             if restore is not None:
                 self.blas.threads[1](restore)
@@ -134,13 +153,14 @@ def _state():
     if not hasattr(_local, "prepared"):
         _local.prepared = OrderedDict()
         _local.workspace = {}
+        _local.pool = []
     return _local
 
 
 def _workspace(name, shape, dtype):
     """A reused buffer of this Python thread, viewed as `shape` (contents undefined)."""
     ws = _state().workspace
-    size = int(np.prod(shape))
+    size = math.prod(shape)
     buf = ws.get(name)
     if buf is None or buf.dtype != dtype or buf.size < size:
         buf = np.empty(max(size, int(1.25 * buf.size) if buf is not None and buf.dtype == dtype else 0),
@@ -149,11 +169,37 @@ def _workspace(name, shape, dtype):
     return buf[:size].reshape(shape)
 
 
+POOLED_BYTES = 1 << 20          # results at least this big come from the recycling pool
+POOL_SIZE = 8
+
+
+def _result(shape, dtype):
+    """A fresh-to-the-caller array for a result (output, reserve, gradient). Big ones reuse a
+    buffer of an earlier result that nothing references any more (the pool holds the only
+    reference: no view, no reserve, no tensor): results over glibc's mmap threshold would
+    otherwise be new pages, zeroed by the kernel at first touch, on every call."""
+    size = math.prod(shape)
+    if size * dtype.itemsize < POOLED_BYTES:
+        return np.empty(shape, dtype)
+    pool = _state().pool
+    for i, buf in enumerate(pool):
+        # references: the pool's list, this loop's name, getrefcount's argument
+        if buf.dtype == dtype and buf.size >= size and sys.getrefcount(buf) == 3:
+            pool.append(pool.pop(i))
+            return buf[:size].reshape(shape)
+    buf = np.empty(size, dtype)
+    pool.append(buf)
+    while len(pool) > POOL_SIZE:
+        pool.pop(0)
+    return buf.reshape(shape)
+
+
 def release_workspace():
-    """Free this Python thread's prepared weights and reused buffers."""
+    """Free this Python thread's prepared weights, workspace and recycled result buffers."""
     state = _state()
     state.prepared.clear()
     state.workspace.clear()
+    state.pool.clear()
 
 
 class _Prepared:
@@ -174,6 +220,8 @@ class _Prepared:
         self.bias = np.zeros((P, G * nmax), dtype)
         self.bhn = np.zeros((P, nmax), dtype)
         self.forward_packs, self.backward_packs = {}, {}
+        uint = _UINT[self.dtype]
+        self.views = tuple(a.view(uint) for a in (self.wx, self.wh, self.b_ih, self.b_hh))
         self.fresh = True
 
     def parts(self):
@@ -185,12 +233,13 @@ class _Prepared:
         """Bring the parts up to date with the weights (one compare pass; copies if changed)."""
         uint = _UINT[self.dtype]
         G, H, nmax = self.G, self.H, self.nmax
-        changed = K.sync_parts(w_ih.view(uint), self.wx.view(uint), H, nmax, G)
-        changed |= K.sync_parts(w_hh.view(uint), self.wh.view(uint), H, nmax, G)
-        bias_changed = False
-        if b_ih is not None:
-            bias_changed |= K.sync_parts(b_ih.reshape(-1, 1).view(uint), self.b_ih.view(uint), H, nmax, G)
-            bias_changed |= K.sync_parts(b_hh.reshape(-1, 1).view(uint), self.b_hh.view(uint), H, nmax, G)
+        bias = b_ih is not None
+        code = K.sync_weights(w_ih.view(uint), w_hh.view(uint),
+                              (b_ih if bias else self.b_ih[0]).reshape(-1, 1).view(uint),
+                              (b_hh if bias else self.b_hh[0]).reshape(-1, 1).view(uint),
+                              self.views[0], self.views[1], self.views[2], self.views[3],
+                              H, nmax, G, bias)
+        changed, bias_changed = bool(code & 1), bool(code & 2)
         if bias_changed or self.fresh:
             # folded input bias: b_ih + b_hh, except GRU's n gate whose b_hn stays in the product
             for k, _, n in self.parts():
@@ -237,7 +286,7 @@ def _prepared(cell, w_ih, w_hh, b_ih, b_hh, runtime):
     H, I = w_hh.shape[1], w_ih.shape[1]
     ident = tuple((a.__array_interface__["data"][0], a.shape) if a is not None else None
                   for a in (w_ih, w_hh, b_ih, b_hh))
-    key = (cell, w_ih.dtype.str, runtime.threads, ident)
+    key = (cell, w_ih.dtype.char, runtime.threads, ident)
     cache = _state().prepared
     prep = cache.get(key)
     if prep is None:
@@ -252,15 +301,27 @@ def _prepared(cell, w_ih, w_hh, b_ih, b_hh, runtime):
 
 
 def _sizes(cell, T, B, I, H, reverse, lengths, save, prep):
-    sz = np.zeros(K.VEC, np.int64)
-    sz[[K.SZ_T, K.SZ_B, K.SZ_I, K.SZ_H]] = T, B, I, H
+    """The kernels' sz vector (indices gpurnn.cpu.kernels.SZ_*), as a list."""
+    sz = [0] * (K.SZ_S + 1)
+    sz[K.SZ_T], sz[K.SZ_B], sz[K.SZ_I], sz[K.SZ_H] = T, B, I, H
     sz[K.SZ_CELL] = CELLS.index(cell)
     sz[K.SZ_REV] = int(reverse)
-    sz[K.SZ_HASLEN] = lengths is not None
+    sz[K.SZ_HASLEN] = int(lengths is not None)
     sz[K.SZ_SAVE] = int(save)
     sz[K.SZ_P], sz[K.SZ_NMAX], sz[K.SZ_G] = prep.P, prep.nmax, prep.G
     sz[K.SZ_S] = RESERVE_GATES[cell]
     return sz
+
+
+_PLACEHOLDERS = {}
+
+
+def _placeholder(dtype, ndim):
+    """A 1-element array standing for an argument a call does not use."""
+    key = (dtype.char, ndim)
+    if key not in _PLACEHOLDERS:
+        _PLACEHOLDERS[key] = np.zeros((1,) * ndim, dtype)
+    return _PLACEHOLDERS[key]
 
 
 def _widen(a):
@@ -299,23 +360,24 @@ def _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_res
     lstm = cell == "lstm"
     save = bool(need_reserve and S)
     slots = T + 1 if need_reserve else 2
-    hs = np.empty((slots, B, H), dtype) if need_reserve else _workspace("hs", (2, B, H), dtype)
+    hs = _result((slots, B, H), dtype) if need_reserve else _workspace("hs", (2, B, H), dtype)
     cs = None
     if lstm:
-        cs = np.empty((slots, B, H), dtype) if need_reserve else _workspace("cs", (2, B, H), dtype)
+        cs = _result((slots, B, H), dtype) if need_reserve else _workspace("cs", (2, B, H), dtype)
     first = (T if reverse else 0) % slots
     hs[first] = h0
     if lstm:
         cs[first] = c0
-    gates = np.empty((T, B, S * H), dtype) if save else None
-    y = np.empty((T, B, H), dtype)
+    gates = _result((T, B, S * H), dtype) if save else None
+    y = _result((T, B, H), dtype)
     h_n = np.empty((B, H), dtype)
     c_n = np.empty((B, H), dtype) if lstm else None
-    packs = prep.forward_pack(rt.blas, B) if rt.packed else None
-    one = np.zeros((1, 1, 1), dtype)
-    arrays = (x, lengths if lengths is not None else np.zeros(1, np.int64), hs,
-              cs if lstm else one, gates if save else one, y, h_n, c_n if lstm else one[0],
-              prep.wx, prep.wh, packs if packs is not None else np.zeros((1, 1), np.float32),
+    packs = prep.forward_pack(rt.blas, B) if rt.packed and not rt.uses_gemv(B) else None
+    one = _placeholder(dtype, 3)
+    arrays = (x, lengths if lengths is not None else _placeholder(_I64, 1), hs,
+              cs if lstm else one, gates if save else one, y, h_n,
+              c_n if lstm else _placeholder(dtype, 2), prep.wx, prep.wh,
+              packs if packs is not None else _placeholder(_F32, 2),
               prep.bias, prep.bhn, _workspace("gx", (P, T * B, G * nmax), dtype),
               _workspace("rec", (P, B, G * nmax), dtype), _workspace("scratch", (P, 4 * nmax), dtype))
     rt.run("forward", dtype, _sizes(cell, T, B, I, H, reverse, lengths, save, prep), arrays)
@@ -342,20 +404,21 @@ def _backward(reserve, dy, dh_n, dc_n, options):
     dgh = _workspace("dgh", (T, B, GH), dtype) if gru else dgx
     dh = np.array(dh_n, dtype=dtype, order="C", copy=True)
     dc = np.array(dc_n, dtype=dtype, order="C", copy=True) if lstm else None
-    dx = np.empty((T, B, I), dtype)
+    dx = _result((T, B, I), dtype)
     dw_ih = np.empty((GH, I), dtype)
     dw_hh = np.empty((GH, H), dtype)
     db_ih = np.empty(GH, dtype) if reserve.has_bias else None
     db_hh = np.empty(GH, dtype) if reserve.has_bias else None
-    packs = prep.backward_pack(rt.blas, B, w_hh) if rt.packed else None
-    one = np.zeros((1, 1, 1), dtype)
+    packs = prep.backward_pack(rt.blas, B, w_hh) if rt.packed and not rt.uses_gemv(B) else None
+    one = _placeholder(dtype, 3)
     x_seen = np.ascontiguousarray(inputs_seen(x, reserve.lengths, np))
     lengths = reserve.lengths
-    arrays = (x_seen, lengths if lengths is not None else np.zeros(1, np.int64), reserve.h,
+    arrays = (x_seen, lengths if lengths is not None else _placeholder(_I64, 1), reserve.h,
               reserve.c if lstm else one, reserve.gates if reserve.gates is not None else one, dy,
-              w_ih, w_hh, packs if packs is not None else np.zeros((1, 1), np.float32), dgx, dgh, dh,
-              _workspace("dhadd", (B, H), dtype), dc if lstm else one[0], dx, dw_ih, dw_hh,
-              db_ih if db_ih is not None else one[0, 0], db_hh if db_hh is not None else one[0, 0])
+              w_ih, w_hh, packs if packs is not None else _placeholder(_F32, 2), dgx, dgh, dh,
+              _workspace("dhadd", (B, H), dtype), dc if lstm else _placeholder(dtype, 2), dx, dw_ih,
+              dw_hh, db_ih if db_ih is not None else _placeholder(dtype, 1),
+              db_hh if db_hh is not None else _placeholder(dtype, 1))
     sz = _sizes(cell, T, B, I, H, reserve.reverse, lengths, False, prep)
     rt.run("backward", dtype, sz, arrays)
     return Grads(dx=dx, dh0=dh, dc0=dc, dw_ih=dw_ih, dw_hh=dw_hh, db_ih=db_ih, db_hh=db_hh)

@@ -35,8 +35,8 @@ LSTM, GRU, RNN_TANH, RNN_RELU = (CELLS.index(c) for c in ("lstm", "gru", "rnn_ta
 # sz: sizes and switches of one call
 SZ_T, SZ_B, SZ_I, SZ_H, SZ_CELL, SZ_REV, SZ_HASLEN, SZ_SAVE, SZ_P, SZ_NMAX, SZ_G, SZ_S = range(12)
 # rt: the GEMM kind, then addresses (0: absent): gemm, MKL packed compute, OpenMP barrier,
-# MKL's thread-local thread count, omp_get_thread_num, omp_get_num_threads
-RT_KIND, RT_GEMM, RT_COMPUTE, RT_BARRIER, RT_LOCAL, RT_THREAD_NUM, RT_NUM_THREADS = range(7)
+# MKL's thread-local thread count, omp_get_thread_num, omp_get_num_threads, gemv
+RT_KIND, RT_GEMM, RT_COMPUTE, RT_BARRIER, RT_LOCAL, RT_THREAD_NUM, RT_NUM_THREADS, RT_GEMV = range(8)
 VEC = 16   # sizes of sz and rt in an argument block
 
 # Fortran/CBLAS constants
@@ -89,40 +89,46 @@ def _sigmoid_impl(x):
 
 # ---- GEMM ----------------------------------------------------------------------------------------
 
-@njit(**_JIT)
+@njit(inline="always")
+def _row(a, i):
+    """Row i of a 2-D view with unit inner stride, as a C-contiguous 1-D array (so the loops
+    over it vectorise; a slice of a slice is typed 'any layout' by Numba)."""
+    return carray(voidptr(a.ctypes.data + i * a.strides[0]), (a.shape[1],), a.dtype)
+
+
+@njit(nogil=True, error_model="numpy", fastmath={"contract", "reassoc"}, cache=True)
 def gemm_loops(a, ta, b, tb, c, beta):
-    """c = op(a) op(b) + beta*c with Numba loops (the BLAS of last resort)."""
+    """c = op(a) op(b) + beta*c with Numba loops (the BLAS of last resort); ta and tb not both."""
     m, n = c.shape
     k = a.shape[0] if ta else a.shape[1]
+    zero = c.dtype.type(0)
     for i in range(m):
+        ci = _row(c, i)
         for j in range(n):
-            c[i, j] = 0 if beta == 0 else c[i, j] * beta
-    if not ta and not tb:
+            ci[j] = zero if beta == 0 else ci[j] * beta
+    if not ta and not tb:                      # c += a @ b
         for i in range(m):
+            ci, ai = _row(c, i), _row(a, i)
             for p in range(k):
-                aip = a[i, p]
+                bp, aip = _row(b, p), ai[p]
                 for j in range(n):
-                    c[i, j] += aip * b[p, j]
-    elif not ta:
+                    ci[j] += aip * bp[j]
+    elif not ta:                               # c += a @ b^T: dot products
         for i in range(m):
+            ci, ai = _row(c, i), _row(a, i)
             for j in range(n):
-                s = c.dtype.type(0)
+                bj = _row(b, j)
+                s = zero
                 for p in range(k):
-                    s += a[i, p] * b[j, p]
-                c[i, j] += s
-    elif not tb:
+                    s += ai[p] * bj[p]
+                ci[j] += s
+    else:                                      # c += a^T @ b
         for p in range(k):
+            ap, bp = _row(a, p), _row(b, p)
             for i in range(m):
-                api = a[p, i]
+                ci, api = _row(c, i), ap[i]
                 for j in range(n):
-                    c[i, j] += api * b[p, j]
-    else:
-        for i in range(m):
-            for j in range(n):
-                s = c.dtype.type(0)
-                for p in range(k):
-                    s += a[p, i] * b[j, p]
-                c[i, j] += s
+                    ci[j] += api * bp[j]
 
 
 @njit(inline="always")
@@ -153,6 +159,26 @@ def gemm(rt, a, ta, b, tb, c, beta):
                                 np.int64(_ld(b)), bt, c.ctypes.data, np.int64(_ld(c))))
     else:
         gemm_loops(a, ta, b, tb, c, beta)
+
+
+@njit(inline="always")
+def gemv(rt, w, trans, x, y):
+    """Row-major y = op(w) @ x (op(w) = w.T when trans) on a 2-D view w with unit inner
+    stride and contiguous x, y: the per-step product at B = 1, a matrix-vector product."""
+    r, c = w.shape
+    kind = rt[RT_KIND]
+    one, zero = y.dtype.type(1), y.dtype.type(0)
+    if kind == GEMM_FORTRAN:
+        # column-major view: w is (c, r) with leading dimension ld(w)
+        call_byref(rt[RT_GEMV], (np.uint8(_N if trans else _T), np.int32(c), np.int32(r), one,
+                                 voidptr(w.ctypes.data), np.int32(_ld(w)), voidptr(x.ctypes.data),
+                                 np.int32(1), zero, voidptr(y.ctypes.data), np.int32(1)))
+    elif kind == GEMM_CBLAS64:
+        call_void(rt[RT_GEMV], (np.int32(_ROW_MAJOR), np.int32(_TRANS if trans else _NO_TRANS),
+                                np.int64(r), np.int64(c), one, w.ctypes.data, np.int64(_ld(w)),
+                                x.ctypes.data, np.int64(1), zero, y.ctypes.data, np.int64(1)))
+    else:
+        gemm_loops(x.reshape(1, x.shape[0]), False, w, not trans, y.reshape(1, y.shape[0]), 0.0)
 
 
 @njit(inline="always")
@@ -217,7 +243,9 @@ def forward_worker(tid, nt, sz, rt, x, lengths, hs, cs, gates, y, hn, cn, wx, wh
             if n <= 0:
                 continue
             r = rec[k, :, :G * n]
-            if packed:
+            if B == 1 and rt[RT_GEMV] != 0:
+                gemv(rt, wh[k, :G * n, :], False, h_in[0], rec[k, 0, :G * n])
+            elif packed:
                 gemm_packed(rt, h_in, whpk[k], r, H)
             else:
                 gemm(rt, h_in, False, wh[k, :G * n, :], True, r, 0.0)
@@ -233,7 +261,7 @@ def forward_worker(tid, nt, sz, rt, x, lengths, hs, cs, gates, y, hn, cn, wx, wh
                         for q in range(S):
                             gates[t, b, q * H + u0:q * H + u0 + n] = 0
                     continue
-                a, rb = gxk[t * B + b], r[b]
+                a, rb = gxk[t * B + b], rec[k, b]      # C-contiguous rows (r[b] would not be)
                 if save:
                     gr = gates[t, b]
                     g0, g1 = gr[u0:u0 + n], gr[H + u0:H + u0 + n]
@@ -362,7 +390,9 @@ def backward_worker(tid, nt, sz, rt, x, lengths, hs, cs, gates, dy, w_ih, w_hh, 
             u0, n = _part(k, nmax, H)
             if n <= 0:
                 continue
-            if packed:
+            if B == 1 and rt[RT_GEMV] != 0:
+                gemv(rt, w_hh[:, u0:u0 + n], True, dgh[t, 0], dh[0, u0:u0 + n])
+            elif packed:
                 gemm_packed(rt, dgh[t], whtpk[k], dh[:, u0:u0 + n], GH)
             else:
                 gemm(rt, dgh[t], False, w_hh[:, u0:u0 + n], False, dh[:, u0:u0 + n], 0.0)
@@ -502,9 +532,9 @@ _trampolines = {}
 def trampoline(which, dtype):
     """The C address of the team entry point for ('forward' | 'backward', dtype), compiled on
     first use (the workers it calls are cached on disk by Numba)."""
-    key = (which, np.dtype(dtype).name)
+    key = (which, dtype.char)
     if key not in _trampolines:
-        like = _F32 if key[1] == "float32" else _F64
+        like = _F32 if key[1] == _F32.dtype.char else _F64
         make = _make_forward if which == "forward" else _make_backward
         _trampolines[key] = cfunc(types.void(types.voidptr))(make(like))
     return _trampolines[key].address
@@ -530,3 +560,20 @@ def sync_parts(src, parts, H, nmax, G):
                         prow[col] = srow[col]
                         changed = True
     return changed
+
+
+@njit(nogil=True, cache=True)
+def sync_weights(w_ih, w_hh, b_ih, b_hh, wx, wh, bx, bh, H, nmax, G, has_bias):
+    """sync_parts for the four weights of a layer in one call: bit 0 set if W_ih or W_hh
+    changed, bit 1 if a bias did (b_ih, b_hh, bx, bh are (G*H, 1) views; unused without bias)."""
+    code = 0
+    if sync_parts(w_ih, wx, H, nmax, G):
+        code |= 1
+    if sync_parts(w_hh, wh, H, nmax, G):
+        code |= 1
+    if has_bias:
+        if sync_parts(b_ih, bx, H, nmax, G):
+            code |= 2
+        if sync_parts(b_hh, bh, H, nmax, G):
+            code |= 2
+    return code

@@ -110,6 +110,8 @@ class Blas:
     pack: int = 0
     compute: int = 0
     set_threads_local: int = 0   # MKL: int f(int), this thread's thread count; returns the old one
+    sgemv: int = 0
+    dgemv: int = 0
     lib: object = None
     threads: tuple = ()    # OpenBLAS: (get, set) of its process-wide thread count
     where: str = ""
@@ -144,7 +146,8 @@ def _mkl():
     lib.cblas_sgemm_pack.restype = None
     lib.cblas_sgemm_pack.argtypes = ([ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
                                                             ctypes.c_void_p])
-    return Blas("mkl", GEMM_FORTRAN, *found, lib=lib, where=path)
+    return Blas("mkl", GEMM_FORTRAN, *found, sgemv=_address(lib, "sgemv_"),
+                dgemv=_address(lib, "dgemv_"), lib=lib, where=path)
 
 
 def _openblas():
@@ -167,6 +170,8 @@ def _openblas():
                         getattr(lib, put).argtypes = [ctypes.c_int]
                         getattr(lib, put).restype = None
                         return Blas("openblas", GEMM_CBLAS64, s, d, lib=lib,
+                                    sgemv=_address(lib, f"{prefix}sgemv{suffix}"),
+                                    dgemv=_address(lib, f"{prefix}dgemv{suffix}"),
                                     threads=(getattr(lib, get), getattr(lib, put)),
                                     where=os.path.abspath(path))
     return None
