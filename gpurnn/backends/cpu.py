@@ -39,7 +39,6 @@ MIN_UNITS_PER_THREAD = 16
 PREPARED_PER_THREAD = 8        # weight sets kept prepared per Python thread (least recently used go)
 
 _local = threading.local()
-_UINT = {np.dtype(np.float32): np.uint32, np.dtype(np.float64): np.uint64}
 _I64, _F32 = np.dtype(np.int64), np.dtype(np.float32)
 _CALL = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 
@@ -97,7 +96,10 @@ class _Runtime:
         rt[K.RT_GEMM] = self.blas.sgemm if f32 else self.blas.dgemm
         rt[K.RT_COMPUTE] = self.blas.compute if self.packed else 0
         rt[K.RT_LOCAL] = self.blas.set_threads_local
-        rt[K.RT_GEMV] = self.blas.sgemv if f32 else self.blas.dgemv
+        # at B = 1: MKL's packed GEMM beat its GEMV here (5.6 vs 6.4 ms, LSTM 512,1,256,256);
+        # OpenBLAS has no packed GEMM, and its GEMM at M = 1 is a GEMV anyway
+        rt[K.RT_PACK] = self.blas.pack if self.packed else 0
+        rt[K.RT_GEMV] = 0 if self.packed else (self.blas.sgemv if f32 else self.blas.dgemv)
         omp = self.openmp
         if omp is not None:
             rt[K.RT_BARRIER], rt[K.RT_THREAD_NUM], rt[K.RT_NUM_THREADS] = (
@@ -203,7 +205,9 @@ def release_workspace():
 
 
 class _Prepared:
-    """One weight set split into parts (see gpurnn/cpu/kernels.py), and its MKL packs per B."""
+    """One weight set split into parts (see gpurnn/cpu/kernels.py), and its MKL packs per
+    (pass, B). The kernels keep the parts up to date (kernels.prepare_part): they compare the
+    weights with them at every call, bit for bit, and copy and pack only what changed."""
 
     def __init__(self, cell, dtype, I, H, P):
         G = GATES[cell]
@@ -215,70 +219,37 @@ class _Prepared:
         P = self.P
         self.wx = np.zeros((P, G * nmax, I), dtype)
         self.wh = np.zeros((P, G * nmax, H), dtype)
-        self.b_ih = np.zeros((P, G * nmax, 1), dtype)
-        self.b_hh = np.zeros((P, G * nmax, 1), dtype)
         self.bias = np.zeros((P, G * nmax), dtype)
         self.bhn = np.zeros((P, nmax), dtype)
-        self.forward_packs, self.backward_packs = {}, {}
-        uint = _UINT[self.dtype]
-        self.views = tuple(a.view(uint) for a in (self.wx, self.wh, self.b_ih, self.b_hh))
-        self.fresh = True
+        self.packs, self.stale = {}, {}     # MKL packs of W_hh per (pass, B)
 
     def parts(self):
         for k in range(self.P):
             u0 = k * self.nmax
             yield k, u0, min(self.nmax, self.H - u0)
 
-    def sync(self, w_ih, w_hh, b_ih, b_hh):
-        """Bring the parts up to date with the weights (one compare pass; copies if changed)."""
-        uint = _UINT[self.dtype]
-        G, H, nmax = self.G, self.H, self.nmax
-        bias = b_ih is not None
-        code = K.sync_weights(w_ih.view(uint), w_hh.view(uint),
-                              (b_ih if bias else self.b_ih[0]).reshape(-1, 1).view(uint),
-                              (b_hh if bias else self.b_hh[0]).reshape(-1, 1).view(uint),
-                              self.views[0], self.views[1], self.views[2], self.views[3],
-                              H, nmax, G, bias)
-        changed, bias_changed = bool(code & 1), bool(code & 2)
-        if bias_changed or self.fresh:
-            # folded input bias: b_ih + b_hh, except GRU's n gate whose b_hn stays in the product
-            for k, _, n in self.parts():
-                if n <= 0:
-                    continue
-                bi, bh = self.b_ih[k, :G * n, 0], self.b_hh[k, :G * n, 0]
-                folded = bi + bh
-                if self.cell == "gru":
-                    folded[2 * n:] = bi[2 * n:]
-                    self.bhn[k, :n] = bh[2 * n:]
-                self.bias[k, :G * n] = folded
-        if changed or self.fresh:
-            self.forward_packs.clear()
-            self.backward_packs.clear()
-        self.fresh = False
+    def pack_buffer(self, blas, key, shapes):
+        """This part set's pack buffer for key = (pass, B), and whether the kernel must pack it
+        even if the weights did not change. shapes: (M, N, K) of each part's product. The
+        buffers are kept: MKL asks for ~9 MB per part whatever the matrix, too much to allocate
+        (and page in) at every optimizer step. Rows 64-byte aligned."""
+        if key not in self.packs:
+            words = max(-(-blas.lib.cblas_sgemm_pack_get_size(162, *mnk) // 4) for mnk in shapes)
+            words = -(-words // 16) * 16
+            raw = np.empty(self.P * words + 16, np.float32)
+            skip = (-_addr(raw) % 64) // 4
+            self.packs[key] = raw[skip:skip + self.P * words].reshape(self.P, words)
+            self.stale[key] = True
+        return self.packs[key], self.stale[key]
 
-    def forward_pack(self, blas, B):
-        """W_k^T packed for C(B, G*n_k) = h(B, H) @ W_k^T, per part (MKL, float32)."""
-        if B not in self.forward_packs:
-            G, H = self.G, self.H
-            sizes = [blas.lib.cblas_sgemm_pack_get_size(162, B, G * n, H) for _, _, n in self.parts()]
-            packs = np.zeros((self.P, -(-max(sizes) // 4)), np.float32)
-            for k, _, n in self.parts():
-                blas.lib.cblas_sgemm_pack(101, 162, 112, B, G * n, H, 1.0, self.wh[k].ctypes.data, H,
-                                          packs[k].ctypes.data)
-            self.forward_packs[B] = packs
-        return self.forward_packs[B]
-
-    def backward_pack(self, blas, B, w_hh):
-        """W_hh[:, part] packed for dh(B, n_k) = dgates(B, G*H) @ W_hh[:, part] (MKL, float32)."""
-        if B not in self.backward_packs:
-            GH, H = self.G * self.H, self.H
-            sizes = [blas.lib.cblas_sgemm_pack_get_size(162, B, n, GH) for _, _, n in self.parts()]
-            packs = np.zeros((self.P, -(-max(sizes) // 4)), np.float32)
-            for k, u0, n in self.parts():
-                blas.lib.cblas_sgemm_pack(101, 162, 111, B, n, GH, 1.0,
-                                          w_hh.ctypes.data + u0 * w_hh.itemsize, H, packs[k].ctypes.data)
-            self.backward_packs[B] = packs
-        return self.backward_packs[B]
+    def after(self, flags, key):
+        """After a call that packed `key` (or None): the weights changed if flags says so, and
+        then every other pack is out of date."""
+        if flags[K.FLAG_CHANGED]:
+            for other in self.stale:
+                self.stale[other] = True
+        if key is not None:
+            self.stale[key] = False
 
 
 def _prepared(cell, w_ih, w_hh, b_ih, b_hh, runtime):
@@ -296,7 +267,6 @@ def _prepared(cell, w_ih, w_hh, b_ih, b_hh, runtime):
             cache.popitem(last=False)
     else:
         cache.move_to_end(key)
-    prep.sync(w_ih, w_hh, b_ih, b_hh)
     return prep
 
 
@@ -372,15 +342,22 @@ def _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_res
     y = _result((T, B, H), dtype)
     h_n = np.empty((B, H), dtype)
     c_n = np.empty((B, H), dtype) if lstm else None
-    packs = prep.forward_pack(rt.blas, B) if rt.packed and not rt.uses_gemv(B) else None
+    key, packs, stale = None, None, False
+    if rt.packed and not rt.uses_gemv(B):
+        key = ("forward", B)
+        packs, stale = prep.pack_buffer(rt.blas, key, [(B, G * n, H) for _, _, n in prep.parts()])
+    flags = np.array([0, stale, b_ih is not None], np.int64)
     one = _placeholder(dtype, 3)
     arrays = (x, lengths if lengths is not None else _placeholder(_I64, 1), hs,
               cs if lstm else one, gates if save else one, y, h_n,
               c_n if lstm else _placeholder(dtype, 2), prep.wx, prep.wh,
               packs if packs is not None else _placeholder(_F32, 2),
               prep.bias, prep.bhn, _workspace("gx", (P, T * B, G * nmax), dtype),
-              _workspace("rec", (P, B, G * nmax), dtype), _workspace("scratch", (P, 4 * nmax), dtype))
+              _workspace("rec", (P, B, G * nmax), dtype), _workspace("scratch", (P, 4 * nmax), dtype),
+              w_ih, w_hh, b_ih if b_ih is not None else _placeholder(dtype, 1),
+              b_hh if b_hh is not None else _placeholder(dtype, 1), flags)
     rt.run("forward", dtype, _sizes(cell, T, B, I, H, reverse, lengths, save, prep), arrays)
+    prep.after(flags, key)
     reserve = None
     if need_reserve:
         reserve = Reserve(cell=cell, backend=NAME, reverse=bool(reverse), x=x, w_ih=w_ih, w_hh=w_hh,
@@ -396,8 +373,7 @@ def _backward(reserve, dy, dh_n, dc_n, options):
     G = GATES[cell]
     GH = G * H
     rt = _Runtime(options, dtype, H)
-    prep = reserve.plan["prepared"]
-    prep.sync(w_ih, w_hh, None, None)          # weights changed since the forward: use them as they are
+    prep = reserve.plan["prepared"]             # its W_hh rows are checked again by the kernel
     rt.threads = min(rt.threads, prep.P)
     lstm, gru = cell == "lstm", cell == "gru"
     dgx = _workspace("dgx", (T, B, GH), dtype)
@@ -409,7 +385,11 @@ def _backward(reserve, dy, dh_n, dc_n, options):
     dw_hh = np.empty((GH, H), dtype)
     db_ih = np.empty(GH, dtype) if reserve.has_bias else None
     db_hh = np.empty(GH, dtype) if reserve.has_bias else None
-    packs = prep.backward_pack(rt.blas, B, w_hh) if rt.packed and not rt.uses_gemv(B) else None
+    key, packs, stale = None, None, False
+    if rt.packed and not rt.uses_gemv(B):
+        key = ("backward", B)
+        packs, stale = prep.pack_buffer(rt.blas, key, [(B, n, GH) for _, _, n in prep.parts()])
+    flags = np.array([0, stale, 0], np.int64)
     one = _placeholder(dtype, 3)
     x_seen = np.ascontiguousarray(inputs_seen(x, reserve.lengths, np))
     lengths = reserve.lengths
@@ -418,7 +398,8 @@ def _backward(reserve, dy, dh_n, dc_n, options):
               w_ih, w_hh, packs if packs is not None else _placeholder(_F32, 2), dgx, dgh, dh,
               _workspace("dhadd", (B, H), dtype), dc if lstm else _placeholder(dtype, 2), dx, dw_ih,
               dw_hh, db_ih if db_ih is not None else _placeholder(dtype, 1),
-              db_hh if db_hh is not None else _placeholder(dtype, 1))
-    sz = _sizes(cell, T, B, I, H, reserve.reverse, lengths, False, prep)
+              db_hh if db_hh is not None else _placeholder(dtype, 1), prep.wh, flags)
+    sz = _sizes(cell, T, B, I, H, reverse=reserve.reverse, lengths=lengths, save=False, prep=prep)
     rt.run("backward", dtype, sz, arrays)
+    prep.after(flags, key)
     return Grads(dx=dx, dh0=dh, dc0=dc, dw_ih=dw_ih, dw_hh=dw_hh, db_ih=db_ih, db_hh=db_hh)

@@ -20,7 +20,7 @@ TOL32, TOL64, TOL_FD = 1e-5, 1e-10, 1e-7
 def add_parser(sub):
     p = sub.add_parser("check", help="self-test every cell on every available backend",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--backend", action="append", choices=("numpy", "sim", "cuda"),
+    p.add_argument("--backend", action="append", choices=("numpy", "cpu", "sim", "cuda"),
                    help="check only these backends (repeatable); default: every available one")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the random problems")
     p.set_defaults(func=run)
@@ -138,7 +138,7 @@ def run(args):
     rng = np.random.default_rng(args.seed)
     # cuda first: on a GPU machine the real kernels are the ones worth checking (the strict
     # simulator runs in the same process whatever numba.cuda's mode)
-    wanted = args.backend or ["numpy", "cuda", "sim"]
+    wanted = args.backend or ["numpy", "cpu", "cuda", "sim"]
     rows, failed = [], False
     print("gpurnn check: forward + backward (BPTT) of every cell at T=5, B=3, I=4, H=6, "
           "lengths (5, 2, 4), reverse, with biases")

@@ -35,8 +35,12 @@ LSTM, GRU, RNN_TANH, RNN_RELU = (CELLS.index(c) for c in ("lstm", "gru", "rnn_ta
 # sz: sizes and switches of one call
 SZ_T, SZ_B, SZ_I, SZ_H, SZ_CELL, SZ_REV, SZ_HASLEN, SZ_SAVE, SZ_P, SZ_NMAX, SZ_G, SZ_S = range(12)
 # rt: the GEMM kind, then addresses (0: absent): gemm, MKL packed compute, OpenMP barrier,
-# MKL's thread-local thread count, omp_get_thread_num, omp_get_num_threads, gemv
-RT_KIND, RT_GEMM, RT_COMPUTE, RT_BARRIER, RT_LOCAL, RT_THREAD_NUM, RT_NUM_THREADS, RT_GEMV = range(8)
+# MKL's thread-local thread count, omp_get_thread_num, omp_get_num_threads, gemv, MKL pack
+(RT_KIND, RT_GEMM, RT_COMPUTE, RT_BARRIER, RT_LOCAL, RT_THREAD_NUM, RT_NUM_THREADS, RT_GEMV,
+ RT_PACK) = range(9)
+# flags: per call, shared by the team: [0] out: the weights differed from the prepared parts
+# (copied now); [1] in: the pack buffer must be (re)packed even if they did not; [2] in: bias
+FLAG_CHANGED, FLAG_REPACK, FLAG_BIAS = 0, 1, 2
 VEC = 16   # sizes of sz and rt in an argument block
 
 # Fortran/CBLAS constants
@@ -211,17 +215,81 @@ def _part(k, nmax, H):
     return u0, min(nmax, H - u0)
 
 
+# ---- weights: prepared once per weight version ---------------------------------------------------
+
+def as_bits(a):
+    """The array's bits as unsigned integers of its width (a view)."""
+    return a.view(np.uint32 if a.dtype == np.float32 else np.uint64)
+
+
+@overload(as_bits, inline="always")
+def _as_bits_impl(a):
+    if a.dtype == types.float32:
+        return lambda a: a.view(np.uint32)
+    return lambda a: a.view(np.uint64)
+
+
+@njit(inline="always")
+def copy_if_changed(src, dst):
+    """dst[:] = src if their bits differ (NaN equals itself); True if it copied. Both C-contiguous
+    and of one shape; compared by a vectorised XOR-OR reduction."""
+    a, b = as_bits(src.reshape(src.size)), as_bits(dst.reshape(dst.size))
+    diff = a[0] ^ a[0]
+    for i in range(a.shape[0]):
+        diff |= a[i] ^ b[i]
+    if diff != 0:
+        dst[...] = src
+        return True
+    return False
+
+
+@njit(inline="always")
+def prepare_part(rt, k, u0, n, H, G, gru, B, w_ih, w_hh, b_ih, b_hh, wx, wh, whpk, bias, bhn,
+                 flags, pack):
+    """Part k's rows of W_ih and W_hh (gate-major, wx[k], wh[k]) up to date with the weights,
+    W_hh's rows packed for M = B when `pack` and they changed or flags asks for it, and the
+    folded input bias: b_ih + b_hh (GRU: b_hn stays apart, in bhn)."""
+    changed = False
+    for q in range(G):
+        rows = slice(q * H + u0, q * H + u0 + n)
+        if copy_if_changed(w_ih[rows], wx[k, q * n:(q + 1) * n]):
+            changed = True
+        if copy_if_changed(w_hh[rows], wh[k, q * n:(q + 1) * n]):
+            changed = True
+        for j in range(n):
+            if flags[FLAG_BIAS] == 0:
+                bias[k, q * n + j] = 0
+            elif gru and q == 2:
+                bias[k, q * n + j] = b_ih[q * H + u0 + j]
+                bhn[k, j] = b_hh[q * H + u0 + j]
+            else:
+                bias[k, q * n + j] = b_ih[q * H + u0 + j] + b_hh[q * H + u0 + j]
+        if gru and q == 2 and flags[FLAG_BIAS] == 0:
+            for j in range(n):
+                bhn[k, j] = 0
+    if changed:
+        flags[FLAG_CHANGED] = 1
+    if pack and (changed or flags[FLAG_REPACK] != 0):
+        Hn = G * n
+        call_void(rt[RT_PACK], (np.int32(_ROW_MAJOR), np.int32(162), np.int32(_TRANS), np.int32(B),
+                                np.int32(Hn), np.int32(H), np.float32(1.0), wh[k].ctypes.data,
+                                np.int32(H), whpk[k].ctypes.data))
+
+
 # ---- forward -------------------------------------------------------------------------------------
 
 @njit(**_JIT)
 def forward_worker(tid, nt, sz, rt, x, lengths, hs, cs, gates, y, hn, cn, wx, wh, whpk, bias, bhn,
-                   gxw, rec, scratch):
+                   gxw, rec, scratch, w_ih, w_hh, b_ih, b_hh, flags):
     """One thread's share of a forward pass.
       x (T, B, I) ; lengths (B,) int64 ; hs, cs (Th, B, H) states, slot j % Th holds boundary
       state j (Th = T+1 with a reserve, else 2) ; gates (T, B, S*H) reserve ; y (T, B, H) ;
       hn, cn (B, H) ; wx (P, G*nmax, I), wh (P, G*nmax, H) part rows ; whpk (P, bytes/4) wh
       packed by MKL for M = B ; bias (P, G*nmax) folded input bias ; bhn (P, nmax) GRU b_hn ;
-      gxw (P, T*B, G*nmax), rec (P, B, G*nmax) and scratch (P, 4*nmax) per-part workspace.
+      gxw (P, T*B, G*nmax), rec (P, B, G*nmax) and scratch (P, 4*nmax) per-part workspace ;
+      w_ih, w_hh, b_ih, b_hh the layer's weights as given (biases (1,) without bias) ; flags.
+    First each thread brings its parts up to date with the weights (prepare_part), so the
+    weights are compared, and copied and packed only when they changed, by the whole team.
     Cell steps work on contiguous slices indexed from 0, which is what lets LLVM vectorise."""
     T, B, I, H = sz[SZ_T], sz[SZ_B], sz[SZ_I], sz[SZ_H]
     cell, rev, has_len, save = sz[SZ_CELL], sz[SZ_REV], sz[SZ_HASLEN], sz[SZ_SAVE]
@@ -233,6 +301,8 @@ def forward_worker(tid, nt, sz, rt, x, lengths, hs, cs, gates, y, hn, cn, wx, wh
     for k in range(tid, P, nt):
         u0, n = _part(k, nmax, H)
         if n > 0:
+            prepare_part(rt, k, u0, n, H, G, cell == GRU, B, w_ih, w_hh, b_ih, b_hh, wx, wh,
+                         whpk, bias, bhn, flags, packed and not (B == 1 and rt[RT_GEMV] != 0))
             gemm(rt, x2, False, wx[k, :G * n, :], True, gxw[k, :, :G * n], 0.0)
     for s in range(T):
         t = T - 1 - s if rev else s
@@ -288,40 +358,40 @@ def forward_worker(tid, nt, sz, rt, x, lengths, hs, cs, gates, y, hn, cn, wx, wh
     _blas_threads(rt, old)
 
 
+# The cell steps below are several short loops rather than one: every loop touches few arrays,
+# so the runtime alias checks LLVM needs before vectorising stay few (one loop over a dozen
+# arrays ran scalar in the workers, ~4x slower). The rows are in L1 between the loops.
+
 @njit(inline="always")
 def _lstm_step(a, r, bias, n, c_in, c_out, h_out, y, g0, g1, g2, g3):
     """a, r, bias: the part's input projection, recurrent product and bias rows (4 blocks of n);
     the rest are the part's slices of the state, output and gate rows."""
     for j in range(n):
-        i = sigmoid(a[j] + r[j] + bias[j])
-        f = sigmoid(a[n + j] + r[n + j] + bias[n + j])
-        g = tanh(a[2 * n + j] + r[2 * n + j] + bias[2 * n + j])
-        o = sigmoid(a[3 * n + j] + r[3 * n + j] + bias[3 * n + j])
-        g0[j] = i
-        g1[j] = f
-        g2[j] = g
-        g3[j] = o
-        c = f * c_in[j] + i * g
-        h = o * tanh(c)
+        g0[j] = sigmoid(a[j] + r[j] + bias[j])
+        g1[j] = sigmoid(a[n + j] + r[n + j] + bias[n + j])
+        g2[j] = tanh(a[2 * n + j] + r[2 * n + j] + bias[2 * n + j])
+        g3[j] = sigmoid(a[3 * n + j] + r[3 * n + j] + bias[3 * n + j])
+    for j in range(n):
+        c = g1[j] * c_in[j] + g0[j] * g2[j]
         c_out[j] = c
-        h_out[j] = h
-        y[j] = h
+        h_out[j] = g3[j] * tanh(c)
+    for j in range(n):
+        y[j] = h_out[j]
 
 
 @njit(inline="always")
 def _gru_step(a, r, bias, bhn, n, h_in, h_out, y, g0, g1, g2, g3):
     for j in range(n):
         rg = sigmoid(a[j] + r[j] + bias[j])
-        z = sigmoid(a[n + j] + r[n + j] + bias[n + j])
-        hn = r[2 * n + j] + bhn[j]
-        ng = tanh(a[2 * n + j] + bias[2 * n + j] + rg * hn)
         g0[j] = rg
-        g1[j] = z
-        g2[j] = ng
+        g1[j] = sigmoid(a[n + j] + r[n + j] + bias[n + j])
+        hn = r[2 * n + j] + bhn[j]
         g3[j] = hn
-        h = ng + z * (h_in[j] - ng)
-        h_out[j] = h
-        y[j] = h
+        g2[j] = tanh(a[2 * n + j] + bias[2 * n + j] + rg * hn)
+    for j in range(n):
+        h_out[j] = g2[j] + g1[j] * (h_in[j] - g2[j])
+    for j in range(n):
+        y[j] = h_out[j]
 
 
 @njit(inline="always")
@@ -329,31 +399,47 @@ def _rnn_step(a, r, bias, n, h_out, y, relu):
     for j in range(n):
         v = a[j] + r[j] + bias[j]
         if relu:
-            h = v * 0 if v < 0 else v     # NaN is not < 0: it propagates, as np.maximum does
+            h_out[j] = v * 0 if v < 0 else v     # NaN is not < 0: it propagates, as np.maximum does
         else:
-            h = tanh(v)
-        h_out[j] = h
-        y[j] = h
+            h_out[j] = tanh(v)
+    for j in range(n):
+        y[j] = h_out[j]
 
 
 # ---- backward ------------------------------------------------------------------------------------
 
 @njit(**_JIT)
 def backward_worker(tid, nt, sz, rt, x, lengths, hs, cs, gates, dy, w_ih, w_hh, whtpk, dgx, dgh,
-                    dh, dhadd, dc, dx, dw_ih, dw_hh, db_ih, db_hh):
+                    dh, dhadd, dc, dx, dw_ih, dw_hh, db_ih, db_hh, wh, flags):
     """One thread's share of a backward pass.
       x (T, B, I) inputs with padded steps zeroed ; hs, cs (T+1, B, H), gates (T, B, S*H) the
       reserve ; dy (T, B, H) ; w_ih (G*H, I), w_hh (G*H, H) ; whtpk (P, bytes/4) W_hh[:, part]
       packed by MKL for M = B ; dgx, dgh (T, B, G*H) gate gradients (input / recurrent side; the
       same array except GRU) ; dh (B, H) in: dh_n, out: dh0 ; dhadd (B, H) workspace ; dc (B, H)
       in: dc_n, out: dc0 ; outputs dx (T, B, I), dw_ih, dw_hh, db_ih, db_hh (G*H,) when sz has
-      bias (db_* length 1 otherwise)."""
+      bias (db_* length 1 otherwise) ; wh, flags: as forward_worker's (MKL packs only: W_hh is
+      compared with the prepared rows, and the column packs are redone if it changed)."""
     T, B, I, H = sz[SZ_T], sz[SZ_B], sz[SZ_I], sz[SZ_H]
     cell, rev, has_len = sz[SZ_CELL], sz[SZ_REV], sz[SZ_HASLEN]
     P, nmax, G = sz[SZ_P], sz[SZ_NMAX], sz[SZ_G]
     GH = G * H
-    packed = rt[RT_COMPUTE] != 0
+    packed = rt[RT_COMPUTE] != 0 and not (B == 1 and rt[RT_GEMV] != 0)
     old = _blas_threads(rt, 1)
+    if packed:
+        for k in range(tid, P, nt):
+            u0, n = _part(k, nmax, H)
+            for q in range(G):
+                if n > 0 and copy_if_changed(w_hh[q * H + u0:q * H + u0 + n], wh[k, q * n:(q + 1) * n]):
+                    flags[FLAG_CHANGED] = 1
+        barrier(rt, nt)                          # every row compared: flags is final
+        if flags[FLAG_CHANGED] != 0 or flags[FLAG_REPACK] != 0:
+            for k in range(tid, P, nt):
+                u0, n = _part(k, nmax, H)
+                if n > 0:
+                    call_void(rt[RT_PACK], (np.int32(_ROW_MAJOR), np.int32(162), np.int32(_NO_TRANS),
+                                            np.int32(B), np.int32(n), np.int32(GH), np.float32(1.0),
+                                            w_hh[:, u0:u0 + n].ctypes.data, np.int32(H),
+                                            whtpk[k].ctypes.data))
     for s in range(T):
         t = s if rev else T - 1 - s              # the forward's steps, last first
         for k in range(tid, P, nt):
@@ -367,24 +453,23 @@ def backward_worker(tid, nt, sz, rt, x, lengths, hs, cs, gates, dy, w_ih, w_hh, 
                         dgx[t, b, q * H + u0:q * H + u0 + n] = 0
                         dgh[t, b, q * H + u0:q * H + u0 + n] = 0
                     continue
-                d = dh[b, u0:u0 + n]
-                d += dy[t, b, u0:u0 + n]                 # dh_t, in place: dh is rewritten below
-                g, dg = gates[t, b], dgx[t, b]
+                d, dyb = dh[b, u0:u0 + n], dy[t, b, u0:u0 + n]    # d becomes dh_t, in place:
+                g, dg = gates[t, b], dgx[t, b]                      # dh is rewritten below
                 if cell == LSTM:
-                    _lstm_grad(n, d, dc[b, u0:u0 + n], g[u0:u0 + n], g[H + u0:H + u0 + n],
+                    _lstm_grad(n, d, dyb, dc[b, u0:u0 + n], g[u0:u0 + n], g[H + u0:H + u0 + n],
                                g[2 * H + u0:2 * H + u0 + n], g[3 * H + u0:3 * H + u0 + n],
                                cs[t + 1 - rev, b, u0:u0 + n], cs[t + rev, b, u0:u0 + n],
                                dg[u0:u0 + n], dg[H + u0:H + u0 + n], dg[2 * H + u0:2 * H + u0 + n],
                                dg[3 * H + u0:3 * H + u0 + n])
                 elif cell == GRU:
                     dr = dgh[t, b]
-                    _gru_grad(n, d, g[u0:u0 + n], g[H + u0:H + u0 + n], g[2 * H + u0:2 * H + u0 + n],
+                    _gru_grad(n, d, dyb, g[u0:u0 + n], g[H + u0:H + u0 + n], g[2 * H + u0:2 * H + u0 + n],
                               g[3 * H + u0:3 * H + u0 + n], hs[t + rev, b, u0:u0 + n],
                               dg[u0:u0 + n], dg[H + u0:H + u0 + n], dg[2 * H + u0:2 * H + u0 + n],
                               dr[u0:u0 + n], dr[H + u0:H + u0 + n], dr[2 * H + u0:2 * H + u0 + n],
                               dhadd[b, u0:u0 + n])
                 else:
-                    _rnn_grad(n, d, hs[t + 1 - rev, b, u0:u0 + n], dg[u0:u0 + n], cell == RNN_RELU)
+                    _rnn_grad(n, d, dyb, hs[t + 1 - rev, b, u0:u0 + n], dg[u0:u0 + n], cell == RNN_RELU)
         barrier(rt, nt)
         for k in range(tid, P, nt):
             u0, n = _part(k, nmax, H)
@@ -416,14 +501,23 @@ def backward_worker(tid, nt, sz, rt, x, lengths, hs, cs, gates, dy, w_ih, w_hh, 
         h_in = hs[rev:rev + T].reshape(TB, H)
         gemm(rt, dgh2[:, q0:q1], True, h_in, False, dw_hh[q0:q1], 0.0)
         if db_ih.shape[0] == GH:
-            for q in range(q0, q1):
-                db_ih[q] = 0
-                db_hh[q] = 0
-            for row in range(TB):
-                for q in range(q0, q1):
-                    db_ih[q] += dgx2[row, q]
-                    db_hh[q] += dgh2[row, q]
+            _column_sums(dgx2, q0, q1, db_ih)
+            if cell == GRU:
+                _column_sums(dgh2, q0, q1, db_hh)
+            else:                                # one gate gradient feeds both biases
+                db_hh[q0:q1] = db_ih[q0:q1]
     _blas_threads(rt, old)
+
+
+@njit(inline="always")
+def _column_sums(a, q0, q1, out):
+    """out[q0:q1] = a[:, q0:q1].sum(axis=0), a row at a time (contiguous, vectorised)."""
+    acc = out[q0:q1]
+    acc[:] = 0
+    for row in range(a.shape[0]):
+        r = a[row, q0:q1]
+        for j in range(q1 - q0):
+            acc[j] += r[j]
 
 
 @njit(inline="always")
@@ -434,38 +528,53 @@ def _rows(tid, nt, total):
 
 
 @njit(inline="always")
-def _lstm_grad(n, d, dc, i, f, g, o, c_out, c_in, di, df, dg, do):
-    """d: dh_t (this part's units); dc: in dc_t, out dc_{t-1}; gate slices of the reserve."""
+def _lstm_grad(n, d, dy, dc, i, f, g, o, c_out, c_in, di, df, dg, do):
+    """d: in the gradient carried into step t (dh), out dh_t = dh + dy; dc: in dc_t, out
+    dc_{t-1}; gate slices of the reserve; di..do: the gate gradients (this part's units)."""
     one = dc.dtype.type(1)
     for j in range(n):
+        d[j] += dy[j]
+    for j in range(n):
         tc = tanh(c_out[j])
-        dcc = dc[j] + d[j] * o[j] * (one - tc * tc)
-        di[j] = dcc * g[j] * i[j] * (one - i[j])
-        df[j] = dcc * c_in[j] * f[j] * (one - f[j])
-        dg[j] = dcc * i[j] * (one - g[j] * g[j])
-        do[j] = d[j] * tc * o[j] * (one - o[j])
-        dc[j] = dcc * f[j]
+        oj = o[j]
+        do[j] = d[j] * tc * oj * (one - oj)
+        dc[j] += d[j] * oj * (one - tc * tc)
+    for j in range(n):
+        ij, gj = i[j], g[j]
+        di[j] = dc[j] * gj * ij * (one - ij)
+        dg[j] = dc[j] * ij * (one - gj * gj)
+    for j in range(n):
+        fj = f[j]
+        df[j] = dc[j] * c_in[j] * fj * (one - fj)
+        dc[j] *= fj
 
 
 @njit(inline="always")
-def _gru_grad(n, d, r, z, ng, hn, h_in, dxr, dxz, dxn, dhr, dhz, dhn, dhadd):
+def _gru_grad(n, d, dy, r, z, ng, hn, h_in, dxr, dxz, dxn, dhr, dhz, dhn, dhadd):
     one = d.dtype.type(1)
     for j in range(n):
-        dn = d[j] * (one - z[j]) * (one - ng[j] * ng[j])
-        dz = d[j] * (h_in[j] - ng[j]) * z[j] * (one - z[j])
-        dr = dn * hn[j] * r[j] * (one - r[j])
+        d[j] += dy[j]
+    for j in range(n):
+        zj, nj = z[j], ng[j]
+        dxn[j] = d[j] * (one - zj) * (one - nj * nj)
+        dxz[j] = d[j] * (h_in[j] - nj) * zj * (one - zj)
+    for j in range(n):
+        rj = r[j]
+        dr = dxn[j] * hn[j] * rj * (one - rj)
         dxr[j] = dr
-        dxz[j] = dz
-        dxn[j] = dn
         dhr[j] = dr
-        dhz[j] = dz
-        dhn[j] = dn * r[j]
+    for j in range(n):
+        dhz[j] = dxz[j]
+        dhn[j] = dxn[j] * r[j]
+    for j in range(n):
         dhadd[j] = d[j] * z[j]
 
 
 @njit(inline="always")
-def _rnn_grad(n, d, h_out, da, relu):
+def _rnn_grad(n, d, dy, h_out, da, relu):
     one = d.dtype.type(1)
+    for j in range(n):
+        d[j] += dy[j]
     for j in range(n):
         h = h_out[j]
         if relu:
@@ -497,7 +606,7 @@ def _v3(blk, i, like):
 
 
 _F32, _F64, _I64 = np.zeros(1, np.float32), np.zeros(1, np.float64), np.zeros(1, np.int64)
-BLOCK = 2 * VEC + 4 * 20     # int64 entries of an argument block
+BLOCK = 2 * VEC + 4 * 28     # int64 entries of an argument block
 
 
 def _make_forward(like):
@@ -509,7 +618,8 @@ def _make_forward(like):
                        _v3(blk, 3, like), _v3(blk, 4, like), _v3(blk, 5, like), _v2(blk, 6, like),
                        _v2(blk, 7, like), _v3(blk, 8, like), _v3(blk, 9, like), _v2(blk, 10, _F32),
                        _v2(blk, 11, like), _v2(blk, 12, like), _v3(blk, 13, like), _v3(blk, 14, like),
-                       _v2(blk, 15, like))
+                       _v2(blk, 15, like), _v2(blk, 16, like), _v2(blk, 17, like), _v1(blk, 18, like),
+                       _v1(blk, 19, like), _v1(blk, 20, _I64))
     return trampoline
 
 
@@ -522,7 +632,8 @@ def _make_backward(like):
                         _v3(blk, 3, like), _v3(blk, 4, like), _v3(blk, 5, like), _v2(blk, 6, like),
                         _v2(blk, 7, like), _v2(blk, 8, _F32), _v3(blk, 9, like), _v3(blk, 10, like),
                         _v2(blk, 11, like), _v2(blk, 12, like), _v2(blk, 13, like), _v3(blk, 14, like),
-                        _v2(blk, 15, like), _v2(blk, 16, like), _v1(blk, 17, like), _v1(blk, 18, like))
+                        _v2(blk, 15, like), _v2(blk, 16, like), _v1(blk, 17, like), _v1(blk, 18, like),
+                        _v3(blk, 19, like), _v1(blk, 20, _I64))
     return trampoline
 
 
@@ -539,41 +650,3 @@ def trampoline(which, dtype):
         _trampolines[key] = cfunc(types.void(types.voidptr))(make(like))
     return _trampolines[key].address
 
-
-# ---- weights: prepared once per weight version ---------------------------------------------------
-
-@njit(nogil=True, cache=True)
-def sync_parts(src, parts, H, nmax, G):
-    """Make parts[k, q*n_k + j] == src[q*H + k*nmax + j] (rows; arrays of unsigned integers
-    viewing the float bits, so NaN compares equal to itself). Returns True if anything
-    had to be copied, i.e. the weights changed since they were last prepared."""
-    changed = False
-    P = parts.shape[0]
-    for k in range(P):
-        u0 = k * nmax
-        n = min(nmax, H - u0)
-        for q in range(G):
-            for j in range(max(n, 0)):
-                srow, prow = src[q * H + u0 + j], parts[k, q * n + j]
-                for col in range(src.shape[1]):
-                    if prow[col] != srow[col]:
-                        prow[col] = srow[col]
-                        changed = True
-    return changed
-
-
-@njit(nogil=True, cache=True)
-def sync_weights(w_ih, w_hh, b_ih, b_hh, wx, wh, bx, bh, H, nmax, G, has_bias):
-    """sync_parts for the four weights of a layer in one call: bit 0 set if W_ih or W_hh
-    changed, bit 1 if a bias did (b_ih, b_hh, bx, bh are (G*H, 1) views; unused without bias)."""
-    code = 0
-    if sync_parts(w_ih, wx, H, nmax, G):
-        code |= 1
-    if sync_parts(w_hh, wh, H, nmax, G):
-        code |= 1
-    if has_bias:
-        if sync_parts(b_ih, bx, H, nmax, G):
-            code |= 2
-        if sync_parts(b_hh, bh, H, nmax, G):
-            code |= 2
-    return code
