@@ -47,6 +47,10 @@ CONFIGS = [
     (7, 3, 5, 48, None, False, True, True, 2, "mkl"),
     (3, 2, 3, 1, [3, 2], True, True, True, None, "auto"),
     (9, 2, 16, 96, [9, 4], True, True, True, None, "auto"),
+    # T*B above gpurnn.backends.cpu.CHUNK_ROWS: the input projection comes in several chunks
+    (40, 16, 5, 33, [40, 3, 17, 40, 0, 32, 33, 31, 1, 40, 39, 8, 16, 24, 38, 2], True, True, True,
+     2, "auto"),
+    (70, 8, 3, 20, None, False, True, False, None, "openblas"),
     # B = 1: the per-step product is a matrix-vector product, for each BLAS
     (6, 1, 5, 40, [4], True, True, True, 2, "openblas"),
     (4, 1, 3, 33, None, False, True, True, 2, "mkl"),

@@ -294,6 +294,15 @@ def _placeholder(dtype, ndim):
     return _PLACEHOLDERS[key]
 
 
+CHUNK_ROWS = 512      # rows (steps x batch) of input projection computed at a time per part
+
+
+def _chunk(T, B):
+    """Steps whose input projection a thread computes in one GEMM: about CHUNK_ROWS rows, so
+    they are still in its cache when the steps read them (and the GEMM is still efficient)."""
+    return max(1, min(T, CHUNK_ROWS // B))
+
+
 def _widen(a):
     return None if a is None else a.astype(np.float32)
 
@@ -352,7 +361,7 @@ def _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_res
               cs if lstm else one, gates if save else one, y, h_n,
               c_n if lstm else _placeholder(dtype, 2), prep.wx, prep.wh,
               packs if packs is not None else _placeholder(_F32, 2),
-              prep.bias, prep.bhn, _workspace("gx", (P, T * B, G * nmax), dtype),
+              prep.bias, prep.bhn, _workspace("gx", (P, _chunk(T, B) * B, G * nmax), dtype),
               _workspace("rec", (P, B, G * nmax), dtype), _workspace("scratch", (P, 4 * nmax), dtype),
               w_ih, w_hh, b_ih if b_ih is not None else _placeholder(dtype, 1),
               b_hh if b_hh is not None else _placeholder(dtype, 1), flags)

@@ -286,7 +286,8 @@ def forward_worker(tid, nt, sz, rt, x, lengths, hs, cs, gates, y, hn, cn, wx, wh
       state j (Th = T+1 with a reserve, else 2) ; gates (T, B, S*H) reserve ; y (T, B, H) ;
       hn, cn (B, H) ; wx (P, G*nmax, I), wh (P, G*nmax, H) part rows ; whpk (P, bytes/4) wh
       packed by MKL for M = B ; bias (P, G*nmax) folded input bias ; bhn (P, nmax) GRU b_hn ;
-      gxw (P, T*B, G*nmax), rec (P, B, G*nmax) and scratch (P, 4*nmax) per-part workspace ;
+      gxw (P, chunk*B, G*nmax) input projections of `chunk` steps, rec (P, B, G*nmax) and
+      scratch (P, 4*nmax) per-part workspace ;
       w_ih, w_hh, b_ih, b_hh the layer's weights as given (biases (1,) without bias) ; flags.
     First each thread brings its parts up to date with the weights (prepare_part), so the
     weights are compared, and copied and packed only when they changed, by the whole team.
@@ -298,14 +299,25 @@ def forward_worker(tid, nt, sz, rt, x, lengths, hs, cs, gates, y, hn, cn, wx, wh
     Th = hs.shape[0]
     old = _blas_threads(rt, 1)
     x2 = x.reshape(T * B, I)
+    chunk = gxw.shape[1] // B                  # steps whose input projection is computed at once
     for k in range(tid, P, nt):
         u0, n = _part(k, nmax, H)
         if n > 0:
             prepare_part(rt, k, u0, n, H, G, cell == GRU, B, w_ih, w_hh, b_ih, b_hh, wx, wh,
                          whpk, bias, bhn, flags, packed and not (B == 1 and rt[RT_GEMV] != 0))
-            gemm(rt, x2, False, wx[k, :G * n, :], True, gxw[k, :, :G * n], 0.0)
+    t_lo = 0
     for s in range(T):
         t = T - 1 - s if rev else s
+        if s % chunk == 0:
+            # the next `chunk` steps' input projection, one GEMM over their rows: it is read
+            # while still in this core's cache (all T*B rows at once went out to memory)
+            t_lo = max(0, T - s - chunk) if rev else s
+            t_hi = T - s if rev else min(T, s + chunk)
+            for k in range(tid, P, nt):
+                u0, n = _part(k, nmax, H)
+                if n > 0:
+                    gemm(rt, x2[t_lo * B:t_hi * B], False, wx[k, :G * n, :], True,
+                         gxw[k, :(t_hi - t_lo) * B, :G * n], 0.0)
         h_in, h_out = hs[(t + rev) % Th], hs[(t + 1 - rev) % Th]
         c_in, c_out = cs[(t + rev) % cs.shape[0]], cs[(t + 1 - rev) % cs.shape[0]]
         for k in range(tid, P, nt):
@@ -331,7 +343,7 @@ def forward_worker(tid, nt, sz, rt, x, lengths, hs, cs, gates, y, hn, cn, wx, wh
                         for q in range(S):
                             gates[t, b, q * H + u0:q * H + u0 + n] = 0
                     continue
-                a, rb = gxk[t * B + b], rec[k, b]      # C-contiguous rows (r[b] would not be)
+                a, rb = gxk[(t - t_lo) * B + b], rec[k, b]     # C rows (r[b] would not be)
                 if save:
                     gr = gates[t, b]
                     g0, g1 = gr[u0:u0 + n], gr[H + u0:H + u0 + n]
