@@ -621,44 +621,59 @@ _F32, _F64, _I64 = np.zeros(1, np.float32), np.zeros(1, np.float64), np.zeros(1,
 BLOCK = 2 * VEC + 4 * 28     # int64 entries of an argument block
 
 
-def _make_forward(like):
-    def trampoline(block):
-        blk = carray(block, (BLOCK,), np.int64)
-        sz, rt = blk[:VEC], blk[VEC:2 * VEC]
-        tid, nt = call_i32(rt[RT_THREAD_NUM], ()), call_i32(rt[RT_NUM_THREADS], ())
-        forward_worker(tid, nt, sz, rt, _v3(blk, 0, like), _v1(blk, 1, _I64), _v3(blk, 2, like),
-                       _v3(blk, 3, like), _v3(blk, 4, like), _v3(blk, 5, like), _v2(blk, 6, like),
-                       _v2(blk, 7, like), _v3(blk, 8, like), _v3(blk, 9, like), _v2(blk, 10, _F32),
-                       _v2(blk, 11, like), _v2(blk, 12, like), _v3(blk, 13, like), _v3(blk, 14, like),
-                       _v2(blk, 15, like), _v2(blk, 16, like), _v2(blk, 17, like), _v1(blk, 18, like),
-                       _v1(blk, 19, like), _v1(blk, 20, _I64))
-    return trampoline
+@njit(inline="always")
+def _forward_team(block, like):
+    blk = carray(block, (BLOCK,), np.int64)
+    sz, rt = blk[:VEC], blk[VEC:2 * VEC]
+    tid, nt = call_i32(rt[RT_THREAD_NUM], ()), call_i32(rt[RT_NUM_THREADS], ())
+    forward_worker(tid, nt, sz, rt, _v3(blk, 0, like), _v1(blk, 1, _I64), _v3(blk, 2, like),
+                   _v3(blk, 3, like), _v3(blk, 4, like), _v3(blk, 5, like), _v2(blk, 6, like),
+                   _v2(blk, 7, like), _v3(blk, 8, like), _v3(blk, 9, like), _v2(blk, 10, _F32),
+                   _v2(blk, 11, like), _v2(blk, 12, like), _v3(blk, 13, like), _v3(blk, 14, like),
+                   _v2(blk, 15, like), _v2(blk, 16, like), _v2(blk, 17, like), _v1(blk, 18, like),
+                   _v1(blk, 19, like), _v1(blk, 20, _I64))
 
 
-def _make_backward(like):
-    def trampoline(block):
-        blk = carray(block, (BLOCK,), np.int64)
-        sz, rt = blk[:VEC], blk[VEC:2 * VEC]
-        tid, nt = call_i32(rt[RT_THREAD_NUM], ()), call_i32(rt[RT_NUM_THREADS], ())
-        backward_worker(tid, nt, sz, rt, _v3(blk, 0, like), _v1(blk, 1, _I64), _v3(blk, 2, like),
-                        _v3(blk, 3, like), _v3(blk, 4, like), _v3(blk, 5, like), _v2(blk, 6, like),
-                        _v2(blk, 7, like), _v2(blk, 8, _F32), _v3(blk, 9, like), _v3(blk, 10, like),
-                        _v2(blk, 11, like), _v2(blk, 12, like), _v2(blk, 13, like), _v3(blk, 14, like),
-                        _v2(blk, 15, like), _v2(blk, 16, like), _v1(blk, 17, like), _v1(blk, 18, like),
-                        _v3(blk, 19, like), _v1(blk, 20, _I64))
-    return trampoline
+@njit(inline="always")
+def _backward_team(block, like):
+    blk = carray(block, (BLOCK,), np.int64)
+    sz, rt = blk[:VEC], blk[VEC:2 * VEC]
+    tid, nt = call_i32(rt[RT_THREAD_NUM], ()), call_i32(rt[RT_NUM_THREADS], ())
+    backward_worker(tid, nt, sz, rt, _v3(blk, 0, like), _v1(blk, 1, _I64), _v3(blk, 2, like),
+                    _v3(blk, 3, like), _v3(blk, 4, like), _v3(blk, 5, like), _v2(blk, 6, like),
+                    _v2(blk, 7, like), _v2(blk, 8, _F32), _v3(blk, 9, like), _v3(blk, 10, like),
+                    _v2(blk, 11, like), _v2(blk, 12, like), _v2(blk, 13, like), _v3(blk, 14, like),
+                    _v2(blk, 15, like), _v2(blk, 16, like), _v1(blk, 17, like), _v1(blk, 18, like),
+                    _v3(blk, 19, like), _v1(blk, 20, _I64))
 
 
+# The C entry points, one per (pass, dtype): module-level so Numba can cache them on disk like
+# the workers (a fresh process then loads them instead of compiling for seconds).
+def _forward_f32(block):
+    _forward_team(block, _F32)
+
+
+def _forward_f64(block):
+    _forward_team(block, _F64)
+
+
+def _backward_f32(block):
+    _backward_team(block, _F32)
+
+
+def _backward_f64(block):
+    _backward_team(block, _F64)
+
+
+_ENTRIES = {("forward", "f"): _forward_f32, ("forward", "d"): _forward_f64,
+            ("backward", "f"): _backward_f32, ("backward", "d"): _backward_f64}
 _trampolines = {}
 
 
 def trampoline(which, dtype):
     """The C address of the team entry point for ('forward' | 'backward', dtype), compiled on
-    first use (the workers it calls are cached on disk by Numba)."""
+    first use (or loaded from Numba's cache)."""
     key = (which, dtype.char)
     if key not in _trampolines:
-        like = _F32 if key[1] == _F32.dtype.char else _F64
-        make = _make_forward if which == "forward" else _make_backward
-        _trampolines[key] = cfunc(types.void(types.voidptr))(make(like))
+        _trampolines[key] = cfunc(types.void(types.voidptr), cache=True)(_ENTRIES[key])
     return _trampolines[key].address
-
