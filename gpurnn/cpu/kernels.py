@@ -166,12 +166,12 @@ def gemm(rt, a, ta, b, tb, c, beta):
 
 
 @njit(inline="always")
-def gemv(rt, w, trans, x, y):
-    """Row-major y = op(w) @ x (op(w) = w.T when trans) on a 2-D view w with unit inner
-    stride and contiguous x, y: the per-step product at B = 1, a matrix-vector product."""
+def gemv(rt, w, trans, x, y, beta):
+    """Row-major y = op(w) @ x + beta*y (op(w) = w.T when trans) on a 2-D view w with unit
+    inner stride and contiguous x, y: the per-step product at B = 1, a matrix-vector product."""
     r, c = w.shape
     kind = rt[RT_KIND]
-    one, zero = y.dtype.type(1), y.dtype.type(0)
+    one, zero = y.dtype.type(1), y.dtype.type(beta)
     if kind == GEMM_FORTRAN:
         # column-major view: w is (c, r) with leading dimension ld(w)
         call_byref(rt[RT_GEMV], (np.uint8(_N if trans else _T), np.int32(c), np.int32(r), one,
@@ -182,16 +182,17 @@ def gemv(rt, w, trans, x, y):
                                 np.int64(r), np.int64(c), one, w.ctypes.data, np.int64(_ld(w)),
                                 x.ctypes.data, np.int64(1), zero, y.ctypes.data, np.int64(1)))
     else:
-        gemm_loops(x.reshape(1, x.shape[0]), False, w, not trans, y.reshape(1, y.shape[0]), 0.0)
+        gemm_loops(x.reshape(1, x.shape[0]), False, w, not trans, y.reshape(1, y.shape[0]), beta)
 
 
 @njit(inline="always")
-def gemm_packed(rt, a, packed_b, c, k):
-    """Row-major c (m, n) = a (m, k) @ B with B packed by MKL's cblas_sgemm_pack (float32)."""
+def gemm_packed(rt, a, packed_b, c, k, beta):
+    """Row-major c (m, n) = a (m, k) @ B + beta*c with B packed by MKL's cblas_sgemm_pack
+    (float32)."""
     m, n = c.shape
     call_void(rt[RT_COMPUTE], (np.int32(_ROW_MAJOR), np.int32(_NO_TRANS), np.int32(_PACKED),
                                np.int32(m), np.int32(n), np.int32(k), a.ctypes.data, np.int32(_ld(a)),
-                               packed_b.ctypes.data, np.int32(k), np.float32(0.0), c.ctypes.data,
+                               packed_b.ctypes.data, np.int32(k), np.float32(beta), c.ctypes.data,
                                np.int32(_ld(c))))
 
 
@@ -324,13 +325,19 @@ def forward_worker(tid, nt, sz, rt, x, lengths, hs, cs, gates, y, hn, cn, wx, wh
             u0, n = _part(k, nmax, H)
             if n <= 0:
                 continue
-            r = rec[k, :, :G * n]
+            # LSTM and RNN add the recurrent product into the input projection's rows (one
+            # array for the step to read); GRU keeps it apart (b_hn and r multiply its n part)
+            acc = cell != GRU
+            row0 = (t - t_lo) * B
+            r = gxw[k, row0:row0 + B, :G * n] if acc else rec[k, :, :G * n]
+            beta = 1.0 if acc else 0.0
             if B == 1 and rt[RT_GEMV] != 0:
-                gemv(rt, wh[k, :G * n, :], False, h_in[0], rec[k, 0, :G * n])
+                gemv(rt, wh[k, :G * n, :], False, h_in[0],
+                     gxw[k, row0, :G * n] if acc else rec[k, 0, :G * n], beta)
             elif packed:
-                gemm_packed(rt, h_in, whpk[k], r, H)
+                gemm_packed(rt, h_in, whpk[k], r, H, beta)
             else:
-                gemm(rt, h_in, False, wh[k, :G * n, :], True, r, 0.0)
+                gemm(rt, h_in, False, wh[k, :G * n, :], True, r, beta)
             bk, gxk, junk = bias[k], gxw[k], scratch[k]
             S = sz[SZ_S]
             for b in range(B):
@@ -351,13 +358,13 @@ def forward_worker(tid, nt, sz, rt, x, lengths, hs, cs, gates, y, hn, cn, wx, wh
                 else:       # nothing kept: the gates go to this part's scratch
                     g0, g1, g2, g3 = junk[:n], junk[n:2 * n], junk[2 * n:3 * n], junk[3 * n:4 * n]
                 if cell == LSTM:
-                    _lstm_step(a, rb, bk, n, c_in[b, u0:u0 + n], c_out[b, u0:u0 + n],
+                    _lstm_step(a, bk, n, c_in[b, u0:u0 + n], c_out[b, u0:u0 + n],
                                h_out[b, u0:u0 + n], y[t, b, u0:u0 + n], g0, g1, g2, g3)
                 elif cell == GRU:
                     _gru_step(a, rb, bk, bhn[k], n, h_in[b, u0:u0 + n], h_out[b, u0:u0 + n],
                               y[t, b, u0:u0 + n], g0, g1, g2, g3)
                 else:
-                    _rnn_step(a, rb, bk, n, h_out[b, u0:u0 + n], y[t, b, u0:u0 + n], cell == RNN_RELU)
+                    _rnn_step(a, bk, n, h_out[b, u0:u0 + n], y[t, b, u0:u0 + n], cell == RNN_RELU)
         barrier(rt, nt)
     last = (0 if rev else T) % Th
     for k in range(tid, P, nt):
@@ -375,14 +382,14 @@ def forward_worker(tid, nt, sz, rt, x, lengths, hs, cs, gates, y, hn, cn, wx, wh
 # arrays ran scalar in the workers, ~4x slower). The rows are in L1 between the loops.
 
 @njit(inline="always")
-def _lstm_step(a, r, bias, n, c_in, c_out, h_out, y, g0, g1, g2, g3):
-    """a, r, bias: the part's input projection, recurrent product and bias rows (4 blocks of n);
-    the rest are the part's slices of the state, output and gate rows."""
+def _lstm_step(a, bias, n, c_in, c_out, h_out, y, g0, g1, g2, g3):
+    """a, bias: the part's pre-activation (input projection + recurrent product) and bias rows
+    (4 blocks of n); the rest are the part's slices of the state, output and gate rows."""
     for j in range(n):
-        g0[j] = sigmoid(a[j] + r[j] + bias[j])
-        g1[j] = sigmoid(a[n + j] + r[n + j] + bias[n + j])
-        g2[j] = tanh(a[2 * n + j] + r[2 * n + j] + bias[2 * n + j])
-        g3[j] = sigmoid(a[3 * n + j] + r[3 * n + j] + bias[3 * n + j])
+        g0[j] = sigmoid(a[j] + bias[j])
+        g1[j] = sigmoid(a[n + j] + bias[n + j])
+        g2[j] = tanh(a[2 * n + j] + bias[2 * n + j])
+        g3[j] = sigmoid(a[3 * n + j] + bias[3 * n + j])
     for j in range(n):
         c = g1[j] * c_in[j] + g0[j] * g2[j]
         c_out[j] = c
@@ -407,9 +414,9 @@ def _gru_step(a, r, bias, bhn, n, h_in, h_out, y, g0, g1, g2, g3):
 
 
 @njit(inline="always")
-def _rnn_step(a, r, bias, n, h_out, y, relu):
+def _rnn_step(a, bias, n, h_out, y, relu):
     for j in range(n):
-        v = a[j] + r[j] + bias[j]
+        v = a[j] + bias[j]
         if relu:
             h_out[j] = v * 0 if v < 0 else v     # NaN is not < 0: it propagates, as np.maximum does
         else:
@@ -488,9 +495,9 @@ def backward_worker(tid, nt, sz, rt, x, lengths, hs, cs, gates, dy, w_ih, w_hh, 
             if n <= 0:
                 continue
             if B == 1 and rt[RT_GEMV] != 0:
-                gemv(rt, w_hh[:, u0:u0 + n], True, dgh[t, 0], dh[0, u0:u0 + n])
+                gemv(rt, w_hh[:, u0:u0 + n], True, dgh[t, 0], dh[0, u0:u0 + n], 0.0)
             elif packed:
-                gemm_packed(rt, dgh[t], whtpk[k], dh[:, u0:u0 + n], GH)
+                gemm_packed(rt, dgh[t], whtpk[k], dh[:, u0:u0 + n], GH, 0.0)
             else:
                 gemm(rt, dgh[t], False, w_hh[:, u0:u0 + n], False, dh[:, u0:u0 + n], 0.0)
             for b in range(B):
