@@ -92,16 +92,20 @@ def _run(cell, a, g, lengths, reverse, backend, options=None):
     return {k: v for k, v in outs.items() if v is not None}, reserve
 
 
+@pytest.mark.parametrize("split", ["units", "rows"])
 @pytest.mark.parametrize("config", CONFIGS, ids=[_config_id(c) for c in CONFIGS])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_matches_the_numpy_reference(cell, dtype, config, rng):
+def test_matches_the_numpy_reference(cell, dtype, config, split, rng):
+    # split: how the team shares the work, by hidden units or by batch rows
     T, B, I, H, lengths, reverse, bias, states, threads, blas = config
     if blas == "mkl":
         pytest.importorskip("torch")          # MKL is torch's: it is used once torch is imported
     if not _blas_here(blas):
         pytest.skip(f"BLAS {blas!r} is not available here (mkl needs torch imported, with MKL)")
-    options = {"blas": blas} if threads is None else {"blas": blas, "threads": threads}
+    options = {"blas": blas, "split": split}
+    if threads is not None:
+        options["threads"] = threads
     lengths = None if lengths is None else np.array(lengths)
     a64, g64 = _data(cell, T, B, I, H, bias, states, rng)
     a, g = _cast(a64, dtype), _cast(g64, dtype)
@@ -234,6 +238,7 @@ def test_nan_propagates_and_padding_is_ignored(cell, dtype, rng):
     ({"threads": 0}, ValueError, r"backend_options\['threads'\] must be an int >= 1; got 0"),
     ({"threads": True}, ValueError, r"backend_options\['threads'\] must be an int >= 1; got True"),
     ({"threads": "2"}, ValueError, r"backend_options\['threads'\] must be an int >= 1; got '2'"),
+    ({"split": "cols"}, ValueError, r"backend_options\['split'\] must be one of .*; got 'cols'"),
 ])
 def test_bad_options_are_named(options, exc, text, rng):
     a, _ = _data("lstm", 2, 1, 3, 4, True, False, rng)
@@ -249,12 +254,14 @@ def test_team_size_follows_the_openmp_setting():
     if omp is None:
         pytest.skip("no OpenMP runtime here: the fast path runs on the calling thread")
     with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
-        assert cpu_backend._Runtime({}, np.float32, 256).threads == 1
+        assert cpu_backend._Runtime({}, np.float32, 256, 8).threads == 1
     with threadpoolctl.threadpool_limits(limits=2, user_api="openmp"):
-        assert cpu_backend._Runtime({}, np.float32, 256).threads == 2
-        # at most one thread per 16 hidden units
-        assert cpu_backend._Runtime({}, np.float32, 20).threads == 1
-    assert cpu_backend._Runtime({"threads": 3}, np.float32, 256).threads == 3
+        assert cpu_backend._Runtime({}, np.float32, 256, 1).threads == 2
+        # split by units: at most one thread per 16 hidden units; by rows: per batch row
+        assert cpu_backend._Runtime({}, np.float32, 20, 1).threads == 1
+        assert cpu_backend._Runtime({"split": "rows"}, np.float32, 20, 8).threads == 2
+        assert cpu_backend._Runtime({"split": "rows"}, np.float32, 256, 1).threads == 1
+    assert cpu_backend._Runtime({"threads": 3}, np.float32, 256, 1).threads == 3
 
 
 _ONE_TEAM = r"""

@@ -34,8 +34,10 @@ from ..cpu import native
 from .numpy import inputs_seen
 
 NAME = "cpu"
-OPTION_KEYS = ("blas", "threads")
+OPTION_KEYS = ("blas", "threads", "split")
+SPLITS = ("auto", "units", "rows")
 MIN_UNITS_PER_THREAD = 16
+MIN_ROWS_PER_THREAD = 2         # 'auto' splits the batch rows from B >= 2 x threads
 PREPARED_PER_THREAD = 8        # weight sets kept prepared per Python thread (least recently used go)
 
 _local = threading.local()
@@ -57,6 +59,9 @@ def check_options(options):
     if blas not in ("auto",) + native.BLAS_NAMES:
         raise ValueError(f"backend_options['blas'] must be one of {('auto',) + native.BLAS_NAMES}; "
                          f"got {blas!r}")
+    split = options.get("split", "auto")
+    if split not in SPLITS:
+        raise ValueError(f"backend_options['split'] must be one of {SPLITS}; got {split!r}")
     threads = options.get("threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
                                 or threads < 1):
@@ -74,7 +79,7 @@ def _addr(a):
 class _Runtime:
     """The BLAS and OpenMP runtime of one call, as the kernels' rt vector."""
 
-    def __init__(self, options, dtype, hidden):
+    def __init__(self, options, dtype, hidden, batch):
         self.blas = native.find_blas(options.get("blas", "auto"))
         self.openmp = native.find_openmp()
         threads = options.get("threads")
@@ -82,7 +87,20 @@ class _Runtime:
             threads = 1
             if self.openmp is not None and not self.openmp.in_parallel():
                 threads = self.openmp.max_threads()
-        self.threads = max(1, min(int(threads), hidden // MIN_UNITS_PER_THREAD or 1))
+        team = max(1, int(threads))
+        # How the team shares a layer (gpurnn/cpu/kernels.py): batch rows, each thread its own
+        # sequences and all of W_hh (no barrier per step), where there are rows enough; else
+        # hidden units, each thread its slice of W_hh (one barrier per step), at most one
+        # thread per MIN_UNITS_PER_THREAD units.
+        split = options.get("split", "auto")
+        if split == "auto":
+            split = "rows" if team > 1 and batch >= MIN_ROWS_PER_THREAD * team else "units"
+        if split == "rows":
+            self.mode, self.threads = K.MODE_ROWS, min(team, batch)
+        else:
+            self.mode = K.MODE_UNITS
+            self.threads = max(1, min(team, hidden // MIN_UNITS_PER_THREAD or 1))
+        self.parts = 1 if self.mode == K.MODE_ROWS else self.threads
         f32 = dtype == np.float32
         self.packed = self.blas.packed and f32
         key = (self.blas.name, f32)
@@ -228,17 +246,22 @@ class _Prepared:
             u0 = k * self.nmax
             yield k, u0, min(self.nmax, self.H - u0)
 
-    def pack_buffer(self, blas, key, shapes):
-        """This part set's pack buffer for key = (pass, B), and whether the kernel must pack it
-        even if the weights did not change. shapes: (M, N, K) of each part's product. The
-        buffers are kept: MKL asks for ~9 MB per part whatever the matrix, too much to allocate
-        (and page in) at every optimizer step. Rows 64-byte aligned."""
+    @staticmethod
+    def pack_words(blas, shapes):
+        """float32 words MKL asks for to pack any of these (M, N, K) B operands, rounded up to
+        64 bytes."""
+        words = max(-(-blas.lib.cblas_sgemm_pack_get_size(162, *mnk) // 4) for mnk in shapes)
+        return -(-words // 16) * 16
+
+    def pack_buffer(self, key, rows, words):
+        """The pack buffer (rows, words) for key = (pass, B, ...), and whether the kernel must
+        pack it even if the weights did not change. Kept: MKL asks for ~9 MB per matrix
+        whatever its size, too much to allocate (and page in) at every optimizer step. Rows
+        64-byte aligned."""
         if key not in self.packs:
-            words = max(-(-blas.lib.cblas_sgemm_pack_get_size(162, *mnk) // 4) for mnk in shapes)
-            words = -(-words // 16) * 16
-            raw = np.empty(self.P * words + 16, np.float32)
+            raw = np.empty(rows * words + 16, np.float32)
             skip = (-_addr(raw) % 64) // 4
-            self.packs[key] = raw[skip:skip + self.P * words].reshape(self.P, words)
+            self.packs[key] = raw[skip:skip + rows * words].reshape(rows, words)
             self.stale[key] = True
         return self.packs[key], self.stale[key]
 
@@ -253,15 +276,16 @@ class _Prepared:
 
 
 def _prepared(cell, w_ih, w_hh, b_ih, b_hh, runtime):
-    """The prepared parts for these weights on this Python thread, up to date."""
+    """The prepared parts for these weights on this Python thread (the kernels bring them up
+    to date)."""
     H, I = w_hh.shape[1], w_ih.shape[1]
     ident = tuple((a.__array_interface__["data"][0], a.shape) if a is not None else None
                   for a in (w_ih, w_hh, b_ih, b_hh))
-    key = (cell, w_ih.dtype.char, runtime.threads, ident)
+    key = (cell, w_ih.dtype.char, runtime.parts, ident)
     cache = _state().prepared
     prep = cache.get(key)
     if prep is None:
-        prep = _Prepared(cell, w_ih.dtype, I, H, runtime.threads)
+        prep = _Prepared(cell, w_ih.dtype, I, H, runtime.parts)
         cache[key] = prep
         while len(cache) > PREPARED_PER_THREAD:
             cache.popitem(last=False)
@@ -270,9 +294,10 @@ def _prepared(cell, w_ih, w_hh, b_ih, b_hh, runtime):
     return prep
 
 
-def _sizes(cell, T, B, I, H, reverse, lengths, save, prep):
+def _sizes(cell, T, B, I, H, reverse, lengths, save, prep, rt, words=0):
     """The kernels' sz vector (indices gpurnn.cpu.kernels.SZ_*), as a list."""
-    sz = [0] * (K.SZ_S + 1)
+    sz = [0] * (K.SZ_WORDS + 1)
+    sz[K.SZ_MODE], sz[K.SZ_ROWS], sz[K.SZ_WORDS] = rt.mode, -(-B // rt.threads), words
     sz[K.SZ_T], sz[K.SZ_B], sz[K.SZ_I], sz[K.SZ_H] = T, B, I, H
     sz[K.SZ_CELL] = CELLS.index(cell)
     sz[K.SZ_REV] = int(reverse)
@@ -332,10 +357,13 @@ def _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_res
     T, B, I = x.shape
     H = w_hh.shape[1]
     dtype = x.dtype
-    rt = _Runtime(options, dtype, H)
+    rt = _Runtime(options, dtype, H, B)
     prep = _prepared(cell, w_ih, w_hh, b_ih, b_hh, rt)
-    rt.threads = min(rt.threads, prep.P)
+    rows_mode = rt.mode == K.MODE_ROWS
+    if not rows_mode:
+        rt.threads = min(rt.threads, prep.P)
     G, S, P, nmax = prep.G, RESERVE_GATES[cell], prep.P, prep.nmax
+    nt, rows = rt.threads, -(-B // rt.threads)
     lstm = cell == "lstm"
     save = bool(need_reserve and S)
     slots = T + 1 if need_reserve else 2
@@ -351,21 +379,31 @@ def _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_res
     y = _result((T, B, H), dtype)
     h_n = np.empty((B, H), dtype)
     c_n = np.empty((B, H), dtype) if lstm else None
-    key, packs, stale = None, None, False
-    if rt.packed and not rt.uses_gemv(B):
+    key, packs, stale, words = None, None, False, 0
+    if rt.packed and not rt.uses_gemv(B) and rows_mode:
+        # per thread: W_hh^T and W_ih^T, each packed for that thread's rows
+        key = ("forward-rows", B, nt)
+        ms = {rows, B - (nt - 1) * rows}
+        words = prep.pack_words(rt.blas, [(m, G * H, k) for m in ms for k in (H, I)])
+        packs, stale = prep.pack_buffer(key, nt, 2 * words)
+    elif rt.packed and not rt.uses_gemv(B):
         key = ("forward", B)
-        packs, stale = prep.pack_buffer(rt.blas, key, [(B, G * n, H) for _, _, n in prep.parts()])
+        packs, stale = prep.pack_buffer(key, P, prep.pack_words(
+            rt.blas, [(B, G * n, H) for _, _, n in prep.parts()]))
     flags = np.array([0, stale, b_ih is not None], np.int64)
+    ws_parts, gx_rows, rec_rows = (nt, rows, rows) if rows_mode else (P, _chunk(T, B) * B, B)
     one = _placeholder(dtype, 3)
     arrays = (x, lengths if lengths is not None else _placeholder(_I64, 1), hs,
               cs if lstm else one, gates if save else one, y, h_n,
               c_n if lstm else _placeholder(dtype, 2), prep.wx, prep.wh,
               packs if packs is not None else _placeholder(_F32, 2),
-              prep.bias, prep.bhn, _workspace("gx", (P, _chunk(T, B) * B, G * nmax), dtype),
-              _workspace("rec", (P, B, G * nmax), dtype), _workspace("scratch", (P, 4 * nmax), dtype),
+              prep.bias, prep.bhn, _workspace("gx", (ws_parts, gx_rows, G * nmax), dtype),
+              _workspace("rec", (ws_parts, rec_rows, G * nmax), dtype),
+              _workspace("scratch", (ws_parts, 4 * nmax), dtype),
               w_ih, w_hh, b_ih if b_ih is not None else _placeholder(dtype, 1),
               b_hh if b_hh is not None else _placeholder(dtype, 1), flags)
-    rt.run("forward", dtype, _sizes(cell, T, B, I, H, reverse, lengths, save, prep), arrays)
+    rt.run("forward", dtype, _sizes(cell, T, B, I, H, reverse, lengths, save, prep, rt, words),
+           arrays)
     prep.after(flags, key)
     reserve = None
     if need_reserve:
@@ -381,9 +419,12 @@ def _backward(reserve, dy, dh_n, dc_n, options):
     dtype = x.dtype
     G = GATES[cell]
     GH = G * H
-    rt = _Runtime(options, dtype, H)
+    rt = _Runtime(options, dtype, H, B)
     prep = reserve.plan["prepared"]             # its W_hh rows are checked again by the kernel
-    rt.threads = min(rt.threads, prep.P)
+    rows_mode = rt.mode == K.MODE_ROWS
+    if not rows_mode:
+        rt.threads = min(rt.threads, prep.P)
+    nt, rows = rt.threads, -(-B // rt.threads)
     lstm, gru = cell == "lstm", cell == "gru"
     dgx = _workspace("dgx", (T, B, GH), dtype)
     dgh = _workspace("dgh", (T, B, GH), dtype) if gru else dgx
@@ -395,9 +436,14 @@ def _backward(reserve, dy, dh_n, dc_n, options):
     db_ih = np.empty(GH, dtype) if reserve.has_bias else None
     db_hh = np.empty(GH, dtype) if reserve.has_bias else None
     key, packs, stale = None, None, False
-    if rt.packed and not rt.uses_gemv(B):
+    if rt.packed and not rt.uses_gemv(B) and rows_mode:
+        key = ("backward-rows", B, nt)
+        packs, stale = prep.pack_buffer(key, nt, prep.pack_words(
+            rt.blas, [(m, H, GH) for m in {rows, B - (nt - 1) * rows}]))
+    elif rt.packed and not rt.uses_gemv(B):
         key = ("backward", B)
-        packs, stale = prep.pack_buffer(rt.blas, key, [(B, n, GH) for _, _, n in prep.parts()])
+        packs, stale = prep.pack_buffer(key, prep.P, prep.pack_words(
+            rt.blas, [(B, n, GH) for _, _, n in prep.parts()]))
     flags = np.array([0, stale, 0], np.int64)
     one = _placeholder(dtype, 3)
     x_seen = np.ascontiguousarray(inputs_seen(x, reserve.lengths, np))
@@ -408,7 +454,7 @@ def _backward(reserve, dy, dh_n, dc_n, options):
               _workspace("dhadd", (B, H), dtype), dc if lstm else _placeholder(dtype, 2), dx, dw_ih,
               dw_hh, db_ih if db_ih is not None else _placeholder(dtype, 1),
               db_hh if db_hh is not None else _placeholder(dtype, 1), prep.wh, flags)
-    sz = _sizes(cell, T, B, I, H, reverse=reserve.reverse, lengths=lengths, save=False, prep=prep)
+    sz = _sizes(cell, T, B, I, H, reserve.reverse, lengths, False, prep, rt)
     rt.run("backward", dtype, sz, arrays)
     prep.after(flags, key)
     return Grads(dx=dx, dh0=dh, dc0=dc, dw_ih=dw_ih, dw_hh=dw_hh, db_ih=db_ih, db_hh=db_hh)

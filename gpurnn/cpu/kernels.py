@@ -2,19 +2,25 @@
 that every thread of an OpenMP team runs over the whole sequence. Cell math and reserve layout
 as gpurnn/cells.py; the readable version of the same algorithm is gpurnn/backends/numpy.py.
 
-Who owns what (the CPU form of DESIGN.md §2's persistent kernel): the hidden units are cut into
-P parts of `nmax` units (the last may be shorter); part k owns units [k*nmax, k*nmax + n_k) and
-keeps its own rows of W_ih and W_hh for all G gates (`wx[k]`, `wh[k]`: (G*n_k, I), (G*n_k, H),
-gate-major), packed once per weight version where the BLAS can (MKL). Thread `tid` of a team of
-`nt` runs parts tid, tid + nt, ... so any team size is correct.
+Who owns what. A team of `nt` threads shares a layer in one of two ways (SZ_MODE):
 
-Forward: each thread projects its parts' inputs for all T*B rows in one GEMM (before the loop),
-then per step: rec_k = h_{t-1} W_k^T (one GEMM per part), the fused pointwise update of the
-part's units, and **one barrier** (h_t complete before any thread reads it).
-Backward: per step: the pointwise gate gradients of the thread's units, **one barrier** (all of
-dgates_t written), then dh_{t-1}[:, own units] = dgates_t W_hh[:, own units] (one GEMM per
-part). After the loop, one barrier, then dx, dW_ih, dW_hh and the bias sums as large GEMMs
-split by rows over the team. dc never crosses threads.
+MODE_UNITS (the CPU form of DESIGN.md §2's persistent kernel), for small batches: the hidden
+units are cut into P parts of `nmax` units (the last may be shorter); part k owns units
+[k*nmax, k*nmax + n_k) and keeps its own rows of W_ih and W_hh for all G gates (`wx[k]`,
+`wh[k]`: (G*n_k, I), (G*n_k, H), gate-major), packed once per weight version where the BLAS
+can (MKL), so each core streams only its slice of W_hh every step. Thread `tid` runs parts
+tid, tid + nt, ... so any team size is correct.
+  Forward: per chunk of ~512 rows, each thread projects its parts' inputs in one GEMM; per
+  step: h_{t-1} W_k^T added into those rows (one GEMM per part), the fused pointwise update of
+  the part's units, and **one barrier** (h_t complete before any thread reads it).
+  Backward: per step: the pointwise gate gradients of the thread's units, **one barrier** (all
+  of dgates_t written), then dh_{t-1}[:, own units] = dgates_t W_hh[:, own units].
+MODE_ROWS, from a few batch rows per thread: thread tid owns the batch rows [tid*SZ_ROWS,
+(tid+1)*SZ_ROWS) (independent sequences) with all units (one part, P = 1, all of W_ih and W_hh
+packed per thread for its number of rows) and never waits for another thread in the loop:
+per step one GEMM for its rows' input projection, one for the recurrent product, the update.
+Both: after the loop one barrier, then dx, dW_ih, dW_hh and the bias sums as large GEMMs split
+by rows over the team. dc never crosses threads.
 
 Arguments: `sz` and `rt` are int64 vectors (indices SZ_*, RT_*). Arrays that a call does not use
 are 1-element placeholders. Kernels never allocate, never validate and never raise.
@@ -33,7 +39,10 @@ from .native import GEMM_CBLAS64, GEMM_FORTRAN, call_byref, call_i32, call_void,
 LSTM, GRU, RNN_TANH, RNN_RELU = (CELLS.index(c) for c in ("lstm", "gru", "rnn_tanh", "rnn_relu"))
 
 # sz: sizes and switches of one call
-SZ_T, SZ_B, SZ_I, SZ_H, SZ_CELL, SZ_REV, SZ_HASLEN, SZ_SAVE, SZ_P, SZ_NMAX, SZ_G, SZ_S = range(12)
+(SZ_T, SZ_B, SZ_I, SZ_H, SZ_CELL, SZ_REV, SZ_HASLEN, SZ_SAVE, SZ_P, SZ_NMAX, SZ_G, SZ_S, SZ_MODE,
+ SZ_ROWS, SZ_WORDS) = range(15)
+# SZ_MODE: how the team shares the work (see the module's docstring)
+MODE_UNITS, MODE_ROWS = 0, 1
 # rt: the GEMM kind, then addresses (0: absent): gemm, MKL packed compute, OpenMP barrier,
 # MKL's thread-local thread count, omp_get_thread_num, omp_get_num_threads, gemv, MKL pack
 (RT_KIND, RT_GEMM, RT_COMPUTE, RT_BARRIER, RT_LOCAL, RT_THREAD_NUM, RT_NUM_THREADS, RT_GEMV,
@@ -245,36 +254,54 @@ def copy_if_changed(src, dst):
 
 
 @njit(inline="always")
-def prepare_part(rt, k, u0, n, H, G, gru, B, w_ih, w_hh, b_ih, b_hh, wx, wh, whpk, bias, bhn,
-                 flags, pack):
-    """Part k's rows of W_ih and W_hh (gate-major, wx[k], wh[k]) up to date with the weights,
-    W_hh's rows packed for M = B when `pack` and they changed or flags asks for it, and the
-    folded input bias: b_ih + b_hh (GRU: b_hn stays apart, in bhn)."""
-    changed = False
-    for q in range(G):
-        rows = slice(q * H + u0, q * H + u0 + n)
-        if copy_if_changed(w_ih[rows], wx[k, q * n:(q + 1) * n]):
-            changed = True
-        if copy_if_changed(w_hh[rows], wh[k, q * n:(q + 1) * n]):
-            changed = True
+def prepare_block(k, q, u0, n, H, gru, w_ih, w_hh, b_ih, b_hh, wx, wh, bias, bhn, flags):
+    """Gate q of part k: its rows of W_ih and W_hh (wx[k], wh[k], gate-major) up to date with
+    the weights (flags[FLAG_CHANGED] set if they were not), and its folded input bias: b_ih +
+    b_hh (GRU's n gate: b_ih, with b_hn kept apart in bhn)."""
+    rows = slice(q * H + u0, q * H + u0 + n)
+    changed = copy_if_changed(w_ih[rows], wx[k, q * n:(q + 1) * n])
+    if copy_if_changed(w_hh[rows], wh[k, q * n:(q + 1) * n]):
+        changed = True
+    for j in range(n):
+        if flags[FLAG_BIAS] == 0:
+            bias[k, q * n + j] = 0
+        elif gru and q == 2:
+            bias[k, q * n + j] = b_ih[q * H + u0 + j]
+            bhn[k, j] = b_hh[q * H + u0 + j]
+        else:
+            bias[k, q * n + j] = b_ih[q * H + u0 + j] + b_hh[q * H + u0 + j]
+    if gru and q == 2 and flags[FLAG_BIAS] == 0:
         for j in range(n):
-            if flags[FLAG_BIAS] == 0:
-                bias[k, q * n + j] = 0
-            elif gru and q == 2:
-                bias[k, q * n + j] = b_ih[q * H + u0 + j]
-                bhn[k, j] = b_hh[q * H + u0 + j]
-            else:
-                bias[k, q * n + j] = b_ih[q * H + u0 + j] + b_hh[q * H + u0 + j]
-        if gru and q == 2 and flags[FLAG_BIAS] == 0:
-            for j in range(n):
-                bhn[k, j] = 0
+            bhn[k, j] = 0
     if changed:
         flags[FLAG_CHANGED] = 1
-    if pack and (changed or flags[FLAG_REPACK] != 0):
-        Hn = G * n
-        call_void(rt[RT_PACK], (np.int32(_ROW_MAJOR), np.int32(162), np.int32(_TRANS), np.int32(B),
-                                np.int32(Hn), np.int32(H), np.float32(1.0), wh[k].ctypes.data,
-                                np.int32(H), whpk[k].ctypes.data))
+
+
+@njit(inline="always")
+def pack_transposed(rt, w, m, dest):
+    """MKL: pack w.T (w (N, K) row-major) as the B operand of an (m, K) @ (K, N) product."""
+    call_void(rt[RT_PACK], (np.int32(_ROW_MAJOR), np.int32(162), np.int32(_TRANS), np.int32(m),
+                            np.int32(w.shape[0]), np.int32(w.shape[1]), np.float32(1.0),
+                            w.ctypes.data, np.int32(_ld(w)), dest.ctypes.data))
+
+
+@njit(inline="always")
+def pack_plain(rt, w, m, dest):
+    """MKL: pack w (K, N) row-major, a view, as the B operand of an (m, K) @ (K, N) product."""
+    call_void(rt[RT_PACK], (np.int32(_ROW_MAJOR), np.int32(162), np.int32(_NO_TRANS), np.int32(m),
+                            np.int32(w.shape[1]), np.int32(w.shape[0]), np.float32(1.0),
+                            w.ctypes.data, np.int32(_ld(w)), dest.ctypes.data))
+
+
+@njit(inline="always")
+def _share(tid, nt, sz):
+    """(first part, part step, first row, end row) of this thread: all rows of every nt-th part
+    (MODE_UNITS) or its own block of SZ_ROWS batch rows of the one part (MODE_ROWS)."""
+    B = sz[SZ_B]
+    if sz[SZ_MODE] == MODE_ROWS:
+        r0 = min(B, tid * sz[SZ_ROWS])
+        return 0, 1, r0, min(B, r0 + sz[SZ_ROWS])
+    return tid, nt, 0, B
 
 
 # ---- forward -------------------------------------------------------------------------------------
@@ -290,26 +317,44 @@ def forward_worker(tid, nt, sz, rt, x, lengths, hs, cs, gates, y, hn, cn, wx, wh
       gxw (P, chunk*B, G*nmax) input projections of `chunk` steps, rec (P, B, G*nmax) and
       scratch (P, 4*nmax) per-part workspace ;
       w_ih, w_hh, b_ih, b_hh the layer's weights as given (biases (1,) without bias) ; flags.
-    First each thread brings its parts up to date with the weights (prepare_part), so the
+    First the team brings the parts up to date with the weights (prepare_block), so the
     weights are compared, and copied and packed only when they changed, by the whole team.
     Cell steps work on contiguous slices indexed from 0, which is what lets LLVM vectorise."""
     T, B, I, H = sz[SZ_T], sz[SZ_B], sz[SZ_I], sz[SZ_H]
     cell, rev, has_len, save = sz[SZ_CELL], sz[SZ_REV], sz[SZ_HASLEN], sz[SZ_SAVE]
     P, nmax, G = sz[SZ_P], sz[SZ_NMAX], sz[SZ_G]
-    packed = rt[RT_COMPUTE] != 0
+    packed = rt[RT_COMPUTE] != 0 and not (B == 1 and rt[RT_GEMV] != 0)
     Th = hs.shape[0]
     old = _blas_threads(rt, 1)
     x2 = x.reshape(T * B, I)
+    rows_mode = sz[SZ_MODE] == MODE_ROWS
+    k0, kstep, r0, r1 = _share(tid, nt, sz)
+    m = r1 - r0
+    words = sz[SZ_WORDS]
     chunk = gxw.shape[1] // B                  # steps whose input projection is computed at once
-    for k in range(tid, P, nt):
-        u0, n = _part(k, nmax, H)
-        if n > 0:
-            prepare_part(rt, k, u0, n, H, G, cell == GRU, B, w_ih, w_hh, b_ih, b_hh, wx, wh,
-                         whpk, bias, bhn, flags, packed and not (B == 1 and rt[RT_GEMV] != 0))
+    if rows_mode:
+        # one part (every unit); its gate blocks are compared by the whole team, then each
+        # thread packs W_hh^T and W_ih^T for its own number of rows
+        for q in range(tid, G, nt):
+            prepare_block(0, q, 0, H, H, cell == GRU, w_ih, w_hh, b_ih, b_hh, wx, wh, bias, bhn, flags)
+        barrier(rt, nt)
+        if packed and m > 0 and (flags[FLAG_CHANGED] != 0 or flags[FLAG_REPACK] != 0):
+            pack_transposed(rt, wh[0, :G * H], m, whpk[tid, :words])
+            pack_transposed(rt, wx[0, :G * H], m, whpk[tid, words:])
+    else:
+        for k in range(tid, P, nt):
+            u0, n = _part(k, nmax, H)
+            for q in range(G if n > 0 else 0):
+                prepare_block(k, q, u0, n, H, cell == GRU, w_ih, w_hh, b_ih, b_hh, wx, wh, bias,
+                              bhn, flags)
+            if n > 0 and packed and (flags[FLAG_CHANGED] != 0 or flags[FLAG_REPACK] != 0):
+                pack_transposed(rt, wh[k, :G * n], B, whpk[k])
     t_lo = 0
     for s in range(T):
         t = T - 1 - s if rev else s
-        if s % chunk == 0:
+        if rows_mode:
+            t_lo = t                           # this step's own rows, projected just below
+        elif s % chunk == 0:
             # the next `chunk` steps' input projection, one GEMM over their rows: it is read
             # while still in this core's cache (all T*B rows at once went out to memory)
             t_lo = max(0, T - s - chunk) if rev else s
@@ -321,26 +366,34 @@ def forward_worker(tid, nt, sz, rt, x, lengths, hs, cs, gates, y, hn, cn, wx, wh
                          gxw[k, :(t_hi - t_lo) * B, :G * n], 0.0)
         h_in, h_out = hs[(t + rev) % Th], hs[(t + 1 - rev) % Th]
         c_in, c_out = cs[(t + rev) % cs.shape[0]], cs[(t + 1 - rev) % cs.shape[0]]
-        for k in range(tid, P, nt):
+        for k in range(k0, P, kstep):
             u0, n = _part(k, nmax, H)
-            if n <= 0:
+            if n <= 0 or m <= 0:
                 continue
+            pk = tid if rows_mode else k       # whose workspace and packs
+            # gx rows of this step: unit mode, rows (t - t_lo)*B + b of the chunk; rows mode,
+            # rows b - r0, projected now
+            base = 0 if rows_mode else (t - t_lo) * B + r0
+            if rows_mode:
+                if packed:
+                    gemm_packed(rt, x[t, r0:r1], whpk[pk, words:], gxw[pk, :m, :G * n], I, 0.0)
+                else:
+                    gemm(rt, x[t, r0:r1], False, wx[k, :G * n, :], True, gxw[pk, :m, :G * n], 0.0)
             # LSTM and RNN add the recurrent product into the input projection's rows (one
             # array for the step to read); GRU keeps it apart (b_hn and r multiply its n part)
             acc = cell != GRU
-            row0 = (t - t_lo) * B
-            r = gxw[k, row0:row0 + B, :G * n] if acc else rec[k, :, :G * n]
+            r = gxw[pk, base:base + m, :G * n] if acc else rec[pk, :m, :G * n]
             beta = 1.0 if acc else 0.0
-            if B == 1 and rt[RT_GEMV] != 0:
-                gemv(rt, wh[k, :G * n, :], False, h_in[0],
-                     gxw[k, row0, :G * n] if acc else rec[k, 0, :G * n], beta)
+            if m == 1 and rt[RT_GEMV] != 0:
+                gemv(rt, wh[k, :G * n, :], False, h_in[r0],
+                     gxw[pk, base, :G * n] if acc else rec[pk, 0, :G * n], beta)
             elif packed:
-                gemm_packed(rt, h_in, whpk[k], r, H, beta)
+                gemm_packed(rt, h_in[r0:r1], whpk[pk, :words] if rows_mode else whpk[pk], r, H, beta)
             else:
-                gemm(rt, h_in, False, wh[k, :G * n, :], True, r, beta)
-            bk, gxk, junk = bias[k], gxw[k], scratch[k]
+                gemm(rt, h_in[r0:r1], False, wh[k, :G * n, :], True, r, beta)
+            bk, gxk, junk = bias[k], gxw[pk], scratch[pk]
             S = sz[SZ_S]
-            for b in range(B):
+            for b in range(r0, r1):
                 if has_len != 0 and t >= lengths[b]:
                     h_out[b, u0:u0 + n] = h_in[b, u0:u0 + n]
                     y[t, b, u0:u0 + n] = 0
@@ -350,7 +403,7 @@ def forward_worker(tid, nt, sz, rt, x, lengths, hs, cs, gates, y, hn, cn, wx, wh
                         for q in range(S):
                             gates[t, b, q * H + u0:q * H + u0 + n] = 0
                     continue
-                a, rb = gxk[(t - t_lo) * B + b], rec[k, b]     # C rows (r[b] would not be)
+                a, rb = gxk[base + b - r0], rec[pk, b - r0]     # C rows (r[b] would not be)
                 if save:
                     gr = gates[t, b]
                     g0, g1 = gr[u0:u0 + n], gr[H + u0:H + u0 + n]
@@ -365,11 +418,12 @@ def forward_worker(tid, nt, sz, rt, x, lengths, hs, cs, gates, y, hn, cn, wx, wh
                               y[t, b, u0:u0 + n], g0, g1, g2, g3)
                 else:
                     _rnn_step(a, bk, n, h_out[b, u0:u0 + n], y[t, b, u0:u0 + n], cell == RNN_RELU)
-        barrier(rt, nt)
+        if not rows_mode:
+            barrier(rt, nt)                    # rows mode: a thread's rows never leave it
     last = (0 if rev else T) % Th
-    for k in range(tid, P, nt):
+    for k in range(k0, P, kstep):
         u0, n = _part(k, nmax, H)
-        for b in range(B):
+        for b in range(r0, r1):
             for j in range(max(n, 0)):
                 hn[b, u0 + j] = hs[last, b, u0 + j]
                 if cell == LSTM:
@@ -444,6 +498,9 @@ def backward_worker(tid, nt, sz, rt, x, lengths, hs, cs, gates, dy, w_ih, w_hh, 
     GH = G * H
     packed = rt[RT_COMPUTE] != 0 and not (B == 1 and rt[RT_GEMV] != 0)
     old = _blas_threads(rt, 1)
+    rows_mode = sz[SZ_MODE] == MODE_ROWS
+    k0, kstep, r0, r1 = _share(tid, nt, sz)
+    m = r1 - r0
     if packed:
         for k in range(tid, P, nt):
             u0, n = _part(k, nmax, H)
@@ -452,20 +509,21 @@ def backward_worker(tid, nt, sz, rt, x, lengths, hs, cs, gates, dy, w_ih, w_hh, 
                     flags[FLAG_CHANGED] = 1
         barrier(rt, nt)                          # every row compared: flags is final
         if flags[FLAG_CHANGED] != 0 or flags[FLAG_REPACK] != 0:
-            for k in range(tid, P, nt):
-                u0, n = _part(k, nmax, H)
-                if n > 0:
-                    call_void(rt[RT_PACK], (np.int32(_ROW_MAJOR), np.int32(162), np.int32(_NO_TRANS),
-                                            np.int32(B), np.int32(n), np.int32(GH), np.float32(1.0),
-                                            w_hh[:, u0:u0 + n].ctypes.data, np.int32(H),
-                                            whtpk[k].ctypes.data))
+            if rows_mode:                        # all of W_hh, for this thread's rows
+                if m > 0:
+                    pack_plain(rt, w_hh, m, whtpk[tid])
+            else:                                # this part's columns, for all rows
+                for k in range(tid, P, nt):
+                    u0, n = _part(k, nmax, H)
+                    if n > 0:
+                        pack_plain(rt, w_hh[:, u0:u0 + n], B, whtpk[k])
     for s in range(T):
         t = s if rev else T - 1 - s              # the forward's steps, last first
-        for k in range(tid, P, nt):
+        for k in range(k0, P, kstep):
             u0, n = _part(k, nmax, H)
             if n <= 0:
                 continue
-            for b in range(B):
+            for b in range(r0, r1):
                 if has_len != 0 and t >= lengths[b]:
                     dhadd[b, u0:u0 + n] = dh[b, u0:u0 + n]      # the state was copied through
                     for q in range(G):
@@ -489,18 +547,20 @@ def backward_worker(tid, nt, sz, rt, x, lengths, hs, cs, gates, dy, w_ih, w_hh, 
                               dhadd[b, u0:u0 + n])
                 else:
                     _rnn_grad(n, d, dyb, hs[t + 1 - rev, b, u0:u0 + n], dg[u0:u0 + n], cell == RNN_RELU)
-        barrier(rt, nt)
-        for k in range(tid, P, nt):
+        if not rows_mode:
+            barrier(rt, nt)                      # dgates_t of every unit written
+        for k in range(k0, P, kstep):
             u0, n = _part(k, nmax, H)
-            if n <= 0:
+            if n <= 0 or m <= 0:
                 continue
-            if B == 1 and rt[RT_GEMV] != 0:
-                gemv(rt, w_hh[:, u0:u0 + n], True, dgh[t, 0], dh[0, u0:u0 + n], 0.0)
+            pk = tid if rows_mode else k
+            if m == 1 and rt[RT_GEMV] != 0:
+                gemv(rt, w_hh[:, u0:u0 + n], True, dgh[t, r0], dh[r0, u0:u0 + n], 0.0)
             elif packed:
-                gemm_packed(rt, dgh[t], whtpk[k], dh[:, u0:u0 + n], GH, 0.0)
+                gemm_packed(rt, dgh[t, r0:r1], whtpk[pk], dh[r0:r1, u0:u0 + n], GH, 0.0)
             else:
-                gemm(rt, dgh[t], False, w_hh[:, u0:u0 + n], False, dh[:, u0:u0 + n], 0.0)
-            for b in range(B):
+                gemm(rt, dgh[t, r0:r1], False, w_hh[:, u0:u0 + n], False, dh[r0:r1, u0:u0 + n], 0.0)
+            for b in range(r0, r1):
                 if has_len != 0 and t >= lengths[b]:
                     for j in range(n):
                         dh[b, u0 + j] = dhadd[b, u0 + j]
