@@ -320,12 +320,13 @@ def _placeholder(dtype, ndim):
 
 
 CHUNK_ROWS = 512      # rows (steps x batch) of input projection computed at a time per part
+ROWS_CHUNK_ROWS = 128     # ... per thread in rows mode (it holds all G*H columns)
 
 
-def _chunk(T, B):
-    """Steps whose input projection a thread computes in one GEMM: about CHUNK_ROWS rows, so
-    they are still in its cache when the steps read them (and the GEMM is still efficient)."""
-    return max(1, min(T, CHUNK_ROWS // B))
+def _chunk(T, B, rows=CHUNK_ROWS):
+    """Steps whose input projection a thread computes at a time: about `rows` rows, so they
+    are still in its cache when the steps read them (and the GEMMs are still efficient)."""
+    return max(1, min(T, rows // B))
 
 
 def _widen(a):
@@ -391,7 +392,10 @@ def _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_res
         packs, stale = prep.pack_buffer(key, P, prep.pack_words(
             rt.blas, [(B, G * n, H) for _, _, n in prep.parts()]))
     flags = np.array([0, stale, b_ih is not None], np.int64)
-    ws_parts, gx_rows, rec_rows = (nt, rows, rows) if rows_mode else (P, _chunk(T, B) * B, B)
+    if rows_mode:
+        ws_parts, gx_rows, rec_rows = nt, _chunk(T, rows, ROWS_CHUNK_ROWS) * rows, rows
+    else:
+        ws_parts, gx_rows, rec_rows = P, _chunk(T, B) * B, B
     one = _placeholder(dtype, 3)
     arrays = (x, lengths if lengths is not None else _placeholder(_I64, 1), hs,
               cs if lstm else one, gates if save else one, y, h_n,

@@ -314,8 +314,8 @@ def forward_worker(tid, nt, sz, rt, x, lengths, hs, cs, gates, y, hn, cn, wx, wh
       state j (Th = T+1 with a reserve, else 2) ; gates (T, B, S*H) reserve ; y (T, B, H) ;
       hn, cn (B, H) ; wx (P, G*nmax, I), wh (P, G*nmax, H) part rows ; whpk (P, bytes/4) wh
       packed by MKL for M = B ; bias (P, G*nmax) folded input bias ; bhn (P, nmax) GRU b_hn ;
-      gxw (P, chunk*B, G*nmax) input projections of `chunk` steps, rec (P, B, G*nmax) and
-      scratch (P, 4*nmax) per-part workspace ;
+      gxw (P, chunk*B, G*nmax) input projections of `chunk` steps (rows mode: (nt,
+      chunk*SZ_ROWS, G*H)), rec (P, B, G*nmax) and scratch (P, 4*nmax) per-part workspace ;
       w_ih, w_hh, b_ih, b_hh the layer's weights as given (biases (1,) without bias) ; flags.
     First the team brings the parts up to date with the weights (prepare_block), so the
     weights are compared, and copied and packed only when they changed, by the whole team.
@@ -331,7 +331,10 @@ def forward_worker(tid, nt, sz, rt, x, lengths, hs, cs, gates, y, hn, cn, wx, wh
     k0, kstep, r0, r1 = _share(tid, nt, sz)
     m = r1 - r0
     words = sz[SZ_WORDS]
-    chunk = gxw.shape[1] // B                  # steps whose input projection is computed at once
+    # steps whose input projection is computed at once: unit mode all B rows of each step,
+    # rows mode this thread's rows of each step (one GEMM per step, back to back, so W_ih stays
+    # in cache for them and W_hh has the cache to itself during the steps)
+    chunk = gxw.shape[1] // (sz[SZ_ROWS] if rows_mode else B)
     if rows_mode:
         # one part (every unit); its gate blocks are compared by the whole team, then each
         # thread packs W_hh^T and W_ih^T for its own number of rows
@@ -352,18 +355,26 @@ def forward_worker(tid, nt, sz, rt, x, lengths, hs, cs, gates, y, hn, cn, wx, wh
     t_lo = 0
     for s in range(T):
         t = T - 1 - s if rev else s
-        if rows_mode:
-            t_lo = t                           # this step's own rows, projected just below
-        elif s % chunk == 0:
-            # the next `chunk` steps' input projection, one GEMM over their rows: it is read
-            # while still in this core's cache (all T*B rows at once went out to memory)
+        if s % chunk == 0:
+            # the next `chunk` steps' input projection: it is read while still in this core's
+            # cache (all T*B rows at once went out to memory)
             t_lo = max(0, T - s - chunk) if rev else s
             t_hi = T - s if rev else min(T, s + chunk)
-            for k in range(tid, P, nt):
-                u0, n = _part(k, nmax, H)
-                if n > 0:
-                    gemm(rt, x2[t_lo * B:t_hi * B], False, wx[k, :G * n, :], True,
-                         gxw[k, :(t_hi - t_lo) * B, :G * n], 0.0)
+            if rows_mode:
+                for tt in range(t_lo, t_hi):
+                    if m == 0:
+                        break
+                    out = gxw[tid, (tt - t_lo) * m:(tt - t_lo + 1) * m, :G * H]
+                    if packed:
+                        gemm_packed(rt, x[tt, r0:r1], whpk[tid, words:], out, I, 0.0)
+                    else:
+                        gemm(rt, x[tt, r0:r1], False, wx[0, :G * H, :], True, out, 0.0)
+            else:
+                for k in range(tid, P, nt):
+                    u0, n = _part(k, nmax, H)
+                    if n > 0:
+                        gemm(rt, x2[t_lo * B:t_hi * B], False, wx[k, :G * n, :], True,
+                             gxw[k, :(t_hi - t_lo) * B, :G * n], 0.0)
         h_in, h_out = hs[(t + rev) % Th], hs[(t + 1 - rev) % Th]
         c_in, c_out = cs[(t + rev) % cs.shape[0]], cs[(t + 1 - rev) % cs.shape[0]]
         for k in range(k0, P, kstep):
@@ -371,14 +382,9 @@ def forward_worker(tid, nt, sz, rt, x, lengths, hs, cs, gates, y, hn, cn, wx, wh
             if n <= 0 or m <= 0:
                 continue
             pk = tid if rows_mode else k       # whose workspace and packs
-            # gx rows of this step: unit mode, rows (t - t_lo)*B + b of the chunk; rows mode,
-            # rows b - r0, projected now
-            base = 0 if rows_mode else (t - t_lo) * B + r0
-            if rows_mode:
-                if packed:
-                    gemm_packed(rt, x[t, r0:r1], whpk[pk, words:], gxw[pk, :m, :G * n], I, 0.0)
-                else:
-                    gemm(rt, x[t, r0:r1], False, wx[k, :G * n, :], True, gxw[pk, :m, :G * n], 0.0)
+            # this step's gx rows in the chunk: (t - t_lo)*B + b (unit mode), (t - t_lo)*m +
+            # b - r0 (rows mode)
+            base = (t - t_lo) * m if rows_mode else (t - t_lo) * B + r0
             # LSTM and RNN add the recurrent product into the input projection's rows (one
             # array for the step to read); GRU keeps it apart (b_hn and r multiply its n part)
             acc = cell != GRU
