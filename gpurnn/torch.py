@@ -34,7 +34,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import functional as F
-from .backends import BACKENDS
+from .backends import BACKENDS, resolve
 from .cells import GATES, rnn_cell
 from .interop import convert_all, from_compute, to_compute, torch_stream
 
@@ -155,6 +155,10 @@ class _RNNBase(nn.Module):
                     self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)))
                     self._flat_weights_names.append(name)
         self.reset_parameters()
+        weight = getattr(self, self._flat_weights_names[0])
+        if resolve(self.backend, {"weight": weight}) == "cpu":
+            from .backends import cpu
+            cpu.load(str(weight.dtype))      # the fast path's compiled code: now, not in a forward
 
     @property
     def num_directions(self):
