@@ -316,3 +316,21 @@ def test_results_are_never_shared_while_in_use(rng):
     y3, _, _, res3 = F.forward("lstm", **a, backend="cpu")      # may reuse the freed ones
     np.testing.assert_array_equal(y3, keep)
     np.testing.assert_array_equal(y1, keep)
+
+
+@pytest.mark.parametrize("storage", ["float16", "bfloat16"])
+def test_16bit_storage_computes_as_the_reference(storage, rng):
+    # 16-bit storage computes in float32 on the 16-bit values, in both backends
+    if storage == "bfloat16":
+        ml_dtypes = pytest.importorskip("ml_dtypes")
+        dtype = np.dtype(ml_dtypes.bfloat16)
+    else:
+        dtype = np.dtype(np.float16)
+    a, g = _data("lstm", 5, 3, 4, 33, True, True, rng)
+    a, g = _cast(a, dtype), _cast(g, dtype)
+    got, _ = _run("lstm", a, g, np.array([5, 2, 4]), True, "cpu")
+    want, _ = _run("lstm", a, g, np.array([5, 2, 4]), True, "numpy")
+    for k, w in want.items():
+        assert got[k].dtype == dtype, k
+        # both round float32 results to 16 bits: a few units of the 16-bit last place at most
+        assert rel_err(got[k], w) <= 2 * float(np.finfo(dtype).eps), k
