@@ -334,3 +334,18 @@ def test_16bit_storage_computes_as_the_reference(storage, rng):
         assert got[k].dtype == dtype, k
         # both round float32 results to 16 bits: a few units of the 16-bit last place at most
         assert rel_err(got[k], w) <= 2 * float(np.finfo(dtype).eps), k
+
+
+@pytest.mark.parametrize("omp", ["1", "2"])
+def test_team_size_follows_omp_num_threads(omp):
+    # standalone (no torch): OMP_NUM_THREADS sets the team, as users expect
+    code = ("import numpy as np; from gpurnn.backends import cpu; "
+            "print(cpu._Runtime({}, np.float32, 256, 8).threads)")
+    env = {k: v for k, v in os.environ.items() if k != "GPURNN_BACKEND"}
+    env["OMP_NUM_THREADS"] = omp
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    if native.find_openmp() is None:
+        pytest.skip("no OpenMP runtime here: the fast path runs on the calling thread")
+    assert out.stdout.split() == [omp]
