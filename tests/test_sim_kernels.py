@@ -400,24 +400,12 @@ def test_forced_grid_the_plan_cannot_run_is_a_value_error_naming_blocks(launches
 
 
 def test_sim_backend_is_safe_from_several_host_threads():
-    import threading
     import gpurnn
+    from conftest import run_in_threads
     x = np.random.default_rng(23).standard_normal((4, 2, 3)).astype(np.float32)
     models = [gpurnn.GRU(3, 7, num_layers=2, backend="sim", seed=k) for k in range(3)]
     want = [gpurnn.GRU(3, 7, num_layers=2, backend="numpy", seed=k)(x)[0] for k in range(3)]
-    got, errors = {}, []
-
-    def work(k):
-        try:
-            got[k] = models[k](x)[0]
-        except Exception as exc:  # re-raised below, with the others
-            errors.append(exc)
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    got = run_in_threads(lambda k: models[k](x)[0], 3)
     for k in range(3):
         assert_close(got[k], want[k], 1e-5, f"model {k}")
 

@@ -3,13 +3,14 @@ reported with its kernel, block, thread and line — and the same kernels fixed,
 clean. Kernels are plain Python functions over `numba.cuda` names, as a user writes them."""
 import inspect
 import math
-import threading
 
 import numpy as np
 import pytest
 from numba import cuda, float32, int32
 
 from gpurnn import sim
+
+from conftest import run_in_threads
 
 pytestmark = pytest.mark.sim
 
@@ -372,22 +373,12 @@ def test_multi_dimensional_grids_and_blocks():
 
 
 def test_launches_from_several_host_threads_are_independent():
-    results, errors = {}, []
-
     def worker(k):
-        try:
-            x = np.arange(64, dtype=np.float32) * k
-            y = np.zeros(64, np.float32)
-            run(rotate_fixed, 2, 32, x, y)
-            results[k] = y
-        except Exception as exc:   # collected and re-raised by the main thread below
-            errors.append(exc)
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+        x = np.arange(64, dtype=np.float32) * k
+        y = np.zeros(64, np.float32)
+        run(rotate_fixed, 2, 32, x, y)
+        return y
+    results = run_in_threads(worker, 4)
     expected = ((np.arange(64) + 32) % 64 * 2.0).astype(np.float32)
     for k in range(4):
         assert np.array_equal(results[k], expected)
