@@ -1,4 +1,6 @@
-"""The cells gpurnn runs, written down once: gate order, gate counts and reserve layout.
+"""The cells gpurnn runs, written down once: gate order, gate counts, reserve layout and the
+torch.nn class each one stands in for. Every other module reads these facts from here (the
+kernels, the plan, the commands, the module families).
 
 Gate order is torch/cuDNN's, so torch weights load unchanged:
   LSTM  i, f, g, o        gates = x W_ih^T + b_ih + h W_hh^T + b_hh
@@ -21,12 +23,45 @@ Reserve layout (what forward saves for backward; the same for every backend):
                       with hn = h W_hn^T + b_hn (S=4); RNN saves none (the derivative of tanh
                       and relu is read off h itself).
 """
+from __future__ import annotations
 
-# cell name -> number of gates G (rows of W_ih / W_hh are G*H)
-GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
-# cell name -> gate slots S saved in the reserve per hidden unit
-RESERVE_GATES = {"lstm": 4, "gru": 4, "rnn_tanh": 0, "rnn_relu": 0}
-CELLS = tuple(GATES)
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell's facts. `states` names the recurrent state (LSTM: h and c); `torch_class` and
+    `torch_kwargs` build the torch.nn module it matches (the commands and tests use them)."""
+    name: str
+    gates: int                     # G: rows of W_ih / W_hh are G*H
+    reserve_gates: int             # S: gate slots the reserve keeps per hidden unit
+    torch_class: str               # "LSTM" | "GRU" | "RNN"
+    torch_kwargs: dict = field(default_factory=dict)
+    states: tuple = ("h",)
+
+    @property
+    def has_cell_state(self):
+        return "c" in self.states
+
+
+REGISTRY = {
+    "lstm": Cell("lstm", 4, 4, "LSTM", states=("h", "c")),
+    "gru": Cell("gru", 3, 4, "GRU"),
+    "rnn_tanh": Cell("rnn_tanh", 1, 0, "RNN", {"nonlinearity": "tanh"}),
+    "rnn_relu": Cell("rnn_relu", 1, 0, "RNN", {"nonlinearity": "relu"}),
+}
+CELLS = tuple(REGISTRY)
+# the same facts as plain maps, for the kernels' and the plan's arithmetic
+GATES = {name: c.gates for name, c in REGISTRY.items()}
+RESERVE_GATES = {name: c.reserve_gates for name, c in REGISTRY.items()}
+
+
+def get(name):
+    """The Cell called `name`; a ValueError naming the choices otherwise."""
+    try:
+        return REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"cell must be one of {CELLS}; got {name!r}") from None
 
 
 def rnn_cell(nonlinearity):
