@@ -1,5 +1,7 @@
 """`gpurnn` command line. Each subcommand lives in gpurnn/commands/<name>.py and exposes
-`add_parser(subparsers)` (which registers it and sets `func`) — so owners never share a file."""
+`add_parser(subparsers)` (which registers it and sets `func`) — so owners never share a file.
+A module that fails to import does not take the others down, nor vanish: its subcommand stays
+listed and reports the exception when run (exit status 1), and --help names it."""
 from __future__ import annotations
 
 import argparse
@@ -22,20 +24,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gpurnn", description="gpurnn: fused persistent RNN kernels")
     parser.add_argument("--version", action="version", version=f"gpurnn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    broken = {}
     for name in COMMANDS:
         try:
             mod = importlib.import_module(f"gpurnn.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"gpurnn.commands.{name}":
-                raise
-            continue  # subcommand not written yet
+        except Exception as exc:   # reported by --help and by the subcommand itself, below
+            broken[name] = exc
+            _add_broken(sub, name, exc)
+            continue
         mod.add_parser(sub)
+    if broken:
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        parser.epilog = "\n".join(_import_failure(name, exc) for name, exc in broken.items())
     return parser
+
+
+def _import_failure(name, exc):
+    return (f"gpurnn {name}: unavailable, gpurnn.commands.{name} failed to import: "
+            f"{type(exc).__name__}: {exc} (python -c 'import gpurnn.commands.{name}' shows the "
+            f"traceback)")
+
+
+def _add_broken(sub, name, exc):
+    """A subcommand whose module did not import: it stays listed, and running it (with any
+    arguments: main does not parse them) says why on stderr and exits 1, instead of vanishing
+    from the command line."""
+    p = sub.add_parser(name, help=f"(unavailable: {type(exc).__name__} on import)", add_help=False,
+                       description=_import_failure(name, exc))
+
+    def report(args):
+        print(f"gpurnn: error: {_import_failure(name, exc)}", file=sys.stderr)
+        return 1
+    p.set_defaults(func=report, unavailable=True)
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "unavailable", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")   # what parse_args says
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -1,6 +1,7 @@
 """The `gpurnn` command line run as a user runs it: a bad flag is one line on stderr naming the
 flag, exit status 2, no traceback, and nothing is run; bench's output files are checked before
-the run and written as each case finishes."""
+the run and written as each case finishes; a subcommand whose module fails to import stays
+listed, and it and --help say which one and why (exit status 1 for it)."""
 import json
 import os
 import subprocess
@@ -85,3 +86,58 @@ def test_bench_json_complete_at_the_end(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["complete"] is True and len(data["cases"]) == data["cases_planned"] == 1
     assert f"wrote {out}" in capsys.readouterr().out
+
+
+# A subcommand whose module fails to import stays on the command line and says why.
+
+def _break_import(monkeypatch, name, exc):
+    from gpurnn import cli
+    real = cli.importlib.import_module
+
+    def import_module(module, *args):
+        if module == f"gpurnn.commands.{name}":
+            raise exc
+        return real(module, *args)
+    monkeypatch.setattr(cli.importlib, "import_module", import_module)
+
+
+@pytest.mark.parametrize("argv", [["bench"], ["bench", "--quick", "--threads", "2"], ["bench", "-h"]])
+def test_broken_subcommand_says_why_and_fails(monkeypatch, capsys, argv):
+    _break_import(monkeypatch, "bench", RuntimeError("planted: libfoo.so not found"))
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "gpurnn bench" in err and "gpurnn.commands.bench failed to import" in err
+    assert "RuntimeError: planted: libfoo.so not found" in err
+
+
+def test_help_lists_the_broken_subcommand_and_why(monkeypatch, capsys):
+    _break_import(monkeypatch, "kernels", ImportError("planted: no module named 'nvidia'"))
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    listed = [line.split()[0] for line in out.splitlines() if line.startswith("    ")]
+    assert listed == ["info", "check", "bench", "kernels"]            # still listed
+    assert "ImportError: planted: no module named 'nvidia'" in out
+    assert "gpurnn.commands.kernels failed to import" in out
+
+
+def test_missing_command_module_is_reported(monkeypatch, capsys):
+    # None in sys.modules makes the import raise ModuleNotFoundError for that very module
+    # (what the command line used to skip in silence as "not written yet")
+    monkeypatch.setitem(sys.modules, "gpurnn.commands.check", None)
+    assert main(["check", "--backend", "numpy"]) == 1
+    assert "ModuleNotFoundError" in capsys.readouterr().err
+    assert main(["info", "--device", "H100", "--json"]) == 0          # the others still run
+
+
+def test_broken_subcommand_from_the_shell(tmp_path):
+    # as a user runs it: a command module that raises at import (planted through sys.modules)
+    code = ("import sys, runpy; sys.modules['gpurnn.commands.info'] = None; "
+            "sys.argv = ['gpurnn', 'info']; runpy.run_module('gpurnn', run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert "gpurnn.commands.info failed to import: ModuleNotFoundError" in r.stderr
+    assert "Traceback" not in r.stderr
