@@ -4,9 +4,13 @@
         -> (y, h_n, c_n, reserve)
     backward(reserve, dy, dh_n, dc_n) -> Grads
 
-Arguments arrive validated and normalised by `gpurnn.functional` (nothing below re-validates):
+Each module also has check_options(options) -> dict (the boundary calls it through
+`check_options(name, options)` below) and reserve_dtypes(dtype) -> (h, c, gates) dtypes.
+
+Arguments arrive validated and normalised by the boundary (gpurnn.functional, gpurnn.stack;
+nothing below re-validates):
   cell      one of gpurnn.cells.CELLS
-  x         (T, B, I) C-contiguous, dtype float32 | float64 (all arrays share it)
+  x         (T, B, I) C-contiguous, dtype float32 | float64 | float16 | bfloat16 (all share it)
   w_ih      (G*H, I) ; w_hh (G*H, H) ; b_ih, b_hh (G*H,) or both None (bias=False)
   h0        (B, H), never None ; c0 (B, H) for LSTM, else None
   lengths   None (all T) or int64 (B,) with 0 <= lengths[b] <= T, on the host
@@ -55,20 +59,15 @@ class Reserve:
     c: Any                # (T+1, B, H) or None
     gates: Any            # (T, B, S*H) or None
     consumed: bool = False
-    plan: Any = None      # kernel backends: the launch configuration their forward used
-    storage: Any = None   # NumPy backend: the caller's 16-bit dtype when the reserve is fp32
+    launch: Any = None    # what the forward ran with (cuda/sim: its LaunchConfig; cpu: its
+                          # options and prepared weights); None: backward plans afresh
+    storage: Any = None   # numpy/cpu backends: the caller's 16-bit dtype when the reserve is fp32
 
     @property
     def shape(self):
         """(T, B, I, H)."""
         T, B, I = self.x.shape
         return T, B, I, self.h.shape[2]
-
-
-def is_device_array(a) -> bool:
-    """CuPy, torch CUDA tensors, __cuda_array_interface__ or GPU DLPack arrays (gpurnn.arrays)."""
-    from ..arrays import kind_of
-    return kind_of(a) == "device"
 
 
 def get_backend(name: str):
@@ -86,42 +85,18 @@ def get_backend(name: str):
     return mod
 
 
-def resolve(backend: str, arrays) -> str:
-    """Resolve 'auto' (or GPURNN_BACKEND) to a backend name by the types of `arrays`, a mapping
-    argument name -> array (None allowed; the names go into the messages).
+def check_options(name: str, options):
+    """`options` (backend_options) validated for backend `name`, as a dict: unknown keys, bad
+    values and keys the backend does not use are a ValueError naming the key, before anything
+    is computed. The boundary (gpurnn.functional, the module families) calls this once."""
+    if options is not None and not isinstance(options, dict):
+        raise TypeError(f"backend_options must be a dict or None; got {type(options).__name__}")
+    return get_backend(name).check_options(options)
 
-    NumPy arrays go to 'cpu' (the fast CPU path; 'numpy' where Numba is missing), anything
-    exposing __cuda_array_interface__ goes to 'cuda';
-    mixing the two in one call is a TypeError naming each argument. An explicit 'sim' takes
-    NumPy arrays.
-    """
-    from ..arrays import kind_of
-    if not hasattr(arrays, "items"):
-        arrays = {f"argument {i}": a for i, a in enumerate(arrays)}
-    kinds = {name: kind_of(a, name) for name, a in arrays.items() if a is not None}
 
-    def listing(which=None):
-        return ", ".join(f"{name} ({kind} {type(arrays[name]).__module__}."
-                         f"{type(arrays[name]).__name__})"
-                         for name, kind in kinds.items() if which in (None, kind))
-
-    if len(set(kinds.values())) > 1:
-        raise TypeError(f"arrays in one call must all be host (NumPy) or all device (CuPy / "
-                        f"__cuda_array_interface__) arrays; got a mix: {listing()}")
-    on_device = set(kinds.values()) == {"device"}
-    if backend == "auto":
-        backend = os.environ.get("GPURNN_BACKEND", "auto") or "auto"
-    if backend == "auto":
-        return "cuda" if on_device else ("cpu" if availability("cpu")[0] else "numpy")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}; got {backend!r}")
-    if backend in ("numpy", "cpu", "sim") and on_device:
-        raise TypeError(f"backend {backend!r} takes NumPy arrays; got device arrays: "
-                        f"{listing('device')}")
-    if backend == "cuda" and kinds and not on_device:
-        raise TypeError(f"backend 'cuda' takes device arrays (CuPy or __cuda_array_interface__); "
-                        f"got NumPy arrays: {listing('host')}")
-    return backend
+def reserve_dtypes(name: str, dtype):
+    """The dtypes (h, c, gates) of the reserve backend `name` keeps for storage `dtype`."""
+    return get_backend(name).reserve_dtypes(dtype)
 
 
 def availability(name: str):

@@ -31,7 +31,7 @@ from . import Grads, Reserve
 from ..cells import CELLS, GATES, RESERVE_GATES
 from ..cpu import kernels as K
 from ..cpu import native
-from .numpy import inputs_seen
+from .numpy import inputs_seen, reserve_dtypes as _reference_reserve_dtypes
 
 NAME = "cpu"
 OPTION_KEYS = ("blas", "threads", "split")
@@ -67,6 +67,11 @@ def check_options(options):
                                 or threads < 1):
         raise ValueError(f"backend_options['threads'] must be an int >= 1; got {threads!r}")
     return options
+
+
+def reserve_dtypes(dtype):
+    """(h, c, gates): as the NumPy reference (16-bit storage keeps a float32 reserve)."""
+    return _reference_reserve_dtypes(dtype)
 
 
 _rt_vectors = {}
@@ -359,7 +364,9 @@ def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_rese
 
 
 def backward(reserve, dy, dh_n, dc_n, *, options=None):
-    options = check_options(options if options is not None else reserve.plan["options"])
+    if options is None and reserve.launch is not None:
+        options = reserve.launch["options"]
+    options = check_options(options)
     if getattr(reserve, "storage", None) is None:
         return _backward(reserve, dy, dh_n, dc_n, options)
     grads = _backward(reserve, _widen(dy), _widen(dh_n), _widen(dc_n), options)
@@ -425,7 +432,7 @@ def _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_res
     if need_reserve:
         reserve = Reserve(cell=cell, backend=NAME, reverse=bool(reverse), x=x, w_ih=w_ih, w_hh=w_hh,
                           has_bias=b_ih is not None, lengths=lengths, h=hs, c=cs, gates=gates,
-                          plan={"options": options, "prepared": prep})
+                          launch={"options": options, "prepared": prep})
     return y, h_n, c_n, reserve
 
 
@@ -436,7 +443,10 @@ def _backward(reserve, dy, dh_n, dc_n, options):
     G = GATES[cell]
     GH = G * H
     rt = _Runtime(options, dtype, H, B)
-    prep = reserve.plan["prepared"]             # its W_hh rows are checked again by the kernel
+    # the forward's prepared weights (its W_hh rows are checked again by the kernel), or the
+    # ones cached for these weights when the reserve was rebuilt from its arrays
+    prep = (reserve.launch["prepared"] if reserve.launch is not None
+            else _prepared(cell, w_ih, w_hh, None, None, rt))
     rows_mode = rt.mode == K.MODE_ROWS
     if not rows_mode:
         rt.threads = min(rt.threads, prep.P)

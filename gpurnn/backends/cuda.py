@@ -9,7 +9,7 @@ the same code with NumPy and Numba's CUDA simulator:
             GEMM dgh_next W_hh + one pointwise kernel; then dW_hh, dW_ih, dx, db as GEMMs.
 The launch configuration comes from gpurnn.plan unless `options` says otherwise:
   {"path": "persistent" | "stepwise", "blocks": P, "threads": n, "batch_tile": bt}. The forward
-records the one it used on `Reserve.plan`; backward reuses it (its own `options` may override).
+records the one it used on `Reserve.launch`; backward reuses it (its own `options` may override).
 Nothing here imports CuPy or numba.cuda at module import: importing numba.cuda fixes hardware
 or simulator mode for the whole process.
 """
@@ -26,7 +26,7 @@ from . import Grads, Reserve
 from .numpy import input_bias, inputs_seen
 from ..cells import GATES, RESERVE_GATES
 from ..kernels import layout
-from ..kernels.dtypes import COMPUTE, host_view
+from ..kernels.dtypes import COMPUTE, host_view, numpy_dtype
 
 NAME = "cuda"
 PATHS = ("persistent", "stepwise")
@@ -35,7 +35,7 @@ OPTION_KEYS = ("path", "blocks", "threads", "batch_tile")
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """What a forward ran with (kept on Reserve.plan)."""
+    """What a forward ran with (kept on Reserve.launch)."""
     path: str               # "persistent" | "stepwise"
     blocks: int             # P (persistent grid); unused by the stepwise path
     threads: int            # threads per block
@@ -44,31 +44,42 @@ class LaunchConfig:
     batch_tile: int = 1     # batch rows a persistent block stages at once
 
 
-def _check_options(options):
+def check_options(options, backend=NAME, extra=()):
+    """backend_options of the kernel backends (this one and 'sim', which adds `extra` keys and
+    checks their values itself), as a dict; a ValueError naming the key otherwise."""
     if options is None:
         return {}
     if not isinstance(options, dict):
-        raise TypeError(f"options must be a dict or None; got {type(options).__name__}")
-    unknown = sorted(set(options) - set(OPTION_KEYS))
+        raise TypeError(f"backend_options must be a dict or None; got {type(options).__name__}")
+    keys = OPTION_KEYS + tuple(extra)
+    unknown = sorted(set(options) - set(keys), key=str)
     if unknown:
-        raise ValueError(f"options has unknown keys {unknown}; expected a subset of {OPTION_KEYS}")
+        raise ValueError(f"backend_options has unknown keys {unknown} for backend {backend!r}; "
+                         f"expected a subset of {keys}")
     path = options.get("path")
     if path is not None and path not in PATHS:
-        raise ValueError(f"options['path'] must be one of {PATHS}; got {path!r}")
+        raise ValueError(f"backend_options['path'] must be one of {PATHS}; got {path!r}")
     for key in ("blocks", "threads", "batch_tile"):
         v = options.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
-            raise ValueError(f"options[{key!r}] must be a positive int; got {v!r}")
+            raise ValueError(f"backend_options[{key!r}] must be a positive int; got {v!r}")
     threads = options.get("threads")
     if threads is not None and (threads % 32 or threads > 1024):
-        raise ValueError(f"options['threads'] must be a multiple of 32 in 32..1024; got {threads}")
+        raise ValueError(f"backend_options['threads'] must be a multiple of 32 in 32..1024; "
+                         f"got {threads}")
     return options
+
+
+def reserve_dtypes(dtype):
+    """(h, gates) in the storage dtype, c in the compute dtype (gpurnn.kernels.dtypes)."""
+    sdt = np.dtype(numpy_dtype(dtype))
+    return sdt, np.dtype(COMPUTE[str(dtype)]), sdt
 
 
 def choose_launch(cell, input_size, hidden, batch, dtype, device, options) -> LaunchConfig:
     """The launch configuration: options where given, gpurnn.plan for the rest."""
     from ..plan import plan as make_plan
-    options = _check_options(options)
+    options = check_options(options)
     blocks, threads, tile = options.get("blocks"), options.get("threads"), options.get("batch_tile")
     if tile is not None and tile > batch:
         raise ValueError(f"options['batch_tile'] must be <= the batch ({batch}); got {tile}")
@@ -252,7 +263,7 @@ def run_forward(rt: Runtime, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, r
     if need_reserve:
         reserve = Reserve(cell=cell, backend=rt.name, reverse=bool(reverse), x=x, w_ih=w_ih,
                           w_hh=w_hh, has_bias=b_ih is not None, lengths=lengths, h=h,
-                          c=c if cell == "lstm" else None, gates=gates if S else None, plan=cfg)
+                          c=c if cell == "lstm" else None, gates=gates if S else None, launch=cfg)
     return y, h_n, c_n, reserve
 
 
@@ -268,11 +279,11 @@ def run_backward(rt: Runtime, reserve: Reserve, dy, dh_n, dc_n, options):
     dtype = _dtype_name(x)
     sdt, cdt = x.dtype, np.dtype(COMPUTE[dtype])
     rev = 1 if reserve.reverse else 0
-    cfg = reserve.plan if isinstance(reserve.plan, LaunchConfig) else None
+    cfg = reserve.launch if isinstance(reserve.launch, LaunchConfig) else None
     if options or cfg is None:
         merged = {} if cfg is None else {"path": cfg.path, "blocks": cfg.blocks,
                                          "threads": cfg.threads, "batch_tile": cfg.batch_tile}
-        merged.update(_check_options(options))
+        merged.update(check_options(options))
         cfg = choose_launch(cell, I, H, B, dtype, rt.device, merged)
 
     stored3 = xp.zeros((1, 1, 1), sdt)

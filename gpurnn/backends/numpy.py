@@ -75,10 +75,21 @@ def _ieee(fn):
 def check_options(options):
     """The NumPy backend has no options: launch settings ('path', 'blocks', 'threads') belong
     to the kernel backends, and ignoring them silently would hide a typo or a wrong backend."""
+    if options is not None and not isinstance(options, dict):
+        raise TypeError(f"backend_options must be a dict or None; got {type(options).__name__}")
     if options:
-        raise ValueError(f"backend_options has keys {sorted(options)}; the numpy backend takes "
-                         f"none (expected None or {{}}; 'path', 'blocks' and 'threads' configure "
-                         f"the kernel backends 'sim' and 'cuda')")
+        raise ValueError(f"backend_options has keys {sorted(options, key=str)}; the numpy backend "
+                         f"takes none (expected None or {{}}; 'path', 'blocks' and 'threads' "
+                         f"configure the kernel backends 'sim' and 'cuda', 'blas', 'split' and "
+                         f"'threads' the 'cpu' backend)")
+    return {}
+
+
+def reserve_dtypes(dtype):
+    """(h, c, gates): the storage dtype, float32 for 16-bit storage (computed in float32)."""
+    dt = np.dtype(dtype)
+    wide = np.dtype(np.float32) if dt.itemsize == 2 else dt
+    return wide, wide, wide
 
 
 def _widen(a):

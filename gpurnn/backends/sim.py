@@ -102,15 +102,25 @@ RUNTIME = SimRuntime()
 STOCK_RUNTIME = StockSimRuntime()
 
 
-def _split(options):
-    """(runtime, the options left for the launch) from backend_options."""
-    if options is None or not isinstance(options, dict) or "simulator" not in options:
-        return RUNTIME, options
-    rest = {k: v for k, v in options.items() if k != "simulator"}
-    choice = options["simulator"]
+reserve_dtypes = _host.reserve_dtypes
+
+
+def check_options(options):
+    """The cuda backend's launch options plus 'simulator' ('strict' or 'stock')."""
+    options = _host.check_options(options, NAME, extra=("simulator",))
+    choice = options.get("simulator", "strict")
     if choice not in SIMULATORS:
         raise ValueError(f"backend_options['simulator'] must be one of {SIMULATORS}; got {choice!r}")
-    return (RUNTIME if choice == "strict" else STOCK_RUNTIME), rest
+    return options
+
+
+def _split(options):
+    """(runtime, the options left for the launch) from backend_options."""
+    options = check_options(options)
+    if "simulator" not in options:
+        return RUNTIME, options
+    rest = {k: v for k, v in options.items() if k != "simulator"}
+    return (RUNTIME if options["simulator"] == "strict" else STOCK_RUNTIME), rest
 
 
 def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_reserve, *,

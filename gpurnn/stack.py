@@ -1,0 +1,344 @@
+"""The layer-stack core under both module families (gpurnn.LSTM/GRU/RNN and gpurnn.torch's):
+parameter names and shapes, the layer x direction loop, initial and final states, lengths,
+dropout between layers, and what a training forward keeps for backward. It knows no framework:
+it computes on the NumPy or CuPy arrays the boundary (gpurnn.arrays) hands it, and the skins
+turn its results into their own (the torch skin: one autograd boundary, gpurnn.torchops).
+
+    stack = Stack("lstm", input_size=16, hidden_size=32, num_layers=2, bidirectional=True)
+    run = Run(backend="numpy", xp=numpy)
+    y, h_n, c_n, saved = stack.forward(run, x, params, h0, c0, masks)
+    dx, dh0, dc0, grads = stack.backward(run, saved, params, dy, dh_n, dc_n)
+
+A cell is a `Layer`: how one layer, one direction runs forward and backward, which parameters
+it has, and what it saves. The kernel cells (gpurnn.cells.REGISTRY) are `KernelLayer`s; a
+variant is a Layer subclass and one `register` call, and both module families run it by name.
+
+What a forward saves is plain arrays (`Saved.arrays()`), so it can cross a framework boundary
+(torch.library custom ops, whose saved values must be tensors) and be rebuilt on the other side
+(`Stack.saved_from`).
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from . import cells
+from .arrays import check_dtype, check_shape
+from .backends import Reserve, get_backend, reserve_dtypes
+
+__all__ = ["Stack", "Run", "Saved", "Layer", "KernelLayer", "register", "layer_of", "LAYERS",
+           "split_states"]
+
+
+@dataclass
+class Run:
+    """One call's settings, shared by every layer: the resolved backend and its validated
+    options, the array module (numpy or cupy), the per-sequence lengths (host int64 or None)
+    and whether this is a training forward that keeps what backward needs."""
+    backend: str
+    xp: Any = np
+    options: Optional[dict] = None
+    lengths: Any = None
+    need_saved: bool = True
+
+
+class Layer:
+    """One layer, one direction of a cell. Subclasses give `cell` (a gpurnn.cells.Cell: its
+    states) and the four methods below; arrays are NumPy or CuPy (run.xp), time-major."""
+    cell: cells.Cell
+
+    def param_shapes(self, input_size, hidden_size, bias):
+        """[(name, shape)] of one layer-direction, names without the _l{k}[_reverse] suffix,
+        in registration (torch) order."""
+        raise NotImplementedError
+
+    def init_bound(self, hidden_size):
+        """Parameters are drawn from uniform(-bound, bound) (torch.nn's rule by default)."""
+        return 1.0 / np.sqrt(hidden_size)
+
+    def forward(self, run, x, params, h0, c0, reverse):
+        """-> (y (T, B, H), h_n (B, H), c_n (B, H) or None, saved: tuple of arrays, () when
+        not run.need_saved)."""
+        raise NotImplementedError
+
+    def backward(self, run, x, params, saved, reverse, dy, dh_n, dc_n):
+        """-> (dx, dh0, dc0 or None, {param name: gradient})."""
+        raise NotImplementedError
+
+    def saved_specs(self, run, T, B, I, H, dtype):
+        """[(shape, dtype)] of what forward saves (so a framework can allocate it abstractly,
+        e.g. torch.compile's fake tensors). Must match forward's `saved` exactly."""
+        raise NotImplementedError
+
+
+class KernelLayer(Layer):
+    """A cell of gpurnn.cells run by the backends (the NumPy reference, the cpu fast path, the
+    CUDA kernels, the simulator)."""
+
+    def __init__(self, name):
+        self.cell = cells.get(name)
+
+    def param_shapes(self, input_size, hidden_size, bias):
+        G, H = self.cell.gates, hidden_size
+        shapes = [("weight_ih", (G * H, input_size)), ("weight_hh", (G * H, H))]
+        if bias:
+            shapes += [("bias_ih", (G * H,)), ("bias_hh", (G * H,))]
+        return shapes
+
+    def _kept(self):
+        return ("h",) + (("c",) if self.cell.has_cell_state else ()) + (
+            ("gates",) if self.cell.reserve_gates else ())
+
+    def forward(self, run, x, params, h0, c0, reverse):
+        y, h_n, c_n, res = get_backend(run.backend).forward(
+            self.cell.name, x, params["weight_ih"], params["weight_hh"], params.get("bias_ih"),
+            params.get("bias_hh"), h0, c0, run.lengths, bool(reverse), run.need_saved,
+            options=run.options)
+        saved = () if res is None else tuple(getattr(res, k) for k in self._kept())
+        return y, h_n, c_n, saved
+
+    def backward(self, run, x, params, saved, reverse, dy, dh_n, dc_n):
+        kept = dict(zip(self._kept(), saved))
+        h = kept["h"]
+        reserve = Reserve(cell=self.cell.name, backend=run.backend, reverse=bool(reverse), x=x,
+                          w_ih=params["weight_ih"], w_hh=params["weight_hh"],
+                          has_bias="bias_ih" in params, lengths=run.lengths, h=h,
+                          c=kept.get("c"), gates=kept.get("gates"),
+                          storage=x.dtype if h.dtype != x.dtype else None)
+        g = get_backend(run.backend).backward(reserve, dy, dh_n, dc_n, options=run.options)
+        grads = {"weight_ih": g.dw_ih, "weight_hh": g.dw_hh}
+        if g.db_ih is not None:
+            grads.update(bias_ih=g.db_ih, bias_hh=g.db_hh)
+        return g.dx, g.dh0, g.dc0, grads
+
+    def saved_specs(self, run, T, B, I, H, dtype):
+        h_dt, c_dt, g_dt = reserve_dtypes(run.backend, dtype)
+        specs = {"h": ((T + 1, B, H), h_dt), "c": ((T + 1, B, H), c_dt),
+                 "gates": ((T, B, self.cell.reserve_gates * H), g_dt)}
+        return [specs[k] for k in self._kept()]
+
+
+LAYERS = {name: KernelLayer(name) for name in cells.CELLS}
+
+
+def register(name, layer):
+    """Make `layer` (a Layer) runnable by both module families under the cell name `name`."""
+    if not isinstance(layer, Layer):
+        raise TypeError(f"layer must be a gpurnn.stack.Layer; got {type(layer).__name__}")
+    LAYERS[name] = layer
+    return layer
+
+
+def layer_of(name):
+    try:
+        return LAYERS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"cell must be one of {tuple(LAYERS)}; got {name!r}") from None
+
+
+@dataclass
+class Saved:
+    """What a training forward of a stack keeps: each layer's input (inputs[0] is x), what each
+    layer-direction saved, and the dropout masks (None where no dropout ran)."""
+    inputs: list
+    saved: list                     # per layer * D + d: a tuple of arrays
+    masks: list                     # per layer but the last: an array or None
+
+    def arrays(self):
+        """Everything but x as one flat list (x is the caller's own input)."""
+        flat = list(self.inputs[1:])
+        for s in self.saved:
+            flat.extend(s)
+        return flat
+
+
+def _check_int(name, v, low):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int; got {type(v).__name__}")
+    if v < low:
+        raise ValueError(f"{name} must be >= {low}; got {v}")
+    return int(v)
+
+
+class Stack:
+    """A stack of `num_layers` layers of one cell, each in one or two directions, with torch.nn's
+    parameter names and the constructor checks both module families share."""
+
+    def __init__(self, cell, input_size, hidden_size, num_layers=1, bias=True, dropout=0.0,
+                 bidirectional=False):
+        self.layer = layer_of(cell)
+        self.cell = cell
+        self.input_size = _check_int("input_size", input_size, 1)
+        self.hidden_size = _check_int("hidden_size", hidden_size, 1)
+        self.num_layers = _check_int("num_layers", num_layers, 1)
+        # any real number, as torch.nn (np.float32(0.25) included); NaN fails the range test
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout <= 1:
+            raise ValueError(f"dropout must be a number in [0, 1]; got {dropout!r}")
+        self.dropout = float(dropout)
+        self.bias, self.bidirectional = bool(bias), bool(bidirectional)
+        self.directions = 2 if self.bidirectional else 1
+        self.states = self.layer.cell.states
+
+    # ---- parameters --------------------------------------------------------------------
+    @staticmethod
+    def suffix(layer, d):
+        return f"_l{layer}" + ("_reverse" if d else "")
+
+    def layer_input_size(self, layer):
+        return self.input_size if layer == 0 else self.hidden_size * self.directions
+
+    def param_shapes(self):
+        """[(name, shape)] of every parameter, in torch.nn's registration order (layer,
+        direction, then the layer's own order), names as torch's state_dict keys."""
+        out = []
+        for layer in range(self.num_layers):
+            for d in range(self.directions):
+                sfx = self.suffix(layer, d)
+                out += [(name + sfx, shape) for name, shape in self.layer.param_shapes(
+                    self.layer_input_size(layer), self.hidden_size, self.bias)]
+        return out
+
+    def _of(self, params, layer, d):
+        sfx = self.suffix(layer, d)
+        names = [n for n, _ in self.layer.param_shapes(self.layer_input_size(layer),
+                                                       self.hidden_size, self.bias)]
+        return {n: params[n + sfx] for n in names}
+
+    def state_shape(self, batch):
+        return (self.num_layers * self.directions, batch, self.hidden_size)
+
+    def mask_shapes(self, steps, batch):
+        """Shapes of the dropout masks a training forward takes (between layers)."""
+        if self.dropout == 0:
+            return []
+        return [(steps, batch, self.hidden_size * self.directions)] * (self.num_layers - 1)
+
+    # ---- forward / backward --------------------------------------------------------------
+    def check_states(self, x, states, names):
+        """`states` (h0[, c0]) each None or (L*D, B, H) in x's dtype."""
+        want = self.state_shape(x.shape[1])
+        for name, s in zip(names, states):
+            if s is not None:
+                check_shape(name, s, want, "(L*D, B, H)")
+                check_dtype(name, s, x.dtype, "the dtype of x")
+
+    def forward(self, run, x, params, h0=None, c0=None, masks=None):
+        """x (T, B, I); params: name -> array; h0, c0 (L*D, B, H) or None (zeros); masks: one
+        array (T, B, D*H) per layer but the last, or None (no dropout). Returns
+        (y (T, B, D*H), h_n (L*D, B, H), c_n or None, Saved or None)."""
+        xp, D, H = run.xp, self.directions, self.hidden_size
+        check_shape("x", x, (x.shape[0], x.shape[1], self.input_size), "(T, B, input_size)")
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"x has shape {tuple(x.shape)}; expected at least one step and one "
+                             f"sequence")
+        self.check_states(x, (h0, c0), ("h0", "c0"))
+        B = x.shape[1]
+        zeros = None
+        inputs, saved, h_n, c_n = [x], [], [], []
+        masks = list(masks) if masks else [None] * (self.num_layers - 1)
+        layer_input = x
+        for layer in range(self.num_layers):
+            outs = []
+            for d in range(D):
+                i = layer * D + d
+                if h0 is None or (self.layer.cell.has_cell_state and c0 is None):
+                    zeros = xp.zeros((B, H), x.dtype) if zeros is None else zeros
+                h = zeros if h0 is None else h0[i]
+                c = None if not self.layer.cell.has_cell_state else (zeros if c0 is None else c0[i])
+                y, hn, cn, s = self.layer.forward(run, layer_input, self._of(params, layer, d),
+                                                  h, c, bool(d))
+                outs.append(y)
+                saved.append(s)
+                h_n.append(hn)
+                if cn is not None:
+                    c_n.append(cn)
+            out = outs[0] if D == 1 else xp.concatenate(outs, axis=2)
+            if layer < self.num_layers - 1:
+                if masks[layer] is not None:
+                    out = out * masks[layer]
+                inputs.append(out)
+            layer_input = out
+        keep = Saved(inputs, saved, masks) if run.need_saved else None
+        return layer_input, xp.stack(h_n), xp.stack(c_n) if c_n else None, keep
+
+    def backward(self, run, saved, params, dy, dh_n=None, dc_n=None):
+        """Gradients of one forward's outputs. dy (T, B, D*H); dh_n, dc_n (L*D, B, H) or None.
+        Returns (dx, dh0, dc0 or None, {name: gradient}). Nothing is written: a failure leaves
+        `saved` as it was, so the same call can be retried."""
+        xp, D, H, L = run.xp, self.directions, self.hidden_size, self.num_layers
+        x = saved.inputs[0]
+        T, B = x.shape[0], x.shape[1]
+        check_shape("dy", dy, (T, B, D * H), "(T, B, D*H)")
+        check_dtype("dy", dy, x.dtype, "the dtype of x")
+        self.check_states(x, (dh_n, dc_n), ("dh_n", "dc_n"))
+        has_c = self.layer.cell.has_cell_state
+        zeros = xp.zeros((B, H), x.dtype)
+        grads, dh0, dc0 = {}, [None] * (L * D), [None] * (L * D)
+        grad_out = dy
+        for layer in reversed(range(L)):
+            if layer < L - 1 and saved.masks[layer] is not None:
+                grad_out = grad_out * saved.masks[layer]
+            grad_in = None
+            for d in range(D):
+                i = layer * D + d
+                dh = zeros if dh_n is None else dh_n[i]
+                dc = (zeros if dc_n is None else dc_n[i]) if has_c else None
+                gy = grad_out if D == 1 else xp.ascontiguousarray(grad_out[:, :, d * H:(d + 1) * H])
+                dx, g_h0, g_c0, g = self.layer.backward(
+                    run, saved.inputs[layer], self._of(params, layer, d), saved.saved[i], bool(d),
+                    xp.ascontiguousarray(gy), xp.ascontiguousarray(dh),
+                    None if dc is None else xp.ascontiguousarray(dc))
+                grad_in = dx if grad_in is None else grad_in + dx
+                dh0[i], dc0[i] = g_h0, g_c0
+                sfx = self.suffix(layer, d)
+                grads.update((name + sfx, v) for name, v in g.items())
+            grad_out = grad_in
+        return grad_out, xp.stack(dh0), xp.stack(dc0) if has_c else None, grads
+
+    # ---- what crosses a framework boundary -------------------------------------------------
+    def saved_specs(self, run, steps, batch, dtype):
+        """[(shape, dtype)] of Saved.arrays() for a forward of x (steps, batch, input_size)."""
+        D, H = self.directions, self.hidden_size
+        specs = [((steps, batch, D * H), np.dtype(dtype))] * (self.num_layers - 1)
+        for layer in range(self.num_layers):
+            for _ in range(D):
+                specs += self.layer.saved_specs(run, steps, batch, self.layer_input_size(layer),
+                                                H, dtype)
+        return specs
+
+    def saved_from(self, x, arrays, masks):
+        """The Saved that `Saved.arrays()` flattened (x and the masks given back separately)."""
+        arrays = list(arrays)
+        L, D = self.num_layers, self.directions
+        inputs = [x] + arrays[:L - 1]
+        rest = arrays[L - 1:]
+        per = len(rest) // (L * D) if rest else 0
+        saved = [tuple(rest[i * per:(i + 1) * per]) for i in range(L * D)]
+        masks = list(masks) if masks else [None] * (L - 1)
+        return Saved(inputs, saved, masks)
+
+
+def split_states(cell, hx, names=("h0", "c0", "hx")):
+    """(h, c) from torch.nn's hx: a tuple (h, c) for cells with a cell state, else one array.
+    `names` are what the messages call the arguments (backward passes its own). Shapes are
+    checked by the stack; this only checks the form."""
+    if hx is None:
+        return None, None
+    facts = layer_of(cell).cell
+    if facts.has_cell_state:
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            raise TypeError(f"{names[2]} for {facts.torch_class} must be a tuple ({names[0]}, "
+                            f"{names[1]}); got {type(hx).__name__}")
+        for name, s in zip(names, hx):
+            if s is None:
+                raise TypeError(f"{name} must be an array of shape (L*D, B, H); got None (pass "
+                                f"{names[2]}=None for zeros in both)")
+        return hx[0], hx[1]
+    if isinstance(hx, (tuple, list)):
+        raise TypeError(f"{names[2]} for {facts.torch_class} must be an array of shape "
+                        f"(L*D, B, H); got a {type(hx).__name__}")
+    return hx, None
+
