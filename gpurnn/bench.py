@@ -26,11 +26,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .cells import GATES
+from .cells import GATES, REGISTRY
+from .testing import rel_err
 
 POINTWISE = {"lstm": 12, "gru": 14, "rnn_tanh": 2, "rnn_relu": 2}
-TORCH_CLASS = {"lstm": ("LSTM", {}), "gru": ("GRU", {}), "rnn_tanh": ("RNN", {"nonlinearity": "tanh"}),
-               "rnn_relu": ("RNN", {"nonlinearity": "relu"})}
+TORCH_CLASS = {name: (c.torch_class, c.torch_kwargs) for name, c in REGISTRY.items()}
 IMPLS = ("gpurnn-cpu", "gpurnn-numpy", "torch-cpu", "gpurnn-cuda", "gpurnn-cuda-stepwise",
          "torch-cudnn", "gpurnn-sim")
 PEER = {"gpurnn-cpu": "torch-cpu", "gpurnn-numpy": "torch-cpu", "gpurnn-sim": "torch-cpu",
@@ -226,7 +226,7 @@ def check_runner(runner, impl, case, seed=0):
         g = got[key]
         if g.shape != w.shape:
             raise RuntimeError(f"{impl} on {case.id}: {key} has shape {g.shape}; expected {w.shape}")
-        err = float(np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-300))
+        err = rel_err(g, w)
         if not np.isfinite(err) or err > CHECK_TOL[case.dtype]:
             raise RuntimeError(f"{impl} on {case.id}: {key} differs from the float64 NumPy "
                                f"reference by {err:.2e} (allowed {CHECK_TOL[case.dtype]:.0e}); "

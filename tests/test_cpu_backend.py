@@ -19,13 +19,11 @@ import pytest
 
 import gpurnn.functional as F
 from gpurnn.backends import cpu as cpu_backend, resolve
-from gpurnn.cells import GATES
+from gpurnn.cells import CELLS, GATES
 from gpurnn.cpu import native
-from conftest import rel_err
+from gpurnn.testing import TOL, rel_err
 
-CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
-F64_TOL = 1e-10
-F32_TOL = 1e-5
+F64_TOL, F32_TOL = TOL["float64"], TOL["float32"]
 HAS_TORCH = __import__("importlib").util.find_spec("torch") is not None
 
 

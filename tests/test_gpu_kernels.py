@@ -61,14 +61,7 @@ import cupy as cp
 import numpy as np
 from gpurnn.backends import cuda as gpu, numpy as ref
 from gpurnn.cells import CELLS, GATES
-
-def rel_err(a, b):
-    a = np.asarray(a, np.float64); b = np.asarray(b, np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    if not (np.isfinite(a).all() and np.isfinite(b).all()):
-        return float("inf")
-    s = np.linalg.norm(b)
-    return float(np.linalg.norm(a - b) / s if s > 0 else np.linalg.norm(a))
+from gpurnn.testing import TOL, rel_err
 
 def make(cell, T, B, I, H, dtype, bias, seed):
     rng = np.random.default_rng(seed)
@@ -109,8 +102,8 @@ def compare(cell, T, B, I, H, options, lengths, reverse, bias, dtype, seed, tol=
             errs[name] = rel_err(cp.asnumpy(getattr(grads, name)), e)
             deterministic &= bool(cp.array_equal(getattr(grads, name), getattr(again, name)))
     if tol is None:
-        tol = 1e-5 if dtype == np.float32 else 1e-10
-    cfg = out[3].plan
+        tol = TOL[dtype]
+    cfg = out[3].launch
     print("RESULT " + json.dumps(dict(case=f"{cell}-T{T}-B{B}-I{I}-H{H}-{options}-len{lengths is not None}-rev{reverse}-{np.dtype(dtype).name}",
                                       path=cfg.path, blocks=cfg.blocks, tol=tol, errs=errs,
                                       deterministic=deterministic)), flush=True)
@@ -167,11 +160,11 @@ def planned(cell, T, B, I, H, reverse, seed):
     g32, res32 = everything(gpu, a32, c32)
     errs, tols = {}, {}
     for k in r64:
-        errs[k + "/f64"] = rel_err(g64[k], r64[k]); tols[k + "/f64"] = 1e-10
+        errs[k + "/f64"] = rel_err(g64[k], r64[k]); tols[k + "/f64"] = TOL["float64"]
         errs[k + "/f32"] = rel_err(g32[k], r64[k]); tols[k + "/f32"] = max(4 * rel_err(r32[k], r64[k]), 1e-6)
     bad = {k: (errs[k], tols[k]) for k in errs if not errs[k] <= tols[k]}
-    print("RESULT " + json.dumps(dict(case=f"{cell}-T{T}-B{B}-I{I}-H{H}-rev{reverse}", path=res32.plan.path,
-                                      blocks=res32.plan.blocks, tol=0.0, errs={}, bad=bad,
+    print("RESULT " + json.dumps(dict(case=f"{cell}-T{T}-B{B}-I{I}-H{H}-rev{reverse}", path=res32.launch.path,
+                                      blocks=res32.launch.blocks, tol=0.0, errs={}, bad=bad,
                                       all_errs=errs, deterministic=True)), flush=True)
 
 for i, (cell, T, B, I, H) in enumerate([("lstm", 32, 16, 64, 512), ("gru", 32, 64, 128, 256),

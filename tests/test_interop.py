@@ -8,7 +8,7 @@ import pytest
 
 import gpurnn
 from gpurnn import interop
-from conftest import TOL, assert_close
+from gpurnn.testing import TOL, assert_close
 
 torch = pytest.importorskip("torch")
 

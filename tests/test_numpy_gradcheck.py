@@ -9,15 +9,15 @@ import pytest
 
 import gpurnn
 import gpurnn.functional as F
-from gpurnn.cells import GATES
+from gpurnn.cells import CELLS, GATES
+from gpurnn.testing import FD_TOL, rel_err
 
 EPS = 1e-6
-NORM_TOL = 1e-7          # ||analytic - numeric|| / ||numeric|| (observed worst ~3e-9)
+NORM_TOL = FD_TOL        # ||analytic - numeric|| / ||numeric|| (observed worst ~3e-9)
 ELEM_RTOL = 1e-5         # per element: |a - n| <= ELEM_ATOL + ELEM_RTOL * |n|
 ELEM_ATOL = 1e-8
 RELU_MARGIN = 1e-3       # no relu pre-activation closer than this to its kink
 
-CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 T, B, I, H = 4, 3, 3, 3
 LENGTHS = {
     "all-T": None,
@@ -124,8 +124,7 @@ def _assert_grad_close(analytic, numeric, what):
     assert analytic.shape == numeric.shape, f"{what}: shape {analytic.shape} vs {numeric.shape}"
     assert analytic.dtype == np.float64, f"{what}: dtype {analytic.dtype}"
     assert np.isfinite(analytic).all() and np.isfinite(numeric).all(), f"{what}: non-finite values"
-    scale = np.linalg.norm(numeric)
-    err = np.linalg.norm(analytic - numeric) / max(scale, 1e-12)
+    err = rel_err(analytic, numeric)
     assert err <= NORM_TOL, f"{what}: norm-relative error {err:.3e} > {NORM_TOL:.0e}"
     bad = np.abs(analytic - numeric) > ELEM_ATOL + ELEM_RTOL * np.abs(numeric)
     assert not bad.any(), (f"{what}: {bad.sum()} elements off, worst at "

@@ -3,8 +3,8 @@
 NumPy backend (the modules, so layers, directions, batch_first and hx are in play) against
 torch.nn in float64 on the same rounded inputs: float64 within 1e-10; float32 within twice
 torch.nn's own float32 error against that float64 reference (never below the float32 budget of
-conftest.TOL). Sequences of length 0, which torch cannot pack, are checked against what they
-must give: zero outputs, the initial state passed through, zero input gradients.
+gpurnn.testing.TOL). Sequences of length 0, which torch cannot pack, are checked against what
+they must give: zero outputs, the initial state passed through, zero input gradients.
 A smaller profile runs the kernels on the simulator against the NumPy backend the same way.
 
 Seeded (derandomize: the same examples on every run), no deadline, a bounded number of examples;
@@ -19,14 +19,12 @@ from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E
 import gpurnn  # noqa: E402
 import gpurnn.functional as F  # noqa: E402
 from gpurnn.backends import availability  # noqa: E402
-from gpurnn.cells import CELLS, GATES  # noqa: E402
-
-from conftest import TOL, rel_err  # noqa: E402
+from gpurnn.cells import CELLS, GATES, REGISTRY  # noqa: E402
+from gpurnn.testing import TOL, rel_err  # noqa: E402
 
 PROFILE = dict(deadline=None, derandomize=True, database=None,
                suppress_health_check=[HealthCheck.too_slow])
-KIND = {"lstm": ("LSTM", {}), "gru": ("GRU", {}), "rnn_tanh": ("RNN", {"nonlinearity": "tanh"}),
-        "rnn_relu": ("RNN", {"nonlinearity": "relu"})}
+KIND = {name: (c.torch_class, c.torch_kwargs) for name, c in REGISTRY.items()}
 
 
 @st.composite
@@ -43,8 +41,8 @@ def problems(draw, max_size=9, max_layers=3):
 
 def _budget(dtype, err_same_precision_ref):
     if dtype == "float64":
-        return TOL[np.dtype(np.float64)]
-    return max(2 * err_same_precision_ref, TOL[np.dtype(np.float32)])
+        return TOL[dtype]
+    return max(2 * err_same_precision_ref, TOL[dtype])
 
 
 # ---- NumPy backend against torch.nn ----------------------------------------------------------

@@ -5,8 +5,9 @@ Tolerance budget, per dtype, from its unit roundoff u (float16 2^-11 = 4.9e-4, b
 2^-8 = 3.9e-3): the kernels store h, y and the reserve gates in 16 bits every step (each a
 relative error <= u), and the reference keeps them in float32. Over the T <= 5 steps here,
 with saturating activations and weights of scale 0.5, an output or state differs by a few u
-(budget 8u); a gradient multiplies several stored gates and states (budget 16u). Inputs are
-rounded to the 16-bit dtype before both runs, so what remains is the kernels' own rounding.
+(budget 8u); a gradient multiplies several stored gates and states (budget 16u): the 16-bit rows
+of gpurnn.testing.TOL and GRAD_TOL. Inputs are rounded to the 16-bit dtype before both runs, so
+what remains is the kernels' own rounding.
 """
 import zlib
 
@@ -19,6 +20,7 @@ from gpurnn.backends import sim
 from gpurnn.cells import CELLS, GATES
 from gpurnn.kernels import layout
 from gpurnn.kernels.cellmath import codec
+from gpurnn.testing import GRAD_TOL, TOL, rel_err
 from numba import cuda
 
 ml_dtypes = pytest.importorskip("ml_dtypes", reason="bfloat16 arrays need the ml_dtypes package")
@@ -28,15 +30,6 @@ pytestmark = pytest.mark.sim
 _LOAD_BF16, _STORE_BF16 = codec("bfloat16")
 
 DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
-UNIT = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape
-    if not (np.isfinite(a).all() and np.isfinite(b).all()):
-        return np.inf
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
 def case(cell, T, B, I, H, dtype, seed):
@@ -84,7 +77,6 @@ def test_16bit_kernels_match_fp32_reference(request, cell, dtype, options, tag):
     wcot = widen(cot)
     want_grads = ref.backward(want[3], wcot["dy"], wcot["dh_n"], wcot["dc_n"])
 
-    u = UNIT[dtype]
     sdt = DTYPES[dtype]
     assert out[0].dtype == sdt and out[1].dtype == sdt
     assert out[3].h.dtype == sdt and out[3].w_hh.dtype == sdt
@@ -95,7 +87,7 @@ def test_16bit_kernels_match_fp32_reference(request, cell, dtype, options, tag):
     for name, a, b in (("y", out[0], want[0]), ("h_n", out[1], want[1]),
                        ("c_n", out[2], want[2])):
         if b is not None:
-            assert rel_err(a, b) <= 8 * u, (name, rel_err(a, b))
+            assert rel_err(a, b) <= TOL[dtype], (name, rel_err(a, b))
     masked = np.arange(T)[:, None] >= lengths[None, :]
     assert np.all(np.asarray(out[0], np.float32)[masked] == 0)
     for name in grads._fields:
@@ -104,7 +96,7 @@ def test_16bit_kernels_match_fp32_reference(request, cell, dtype, options, tag):
             assert a is None
             continue
         assert a.dtype == sdt, (name, a.dtype)          # parameter / input dtype
-        assert rel_err(a, b) <= 16 * u, (name, rel_err(a, b))
+        assert rel_err(a, b) <= GRAD_TOL[dtype], (name, rel_err(a, b))
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -153,10 +145,9 @@ def test_functional_api_takes_16bit_on_numpy_and_sim(dtype):
         grads = F.lstm_backward(res, cot["dy"], cot["dh_n"], cot["dc_n"])
         assert y.dtype == DTYPES[dtype] and grads.dw_hh.dtype == DTYPES[dtype]
         outs[backend] = (y, grads)
-    u = UNIT[dtype]
-    assert rel_err(outs["sim"][0], outs["numpy"][0]) <= 8 * u
+    assert rel_err(outs["sim"][0], outs["numpy"][0]) <= TOL[dtype]
     for name in outs["numpy"][1]._fields:
-        assert rel_err(getattr(outs["sim"][1], name), getattr(outs["numpy"][1], name)) <= 16 * u
+        assert rel_err(getattr(outs["sim"][1], name), getattr(outs["numpy"][1], name)) <= GRAD_TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -167,10 +158,10 @@ def test_modules_in_16bit_on_the_strict_simulator(dtype):
             for b in ("numpy", "sim")}
     outs = {b: m(x, lengths=np.array([3, 2])) for b, m in mods.items()}
     assert outs["sim"][0].dtype == DTYPES[dtype]
-    assert rel_err(outs["sim"][0], outs["numpy"][0]) <= 8 * UNIT[dtype]
+    assert rel_err(outs["sim"][0], outs["numpy"][0]) <= TOL[dtype]
     dy = np.ones(outs["sim"][0].shape, DTYPES[dtype])
     for m in mods.values():
         m.backward(dy)
     for name, g in mods["numpy"].grads.items():
         assert mods["sim"].grads[name].dtype == DTYPES[dtype]
-        assert rel_err(mods["sim"].grads[name], g) <= 16 * UNIT[dtype], name
+        assert rel_err(mods["sim"].grads[name], g) <= GRAD_TOL[dtype], name

@@ -24,27 +24,9 @@ from gpurnn.backends import sim
 from gpurnn.backends import numpy as ref
 from gpurnn.backends.cuda import LaunchConfig
 from gpurnn.cells import CELLS, GATES
+from gpurnn.testing import TOL, assert_close
 
 pytestmark = pytest.mark.sim
-
-TOL = {np.float32: 1e-5, np.float64: 1e-10}
-
-
-def rel_err(actual, expected):
-    """||actual - expected|| / ||expected|| in float64; anything non-finite fails."""
-    a = np.asarray(actual, np.float64)
-    b = np.asarray(expected, np.float64)
-    assert a.shape == b.shape, f"shape {a.shape} != {b.shape}"
-    if not (np.isfinite(a).all() and np.isfinite(b).all()):
-        return np.inf
-    scale = np.linalg.norm(b)
-    return np.linalg.norm(a - b) / scale if scale > 0 else np.linalg.norm(a)
-
-
-def assert_close(actual, expected, tol, what):
-    err = rel_err(actual, expected)
-    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}"
-
 
 def make_case(cell, T, B, I, H, dtype, bias, seed):
     rng = np.random.default_rng(seed)
@@ -142,7 +124,7 @@ def test_matches_numpy_reference(request, cell, T, B, I, H, P, lengths, reverse,
     expected = run(ref, cell, args, lengths, reverse)
     assert out[0].dtype == np.dtype(dtype)
     assert_forward_matches(out, expected, tol)
-    cfg = out[3].plan
+    cfg = out[3].launch
     assert isinstance(cfg, LaunchConfig)
     assert cfg.path == options["path"]
     if P != "stepwise":
@@ -305,7 +287,7 @@ def test_backward_options_override_the_forward_launch(launches):
 def test_plan_chooses_when_options_are_silent():
     args, _ = make_case("lstm", 2, 2, 5, 7, np.float32, True, 16)
     out = run(sim, "lstm", args, None, False)
-    cfg = out[3].plan
+    cfg = out[3].launch
     assert cfg.plan is not None and cfg.plan.device.name == "sim"
     assert (cfg.path, cfg.blocks, cfg.threads) == (cfg.plan.path, cfg.plan.blocks, cfg.plan.threads)
     assert_forward_matches(out, run(ref, "lstm", args, None, False), TOL[np.float32])
@@ -329,7 +311,7 @@ def test_functional_api_passes_backend_options_through(launches):
     y, h_n, c_n, res = functional.forward(
         "lstm", args["x"], args["w_ih"], args["w_hh"], args["b_ih"], args["b_hh"], args["h0"],
         args["c0"], backend="sim", backend_options={"path": "persistent", "blocks": 2})
-    assert res.backend == "sim" and res.plan.blocks == 2
+    assert res.backend == "sim" and res.launch.blocks == 2
     assert {d["blocks"] for d in launches} == {2}
     assert_close(y, run(ref, "lstm", args, None, False)[0], TOL[np.float32], "y")
 
@@ -529,7 +511,7 @@ def test_batch_tiles_match_reference(request, cell, T, B, H, P, bt, lengths, rev
     with strict.record() as reports:
         out = run(sim, cell, args, lengths, reverse, options)
         grads = sim.backward(out[3], cot["dy"], cot["dh_n"], cot["dc_n"])
-    assert out[3].plan.batch_tile == bt
+    assert out[3].launch.batch_tile == bt
     assert [r.grid[0] for r in reports] == [P, P] and all(not r.findings for r in reports)
     expected = run(ref, cell, args, lengths, reverse)
     assert_forward_matches(out, expected, TOL[dtype])

@@ -1,6 +1,7 @@
 """16-bit storage through gpurnn.torch: float16 / bfloat16 modules and torch.autocast regions,
 against the float32 module run on the same rounded inputs and weights. Budgets as in
-tests/test_sim_half.py: 8 unit roundoffs for outputs, 16 for gradients."""
+tests/test_sim_half.py (gpurnn.testing.TOL, GRAD_TOL): 8 unit roundoffs for outputs, 16 for
+gradients."""
 import numpy as np
 import pytest
 
@@ -8,16 +9,7 @@ torch = pytest.importorskip("torch", reason="the torch modules need torch")
 pytest.importorskip("ml_dtypes", reason="bfloat16 on the host needs ml_dtypes")
 
 import gpurnn.torch as gt  # noqa: E402
-
-UNIT = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
-
-
-def rel_err(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    assert a.shape == b.shape
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        return float("inf")
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+from gpurnn.testing import GRAD_TOL, TOL, rel_err  # noqa: E402
 
 
 def pair(cls, dtype, backend="numpy", **kw):
@@ -38,14 +30,14 @@ def test_16bit_modules_match_the_fp32_module(cls, dtype):
     out, _ = low(x)
     want, _ = ref(x32)
     assert out.dtype == dtype
-    assert rel_err(out, want) <= 8 * UNIT[dtype]
+    assert rel_err(out, want) <= TOL[dtype]
     dy = torch.randn(out.shape)
     out.backward(dy.to(dtype))
     want.backward(dy.to(dtype).float())
-    assert x.grad.dtype == dtype and rel_err(x.grad, x32.grad) <= 16 * UNIT[dtype]
+    assert x.grad.dtype == dtype and rel_err(x.grad, x32.grad) <= GRAD_TOL[dtype]
     for (name, p), (_, q) in zip(low.named_parameters(), ref.named_parameters()):
         assert p.grad.dtype == dtype, name
-        assert rel_err(p.grad, q.grad) <= 16 * UNIT[dtype], name
+        assert rel_err(p.grad, q.grad) <= GRAD_TOL[dtype], name
 
 
 def test_float16_module_on_the_strict_simulator():
@@ -54,8 +46,8 @@ def test_float16_module_on_the_strict_simulator():
     out, (h, c) = low(x)
     want, (h32, c32) = ref(x.float())
     assert out.dtype == h.dtype == c.dtype == torch.float16
-    assert rel_err(out, want) <= 8 * UNIT[torch.float16]
-    assert rel_err(c, c32) <= 8 * UNIT[torch.float16]
+    assert rel_err(out, want) <= TOL[torch.float16]
+    assert rel_err(c, c32) <= TOL[torch.float16]
 
 
 @pytest.mark.parametrize("cls", [gt.LSTM, gt.RNN], ids=["LSTM", "RNN"])
@@ -69,12 +61,12 @@ def test_autocast_runs_the_layers_in_its_16bit_dtype(cls):
         out, _ = m(x)
     assert out.dtype == torch.bfloat16
     want, _ = ref(x.to(torch.bfloat16).float())
-    assert rel_err(out, want) <= 8 * UNIT[torch.bfloat16]
+    assert rel_err(out, want) <= TOL[torch.bfloat16]
     out.float().sum().backward()
     want.sum().backward()
     for (name, p), (_, q) in zip(m.named_parameters(), ref.named_parameters()):
         assert p.grad.dtype == torch.float32, name         # float32 parameters, float32 grads
-        assert rel_err(p.grad, q.grad) <= 16 * UNIT[torch.bfloat16], name
+        assert rel_err(p.grad, q.grad) <= GRAD_TOL[torch.bfloat16], name
     # outside the region the module is float32 again and mixing dtypes is refused
     assert m(x)[0].dtype == torch.float32
     with pytest.raises(TypeError, match="input is torch.bfloat16"):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import gpurnn
-from conftest import TOL, assert_close
+from gpurnn.testing import TOL, assert_close
 
 torch = pytest.importorskip("torch")
 import gpurnn.torch as gt  # noqa: E402  (needs torch)

@@ -14,16 +14,19 @@ import json
 import os
 import sys
 
+from gpurnn.cells import CELLS
+
 from . import int_at_least, output_file
 
-CELL_NAMES = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+DEFAULT_CELLS = ("lstm", "gru", "rnn_tanh")
 
 
 def add_parser(sub):
     p = sub.add_parser("bench", help="time gpurnn against torch (CPU, cuDNN) on a case grid",
                        description=__doc__)
     p.add_argument("--quick", action="store_true", help="a small grid (under a minute on a CPU)")
-    p.add_argument("--cell", action="append", choices=CELL_NAMES, help="repeatable; default lstm, gru, rnn_tanh")
+    p.add_argument("--cell", action="append", choices=CELLS,
+                   help=f"repeatable; default {', '.join(DEFAULT_CELLS)}")
     p.add_argument("--mode", action="append", choices=("fwd", "fwdbw"), help="repeatable; default both")
     p.add_argument("--impl", action="append", help="implementations to time (repeatable); default: every "
                    "available one except gpurnn-sim")
@@ -146,7 +149,7 @@ def run(args):
     else:
         impls = [i for i in bench.IMPLS if avail[i][0] and i != "gpurnn-sim"]
     skipped = {i: avail[i][1] for i in bench.IMPLS if i not in impls}
-    cells = tuple(args.cell or ("lstm", "gru", "rnn_tanh"))
+    cells = tuple(args.cell or DEFAULT_CELLS)
     modes = tuple(args.mode or ("fwd", "fwdbw"))
     if args.shape:
         cases = [bench.Case(c, m, *s, args.dtype) for c in cells for m in modes for s in args.shape]

@@ -11,10 +11,10 @@ import time
 
 import numpy as np
 
-from . import int_at_least
+from gpurnn.cells import CELLS, REGISTRY
+from gpurnn.testing import FD_TOL, TOL, rel_err
 
-CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
-TOL32, TOL64, TOL_FD = 1e-5, 1e-10, 1e-7
+from . import int_at_least
 
 
 def add_parser(sub):
@@ -27,28 +27,19 @@ def add_parser(sub):
     return p
 
 
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if not (np.isfinite(a).all() and np.isfinite(b).all()):
-        return np.inf
-    d = np.linalg.norm(b)
-    return np.linalg.norm(a - b) / (d if d > 0 else 1.0)
-
-
 def _problem(cell, dtype, rng, T=5, B=3, I=4, H=6):
-    from gpurnn.cells import GATES
-    G = GATES[cell]
+    G, has_c = REGISTRY[cell].gates, REGISTRY[cell].has_cell_state
     args = {
         "x": rng.standard_normal((T, B, I)), "w_ih": rng.uniform(-0.5, 0.5, (G * H, I)),
         "w_hh": rng.uniform(-0.5, 0.5, (G * H, H)), "b_ih": rng.uniform(-0.5, 0.5, G * H),
         "b_hh": rng.uniform(-0.5, 0.5, G * H), "h0": rng.standard_normal((B, H)),
-        "c0": rng.standard_normal((B, H)) if cell == "lstm" else None,
+        "c0": rng.standard_normal((B, H)) if has_c else None,
     }
     args = {k: (v.astype(dtype) if v is not None else None) for k, v in args.items()}
     lengths = np.array([T, 2, T - 1][:B])
     seeds = {"dy": rng.standard_normal((T, B, H)).astype(dtype),
              "dh": rng.standard_normal((B, H)).astype(dtype),
-             "dc": rng.standard_normal((B, H)).astype(dtype) if cell == "lstm" else None}
+             "dc": rng.standard_normal((B, H)).astype(dtype) if has_c else None}
     return args, lengths, seeds
 
 
@@ -87,7 +78,7 @@ def _check_numpy_fd(cell, rng):
 
     numeric = (value(1) - value(-1)) / (2 * eps)
     analytic = sum(float(np.sum(grads[names[k]] * d)) for k, d in direction.items())
-    return abs(numeric - analytic) / max(abs(analytic), 1e-12)
+    return rel_err(analytic, numeric)
 
 
 def _check_numpy_torch(cell, rng):
@@ -97,29 +88,28 @@ def _check_numpy_torch(cell, rng):
         return None
     args, lengths, seeds = _problem(cell, np.float64, rng)
     outs, grads = _run(cell, args, lengths, seeds, "numpy", reverse=False)
-    kind = {"lstm": ("LSTM", {}), "gru": ("GRU", {}), "rnn_tanh": ("RNN", {"nonlinearity": "tanh"}),
-            "rnn_relu": ("RNN", {"nonlinearity": "relu"})}[cell]
+    spec = REGISTRY[cell]
     T, B, I = args["x"].shape
     H = args["h0"].shape[1]
-    m = getattr(torch.nn, kind[0])(I, H, **kind[1]).double()
+    m = getattr(torch.nn, spec.torch_class)(I, H, **spec.torch_kwargs).double()
     with torch.no_grad():
         for name, key in (("weight_ih_l0", "w_ih"), ("weight_hh_l0", "w_hh"), ("bias_ih_l0", "b_ih"),
                           ("bias_hh_l0", "b_hh")):
             getattr(m, name).copy_(torch.from_numpy(args[key]))
     t = {k: torch.tensor(v, requires_grad=True) for k, v in args.items() if k in ("x", "h0", "c0") and v is not None}
     packed = torch.nn.utils.rnn.pack_padded_sequence(t["x"], torch.tensor(lengths), enforce_sorted=False)
-    hx = (t["h0"][None], t["c0"][None]) if cell == "lstm" else t["h0"][None]
+    hx = (t["h0"][None], t["c0"][None]) if spec.has_cell_state else t["h0"][None]
     out, state = m(packed, hx)
     y, _ = torch.nn.utils.rnn.pad_packed_sequence(out, total_length=T)
-    states = state if cell == "lstm" else (state,)
+    states = state if spec.has_cell_state else (state,)
     loss = (y * torch.from_numpy(seeds["dy"])).sum() + (states[0][0] * torch.from_numpy(seeds["dh"])).sum()
-    if cell == "lstm":
+    if spec.has_cell_state:
         loss = loss + (states[1][0] * torch.from_numpy(seeds["dc"])).sum()
     loss.backward()
-    errs = [_rel(outs["y"], y.detach().numpy()), _rel(outs["h_n"], states[0][0].detach().numpy()),
-            _rel(grads["dx"], t["x"].grad.numpy()), _rel(grads["dh0"], t["h0"].grad.numpy()),
-            _rel(grads["dw_ih"], m.weight_ih_l0.grad.numpy()), _rel(grads["dw_hh"], m.weight_hh_l0.grad.numpy()),
-            _rel(grads["db_ih"], m.bias_ih_l0.grad.numpy()), _rel(grads["db_hh"], m.bias_hh_l0.grad.numpy())]
+    errs = [rel_err(outs["y"], y.detach().numpy()), rel_err(outs["h_n"], states[0][0].detach().numpy()),
+            rel_err(grads["dx"], t["x"].grad.numpy()), rel_err(grads["dh0"], t["h0"].grad.numpy()),
+            rel_err(grads["dw_ih"], m.weight_ih_l0.grad.numpy()), rel_err(grads["dw_hh"], m.weight_hh_l0.grad.numpy()),
+            rel_err(grads["db_ih"], m.bias_ih_l0.grad.numpy()), rel_err(grads["db_hh"], m.bias_hh_l0.grad.numpy())]
     return max(errs)
 
 
@@ -128,8 +118,8 @@ def _check_against_numpy(cell, backend, rng):
     ref_o, ref_g = _run(cell, args, lengths, seeds, "numpy")
     o, g = _run(cell, args, lengths, seeds, backend)
     to_host = (lambda a: a.get()) if backend == "cuda" else (lambda a: a)
-    errs = [_rel(to_host(o[k]), ref_o[k]) for k in ref_o if ref_o[k] is not None]
-    errs += [_rel(to_host(g[k]), ref_g[k]) for k in ref_g if ref_g[k] is not None]
+    errs = [rel_err(to_host(o[k]), ref_o[k]) for k in ref_o if ref_o[k] is not None]
+    errs += [rel_err(to_host(g[k]), ref_g[k]) for k in ref_g if ref_g[k] is not None]
     return max(errs)
 
 
@@ -153,12 +143,13 @@ def run(args):
             start = time.perf_counter()
             checks = []
             if name == "numpy":
-                checks.append(("finite differences f64", _check_numpy_fd(cell, rng), TOL_FD))
+                checks.append(("finite differences f64", _check_numpy_fd(cell, rng), FD_TOL))
                 err = _check_numpy_torch(cell, rng)
                 if err is not None:
-                    checks.append(("torch.nn f64", err, TOL64))
+                    checks.append(("torch.nn f64", err, TOL["float64"]))
             else:
-                checks.append(("NumPy backend f32", _check_against_numpy(cell, name, rng), TOL32))
+                checks.append(("NumPy backend f32", _check_against_numpy(cell, name, rng),
+                               TOL["float32"]))
             ms = (time.perf_counter() - start) * 1e3
             for what, err, tol in checks:
                 good = err <= tol

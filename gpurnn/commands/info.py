@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from gpurnn.cells import CELLS
+from gpurnn.kernels.dtypes import STORAGE as DTYPES     # 16-bit: storage, fp32 compute
+
 from . import int_at_least
 
-CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
-DTYPES = ("float32", "float64", "float16", "bfloat16")   # 16-bit: storage, fp32 compute
 TRAFFIC_SHAPES = ((256, 1), (512, 8), (1024, 8), (1024, 64))
 
 
