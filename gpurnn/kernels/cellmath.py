@@ -16,15 +16,15 @@ from __future__ import annotations
 import functools
 import math
 
-from numba import cuda, float32, float64, int32, uint16
+from numba import cuda, float32, int32, types, uint16
 from numba.core.types import float16
 from numba.cuda import libdevice
 
-from .dtypes import NP_COMPUTE
+from .dtypes import COMPUTE, KERNEL_VIEW, NP_COMPUTE, STORAGE
 
-# Numba element types per storage dtype (gpurnn.kernels.dtypes): bfloat16 as raw 16-bit words
-NUMBA_COMPUTE = {"float32": float32, "float64": float64, "float16": float32, "bfloat16": float32}
-NUMBA_STORAGE = {"float32": float32, "float64": float64, "float16": float16, "bfloat16": uint16}
+# Numba element types per storage dtype, of gpurnn.kernels.dtypes' names: bfloat16 as raw words
+NUMBA_COMPUTE = {name: getattr(types, COMPUTE[name]) for name in STORAGE}
+NUMBA_STORAGE = {name: getattr(types, KERNEL_VIEW[name]) for name in STORAGE}
 
 
 @cuda.jit(device=True, inline=True)

@@ -12,7 +12,8 @@ the cell state, every dot product and every gradient run in).
 everything else in shared memory (staged h or gate gradients, pre-activations, partial sums) in
 float32. In global memory W_hh, h (and y), the reserve gates and dy are 16-bit; Gx, b_hh, the
 cell state c and all gradients are float32; the host returns dW in the parameter dtype.
-The device side (Numba types, each storage dtype's load/store) is gpurnn.kernels.cellmath.
+COMPUTE and KERNEL_VIEW are the table's last two columns by name; gpurnn.kernels.cellmath makes
+Numba types of them (NUMBA_COMPUTE, NUMBA_STORAGE) and holds each storage dtype's load/store.
 Nothing here imports numba: its config (simulator or hardware mode) is read at its import.
 """
 from __future__ import annotations
@@ -21,7 +22,8 @@ import numpy as np
 
 STORAGE = ("float32", "float64", "float16", "bfloat16")
 COMPUTE = {"float32": "float32", "float64": "float64", "float16": "float32", "bfloat16": "float32"}
-ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
+KERNEL_VIEW = {"float32": "float32", "float64": "float64", "float16": "float16", "bfloat16": "uint16"}
+ITEMSIZE = {name: np.dtype(KERNEL_VIEW[name]).itemsize for name in STORAGE}
 SHORT = {"float32": "f32", "float64": "f64", "float16": "f16", "bfloat16": "bf16"}
 NP_COMPUTE = {name: np.dtype(COMPUTE[name]).type for name in STORAGE}
 
@@ -51,5 +53,7 @@ def numpy_dtype(dtype) -> np.dtype:
 
 
 def host_view(xp, a, dtype: str):
-    """The array as a kernel takes it: bfloat16 as its raw uint16 words, anything else as is."""
-    return a.view(xp.uint16) if dtype == "bfloat16" else a
+    """The array as a kernel takes it (KERNEL_VIEW): bfloat16 as its raw uint16 words, anything
+    else as is."""
+    view = KERNEL_VIEW[dtype]
+    return a if view == dtype else a.view(getattr(xp, view))
