@@ -175,7 +175,7 @@ def test_unknown_backend_from_environment(monkeypatch):
 
 
 def test_cuda_backend_with_numpy_arrays():
-    with pytest.raises(TypeError, match=msg("backend 'cuda' takes device arrays", "got NumPy arrays")):
+    with pytest.raises(TypeError, match=msg("backend 'cuda' takes device arrays", "got host arrays")):
         fwd(backend="cuda")
 
 
@@ -266,7 +266,7 @@ def test_backward_with_something_else_than_a_reserve():
 def test_functional_forward_mixing_host_and_device(name):
     a = make("lstm")
     fake = FakeDeviceArray(a[name].shape)
-    with pytest.raises(TypeError, match=msg("must all be host (NumPy) or all device", "got a mix",
+    with pytest.raises(TypeError, match=msg("must all be host arrays (NumPy, torch CPU) or all device", "got a mix",
                                             "FakeDeviceArray")):
         fwd(**{name: fake})
 
@@ -276,7 +276,7 @@ def test_functional_backward_with_device_grad_on_host_reserve(name):
     *_, res = fwd()
     shape = (T, B, H) if name == "dy" else (B, H)
     # a host reserve of the default backend ('cpu' where Numba is there, as here)
-    with pytest.raises(TypeError, match=msg("backend 'cpu' takes NumPy arrays; got device arrays")):
+    with pytest.raises(TypeError, match=msg("backend 'cpu' takes host arrays (NumPy, torch CPU); got device arrays")):
         F.backward(res, **{name: FakeDeviceArray(shape)})
 
 
@@ -807,8 +807,8 @@ def test_layer_backward_none():
 def test_layer_backward_device_dy_on_a_host_module():
     m = gpurnn.GRU(I, H)
     y, _ = m(np.ones((T, B, I), np.float32))
-    with pytest.raises(TypeError, match=msg("backend 'cpu' takes NumPy arrays; got device arrays: dy",
-                                            "FakeDeviceArray")):
+    with pytest.raises(TypeError, match=msg("dy is a device array but the module's parameters are on "
+                                            "cpu; call module.to('cuda') first")):
         m.backward(FakeDeviceArray(y.shape))
 
 
@@ -832,7 +832,7 @@ def test_functional_mixing_names_each_argument(name):
 
 
 def test_functional_cuda_backend_names_the_host_arrays():
-    with pytest.raises(TypeError, match=msg("backend 'cuda' takes device arrays", "got NumPy arrays: x (host numpy.ndarray)")):
+    with pytest.raises(TypeError, match=msg("backend 'cuda' takes device arrays", "got host arrays: x (host numpy.ndarray)")):
         fwd(backend="cuda")
 
 

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 import gpurnn.functional as F
-from gpurnn.backends import cpu as cpu_backend, resolve
+from gpurnn.arrays import resolve
+from gpurnn.backends import cpu as cpu_backend
 from gpurnn.cells import CELLS, GATES
 from gpurnn.cpu import native
 from gpurnn.testing import TOL, rel_err

@@ -7,6 +7,7 @@ import pytest
 import gpurnn
 import gpurnn.functional as F
 from gpurnn.backends import BACKENDS, availability
+from gpurnn.stack import KernelLayer
 from gpurnn.cells import GATES
 
 T, B, I, H = 3, 2, 3, 4
@@ -80,7 +81,7 @@ def test_module_backward_failing_in_a_lower_layer_adds_no_gradient(cls, monkeypa
     m.grads["weight_hh_l2"] += 1.0                    # gradients from an earlier step, kept
     twin.grads["weight_hh_l2"] += 1.0
     dy = rng.standard_normal(y.shape)
-    real = F.backward
+    real = KernelLayer.backward
     calls = []
 
     def fails_in_layer_0(*args, **kwargs):
@@ -88,13 +89,13 @@ def test_module_backward_failing_in_a_lower_layer_adds_no_gradient(cls, monkeypa
         if len(calls) == 5:                             # layers 2 and 1 done, layer 0 fails
             raise RuntimeError("provoked")
         return real(*args, **kwargs)
-    monkeypatch.setattr(F, "backward", fails_in_layer_0)
+    monkeypatch.setattr(KernelLayer, "backward", fails_in_layer_0)
     before = {k: v.copy() for k, v in m.grads.items()}
     with pytest.raises(RuntimeError, match="provoked"):
         m.backward(dy)
     for k, v in m.grads.items():
         np.testing.assert_array_equal(v, before[k], err_msg=f"{k} changed by a failed backward")
-    monkeypatch.setattr(F, "backward", real)
+    monkeypatch.setattr(KernelLayer, "backward", real)
     dx, _ = m.backward(dy)                              # the same call again succeeds ...
     dx_twin, _ = twin.backward(dy)
     np.testing.assert_array_equal(dx, dx_twin)          # ... exactly as without the failure
@@ -167,7 +168,7 @@ def test_torch_backward_that_fails_keeps_the_reserve_for_a_retry(monkeypatch):
     x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
     y, _ = m(x)
     dy = torch.randn_like(y)
-    real = gt.F.backward
+    real = KernelLayer.backward
     calls = []
 
     def fails_once(*args, **kwargs):
@@ -175,7 +176,7 @@ def test_torch_backward_that_fails_keeps_the_reserve_for_a_retry(monkeypatch):
         if len(calls) == 1:
             raise RuntimeError("provoked")
         return real(*args, **kwargs)
-    monkeypatch.setattr(gt.F, "backward", fails_once)
+    monkeypatch.setattr(KernelLayer, "backward", fails_once)
     with pytest.raises(RuntimeError, match="provoked"):
         y.backward(dy)
     assert x.grad is None and m.weight_hh_l0.grad is None

@@ -118,12 +118,12 @@ def test_device_object_without_cupy_names_the_argument(monkeypatch):
 
 
 def test_mixed_host_and_device_is_a_type_error():
-    with pytest.raises(TypeError, match=r"got a mix: x: host numpy.ndarray, w_ih: device .*FakeCAI"):
+    with pytest.raises(TypeError, match=r"got a mix: x \(host numpy.ndarray\), w_ih \(device .*FakeCAI"):
         interop.convert_all({"x": np.zeros((2, 1, 3)), "w_ih": FakeCAI(), "b_ih": None})
-    with pytest.raises(TypeError, match=r"got a mix: x: host torch.Tensor, .*h0: device .*FakeDLPack"):
+    with pytest.raises(TypeError, match=r"got a mix: x \(host torch.Tensor\), .*h0 \(device .*FakeDLPack"):
         interop.forward("rnn_tanh", torch.zeros(2, 1, 3), np.zeros((4, 3)), np.zeros((4, 4)),
                         h0=FakeDLPack(np.zeros((1, 4)), 2))
-    # the functional API keeps its own check (gpurnn.backends.resolve)
+    # the functional API classifies through the same boundary (gpurnn.arrays.Call)
     with pytest.raises(TypeError, match="got a mix"):
         gpurnn.functional.forward("rnn_tanh", np.zeros((2, 1, 3)), FakeCAI(), np.zeros((4, 4)))
 
@@ -217,6 +217,37 @@ def test_cupy_forward_backward_matches_numpy(cell, rng):
         if b is not None:
             assert isinstance(a, cupy.ndarray), name
             assert_close(a.get(), b, 1e-5, name)
+
+
+@pytest.mark.gpu
+@gpu
+def test_module_parameters_and_gradients_live_on_the_device(rng, monkeypatch):
+    import cupy
+    m = gpurnn.LSTM(7, 33, num_layers=2, bidirectional=True, seed=4)
+    host = gpurnn.LSTM(7, 33, num_layers=2, bidirectional=True, seed=4, backend="numpy")
+    assert m.to("cuda") is m and m.device == "cuda:0"
+    assert all(isinstance(p, cupy.ndarray) for p in m.parameters())
+    assert all(isinstance(g, cupy.ndarray) for g in m.grads.values())
+    # no host<->device copy of a parameter or gradient in forward/backward
+    copies = []
+    real_asarray = cupy.asarray
+    monkeypatch.setattr(cupy, "asarray", lambda a, *k, **kw: copies.append(type(a)) or real_asarray(a, *k, **kw))
+    x = rng.standard_normal((5, 3, 7)).astype(np.float32)
+    xd = real_asarray(x)
+    y, _ = m(xd)
+    m.backward(cupy.ones_like(y))
+    assert not [t for t in copies if t is np.ndarray], copies
+    monkeypatch.undo()
+    y_host, _ = host(x)
+    host.backward(np.ones_like(y_host))
+    assert_close(y.get(), y_host, 1e-5, "y")
+    for k, g in host.grads.items():
+        assert isinstance(m.grads[k], cupy.ndarray)
+        assert_close(m.grads[k].get(), g, 1e-4, k)
+    sd = m.state_dict()                       # host copies only when asked
+    assert all(isinstance(v, np.ndarray) for v in sd.values())
+    m.to("cpu")
+    assert all(isinstance(p, np.ndarray) for p in m.parameters())
 
 
 def test_gpurnn_and_interop_import_without_torch():

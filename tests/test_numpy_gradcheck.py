@@ -217,7 +217,7 @@ def test_layer_gradients_with_dropout_match_finite_differences(cls, lengths):
     rc = rng.standard_normal((4, LB, LH)) if is_lstm else None
 
     _layer_forward(m, x, hx, lengths)
-    mask = m._saved[1][0]
+    mask = m._saved[1].masks[0]
     assert mask is not None and (mask == 0).any() and (mask > 0).any(), \
         "the fixed dropout mask should drop some but not all units"
     m.zero_grad()

@@ -10,6 +10,7 @@ from gpurnn.testing import TOL, assert_close
 torch = pytest.importorskip("torch")
 import gpurnn.torch as gt  # noqa: E402  (needs torch)
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
+from gpurnn.stack import KernelLayer  # noqa: E402
 
 REF = {"LSTM": torch.nn.LSTM, "GRU": torch.nn.GRU, "RNN": torch.nn.RNN}
 MINE = {"LSTM": gt.LSTM, "GRU": gt.GRU, "RNN": gt.RNN}
@@ -152,13 +153,14 @@ def test_default_hx_and_unbatched_input(rng):
 
 
 def _record_training_flags(monkeypatch):
+    """Whether each layer-direction's forward was asked to keep what backward needs."""
     flags = []
-    real = gpurnn.functional.forward
+    real = KernelLayer.forward
 
-    def spy(*args, **kwargs):
-        flags.append(args[10] if len(args) > 10 else kwargs["training"])
-        return real(*args, **kwargs)
-    monkeypatch.setattr(gt.F, "forward", spy)
+    def spy(self, run, *args):
+        flags.append(run.need_saved)
+        return real(self, run, *args)
+    monkeypatch.setattr(KernelLayer, "forward", spy)
     return flags
 
 
@@ -187,12 +189,20 @@ def test_no_reserve_in_eval_or_no_grad(monkeypatch):
     assert flags == [True] * 4
 
 
-def test_second_backward_through_one_forward_is_a_clear_error():
-    _, mine = _pair("RNN", 5, 7, torch.float64, 5)
-    y, _ = mine(torch.randn(4, 2, 5, dtype=torch.float64))
+def test_second_backward_through_one_forward_gives_the_same_gradients():
+    # what the forward saved is ordinary tensors kept by autograd: retain_graph works as in torch
+    ref, mine = _pair("LSTM", 5, 7, torch.float64, 5, num_layers=2, bidirectional=True)
+    x = torch.randn(4, 2, 5, dtype=torch.float64, requires_grad=True)
+    y, _ = mine(x)
     y.sum().backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="second backward through the same forward"):
-        y.sum().backward()
+    first = [p.grad.clone() for p in mine.parameters()] + [x.grad.clone()]
+    y.sum().backward()
+    second = [p.grad for p in mine.parameters()] + [x.grad]
+    for a, b in zip(first, second):
+        torch.testing.assert_close(b, 2 * a, rtol=0, atol=0)
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref(x_ref)[0].sum().backward()
+    assert_close(x.grad / 2, x_ref.grad, 1e-10, "dx")
 
 
 def test_inplace_change_before_backward_is_an_error():
