@@ -9,7 +9,8 @@ comparison with other-process CPU shares use `gpurnn bench`).
     python -m pytest benchmarks --benchmark-enable --benchmark-group-by=group
 
 Ids read `lstm-fwdbw-cpu-f32-T100-B32-I256-H256` (cell-mode-impl-dtype-shape). CPU cases run
-on 2 threads for both sides (torch.set_num_threads, threadpoolctl for NumPy's BLAS). GPU
+on 2 threads for both sides (torch.set_num_threads, threadpoolctl for NumPy's BLAS). Without
+torch only the torch cases skip, with the reason; gpurnn's numpy and cpu cases still run. GPU
 implementations (gpurnn cuda, its stepwise path, torch cuDNN) skip with the reason where no
 device is usable — including in a pytest process whose simulator tests have put numba.cuda in
 simulator mode, so run this directory on its own on a GPU machine. In the default test run
@@ -17,6 +18,7 @@ simulator mode, so run this directory on its own on a GPU machine. In the defaul
 (T <= 5, B <= 3, I <= 16, H <= 24; the full shapes take minutes), so this code cannot rot
 unnoticed.
 """
+import contextlib
 import time
 
 import pytest
@@ -46,13 +48,26 @@ def _params():
 
 @pytest.fixture(scope="module", autouse=True)
 def cpu_threads():
-    threadpoolctl = pytest.importorskip("threadpoolctl")
-    torch = pytest.importorskip("torch")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    with threadpoolctl.threadpool_limits(limits=THREADS):
-        yield
-    torch.set_num_threads(previous)
+    """THREADS for torch and NumPy's BLAS, each where installed (without threadpoolctl the BLAS
+    keeps its default, which only changes the timings)."""
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    try:
+        import threadpoolctl
+        limits = threadpoolctl.threadpool_limits(limits=THREADS)
+    except ImportError:
+        limits = contextlib.nullcontext()
+    previous = torch.get_num_threads() if torch is not None else None
+    if torch is not None:
+        torch.set_num_threads(THREADS)
+    try:
+        with limits:
+            yield
+    finally:
+        if torch is not None:
+            torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("case,impl", list(_params()))
@@ -61,7 +76,10 @@ def test_case(benchmark, case, impl):
         case = bench.Case(case.cell, case.mode, min(case.T, 5), min(case.B, 3), min(case.I, 16),
                           min(case.H, 24), case.dtype)
     run = bench.make_runner(impl, case)
-    err = bench.check_runner(run, impl, case)          # raises (never times) a wrong result
+    # right before timed: one call against the float64 NumPy reference on the same data
+    # (check_runner raises, naming the output, where it is off; a wrong result is never timed)
+    err = bench.check_runner(run, impl, case)
+    assert err <= bench.CHECK_TOL[case.dtype], f"{impl} on {case.id}: relative error {err:.2e}"
     benchmark.group = case.id
     benchmark.extra_info.update(tokens=case.T * case.B, model_flops=bench.flops(case), impl=impl,
                                 max_rel_err=err)
@@ -75,3 +93,12 @@ def test_case(benchmark, case, impl):
         once = min(once, max(time.perf_counter() - t0, 1e-6))
     benchmark.pedantic(run, rounds=max(5, int(1.0 / once)),
                        warmup_rounds=max(2, int(WARMUP_S / once)), iterations=1)
+
+
+def test_a_wrong_result_is_not_timed():
+    # the check above bites: an implementation 1% off on one output fails before any timing
+    case = bench.Case("gru", "fwdbw", 4, 2, 3, 5)
+    run = bench.make_runner("gpurnn-numpy", case)
+    skewed = bench.Runner(run, lambda: {**run.outputs(), "dw_hh": 1.01 * run.outputs()["dw_hh"]})
+    with pytest.raises(RuntimeError, match="dw_hh differs from the float64 NumPy reference"):
+        bench.check_runner(skewed, "gpurnn-numpy", case)
