@@ -614,7 +614,7 @@ __all__ = ["DeviceProfile", "PROFILES", "Plan", "plan", "capacity", "device_prof
 
 class _CallableModule(types.ModuleType):
     """`gpurnn.plan` is this module (capacity, step_traffic, ...) and, called, its main
-    function: DESIGN.md names both `gpurnn/plan.py` and the public `gpurnn.plan(...)`, and a
+    function: docs/design.md §4 names both the module and the public `gpurnn.plan(...)`, and a
     package attribute cannot be two objects, so the module answers calls with plan()."""
 
     def __call__(self, *args, **kwargs):

@@ -267,7 +267,7 @@ def test_capacity_is_the_persistent_edge():
 
 def test_capacity_numbers_are_sane():
     lstm = capacity("lstm", "float32", "H100", batch=1)
-    # DESIGN.md's ~1370 ignores that U = ceil(H / 132) is an integer (132 x 10 units), the
+    # docs/design.md §2's weights-only ~1370 ignores that U = ceil(H / 132) is an integer (132 x 10 units), the
     # 1 KB of partial sums (one per thread) and the bank-conflict padding of the weight rows.
     assert 1250 <= lstm <= 1400 and lstm == 1308
     assert capacity("lstm", "float64", "H100") < lstm < capacity("lstm", "bfloat16", "H100")
@@ -329,7 +329,7 @@ def test_device_profile_str_is_readable():
 
 
 def test_gpurnn_plan_is_callable_and_the_module():
-    # DESIGN.md names both gpurnn/plan.py and the public gpurnn.plan(...): whichever import
+    # docs/design.md §4 names both the module and the public gpurnn.plan(...): whichever import
     # ran first, the package attribute must serve both
     import gpurnn
     import gpurnn.plan as module

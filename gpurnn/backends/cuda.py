@@ -1,6 +1,6 @@
 """CUDA backend: CuPy arrays, cuBLAS GEMMs through CuPy, gpurnn's Numba CUDA kernels.
 
-The host side of the algorithm (DESIGN.md §2) lives here once, written against an array module
+The host side of the algorithm (docs/design.md §2) lives here once, written against an array module
 `xp` and a `Runtime` that knows how to compile and launch; the simulator backend (sim.py) runs
 the same code with NumPy and Numba's CUDA simulator:
   forward   Gx = x W_ih^T + folded bias (one GEMM) -> persistent kernel over all steps, or per

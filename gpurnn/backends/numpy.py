@@ -3,7 +3,7 @@
 Plain and readable on purpose, but not wasteful: the input projection is one GEMM over all
 T*B rows before the time loop, the loop does one (B, H) x (H, G*H) GEMM plus pointwise work per
 step writing into preallocated buffers, and backward forms every weight gradient with large
-GEMMs after its loop (DESIGN.md §2). Conventions and reserve layout: gpurnn/cells.py.
+GEMMs after its loop (docs/design.md §2). Conventions and reserve layout: gpurnn/cells.py.
 
 NaN/Inf in inputs propagate to the outputs as IEEE arithmetic says (see _ieee). Padded steps
 (t >= lengths[b]) never touch the results, whatever they contain.

@@ -4,7 +4,7 @@ as gpurnn/cells.py; the readable version of the same algorithm is gpurnn/backend
 
 Who owns what. A team of `nt` threads shares a layer in one of two ways (SZ_MODE):
 
-MODE_UNITS (the CPU form of DESIGN.md §2's persistent kernel), for small batches: the hidden
+MODE_UNITS (the CPU form of docs/design.md §2's persistent kernel), for small batches: the hidden
 units are cut into P parts of `nmax` units (the last may be shorter); part k owns units
 [k*nmax, k*nmax + n_k) and keeps its own rows of W_ih and W_hh for all G gates (`wx[k]`,
 `wh[k]`: (G*n_k, I), (G*n_k, H), gate-major), packed once per weight version where the BLAS
