@@ -8,7 +8,7 @@ import gpurnn
 import gpurnn.functional as F
 from gpurnn import cells, layers, stack
 from gpurnn.backends import BACKENDS, availability, reserve_dtypes
-from conftest import TOL, assert_close
+from gpurnn.testing import TOL, assert_close
 
 T, B, I, H = 5, 3, 4, 6
 HAVE = [b for b in BACKENDS if availability(b)[0]]
