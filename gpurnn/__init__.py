@@ -1,6 +1,7 @@
 """gpurnn: fused persistent GPU kernels for LSTM, GRU and Elman RNN, with a NumPy reference."""
 from ._version import __version__
-from . import functional, plan          # gpurnn.plan(...) plans; gpurnn.plan.capacity etc. too
+from . import functional
+from .planning import plan                # gpurnn.plan(...); the rest is gpurnn.planning
 from .layers import GRU, LSTM, RNN
 
 __all__ = ["LSTM", "GRU", "RNN", "plan", "functional", "__version__"]

@@ -10,9 +10,11 @@ machine's CPU time other processes used during its blocks (Linux /proc/stat; Non
 Before anything is timed, each implementation's result on the case's data is checked against
 the float64 NumPy reference (check_runner): a wrong implementation is never timed.
 
-FLOP model (one layer, one direction, multiply-add = 2 FLOPs), G gates:
+FLOP model: gpurnn.planning.layer_flops, the one the plan's traffic model uses too (one layer,
+one direction, multiply-add = 2 FLOPs, G gates):
     forward   2*T*B*G*H*(I + H)      input projection + recurrent GEMMs
-              + P*T*B*H              pointwise (P = 12 LSTM, 14 GRU, 2 RNN; transcendental = 1)
+              + P*T*B*H              pointwise (P = planning.POINTWISE_FLOPS: LSTM 21, GRU 17,
+                                     RNN 4, counted off the cell equations; see planning/cost.py)
     backward  2x the forward GEMMs   (dgates W_hh per step, dx, dW_ih, dW_hh) + 2x pointwise
 Rates are model FLOPs / measured seconds, the same model for every implementation, so they
 compare fairly even where an implementation does extra work.
@@ -26,11 +28,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from . import planning
 from .cells import GATES, REGISTRY
 from .testing import rel_err
 
-POINTWISE = {"lstm": 12, "gru": 14, "rnn_tanh": 2, "rnn_relu": 2}
-TORCH_CLASS = {name: (c.torch_class, c.torch_kwargs) for name, c in REGISTRY.items()}
 IMPLS = ("gpurnn-cpu", "gpurnn-numpy", "torch-cpu", "gpurnn-cuda", "gpurnn-cuda-stepwise",
          "torch-cudnn", "gpurnn-sim")
 PEER = {"gpurnn-cpu": "torch-cpu", "gpurnn-numpy": "torch-cpu", "gpurnn-sim": "torch-cpu",
@@ -58,11 +59,9 @@ class Case:
 
 
 def flops(case: Case) -> float:
-    G = GATES[case.cell]
-    gemm = 2.0 * case.T * case.B * G * case.H * (case.I + case.H)
-    pointwise = float(POINTWISE[case.cell] * case.T * case.B * case.H)
-    fwd = gemm + pointwise
-    return fwd if case.mode == "fwd" else fwd + 2 * gemm + 2 * pointwise
+    """The case's model FLOPs (gpurnn.planning.layer_flops)."""
+    return float(planning.layer_flops(case.cell, case.T, case.B, case.I, case.H,
+                                      backward=case.mode == "fwdbw"))
 
 
 def grid(quick=False, cells=("lstm", "gru", "rnn_tanh"), modes=("fwd", "fwdbw"), dtype="float32"):
@@ -160,9 +159,10 @@ def make_runner(impl, case, seed=0):
     if impl in ("torch-cpu", "torch-cudnn"):
         import torch
         device = "cuda" if impl == "torch-cudnn" else "cpu"
-        name, kw = TORCH_CLASS[case.cell]
+        cell = REGISTRY[case.cell]
         tdtype = getattr(torch, case.dtype)
-        m = getattr(torch.nn, name)(case.I, case.H, **kw).to(device=device, dtype=tdtype)
+        m = getattr(torch.nn, cell.torch_class)(case.I, case.H, **cell.torch_kwargs).to(
+            device=device, dtype=tdtype)
         d = _data(case, rng)
         with torch.no_grad():
             for key, p in (("w_ih", m.weight_ih_l0), ("w_hh", m.weight_hh_l0), ("b_ih", m.bias_ih_l0),
@@ -317,28 +317,26 @@ GPU_IMPLS = ("gpurnn-cuda", "gpurnn-cuda-stepwise", "torch-cudnn")
 
 def traffic_floor(case: Case, impl: str, device=None):
     """Seconds the plan's traffic model says the recurrence of `case` cannot beat on `device`
-    (None: the current GPU; or a profile name): T x gpurnn.plan.step_floor_seconds for the path
+    (None: the current GPU; or a profile name): T x gpurnn.planning.step_floor_seconds for the path
     the implementation runs — the plan's choice for gpurnn-cuda, the stepwise model for
     gpurnn-cuda-stepwise and for cuDNN (a GEMM and a pointwise pass per step). None for CPU
     implementations and for fwdbw cases (the model covers the forward recurrence only)."""
     if impl not in GPU_IMPLS or case.mode != "fwd":
         return None
-    from . import plan as planmod
-    p = planmod.plan(case.cell, case.I, case.H, case.B, case.dtype, device)
+    p = planning.plan(case.cell, case.I, case.H, case.B, case.dtype, device)
     path = p.path if impl == "gpurnn-cuda" else "stepwise"
-    return case.T * planmod.step_floor_seconds(p, path, training=False)
+    return case.T * planning.step_floor_seconds(p, path, training=False)
 
 
 def model_seconds(case: Case, impl: str, device=None):
-    """Seconds the step-time model (gpurnn.cost, through the plan) predicts for the recurrence
+    """Seconds the step-time model (gpurnn.planning.cost, through the plan) predicts for the recurrence
     of `case` on `device` (None: the current GPU; or a profile name): T steps of the path the
     implementation runs (forward, or forward + backward), the plan's choice for gpurnn-cuda and
     the stepwise path for gpurnn-cuda-stepwise. None for other implementations: measured over
     predicted is what calibrates the model on a GPU's first run."""
     if impl not in ("gpurnn-cuda", "gpurnn-cuda-stepwise"):
         return None
-    from . import plan as planmod
-    p = planmod.plan(case.cell, case.I, case.H, case.B, case.dtype, device)
+    p = planning.plan(case.cell, case.I, case.H, case.B, case.dtype, device)
     path = p.path if impl == "gpurnn-cuda" else "stepwise"
     fwd, bwd = p.predicted_step(path, "fwd"), p.predicted_step(path, "bwd")
     if fwd is None:

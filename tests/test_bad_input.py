@@ -815,9 +815,9 @@ def test_layer_backward_device_dy_on_a_host_module():
 @pytest.mark.parametrize("fn", ["step_traffic", "step_floor_seconds", "traffic_saving"])
 @pytest.mark.parametrize("bad", ["p", None, 3], ids=["str", "None", "int"])
 def test_plan_functions_take_a_plan(fn, bad):
-    with pytest.raises(TypeError, match=msg("plan must be a gpurnn.plan.Plan (what gpurnn.plan(...) returns); "
+    with pytest.raises(TypeError, match=msg("plan must be a gpurnn.planning.Plan (what gpurnn.plan(...) returns); "
                                             f"got {type(bad).__name__}")):
-        getattr(gpurnn.plan, fn)(bad)
+        getattr(gpurnn.planning, fn)(bad)
 
 
 @pytest.mark.parametrize("name", ["w_hh", "h0", "b_hh"])

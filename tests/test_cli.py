@@ -99,9 +99,9 @@ def test_bench_rejects_unknown_impl(capsys):
 def test_bench_flop_model():
     from gpurnn.bench import Case, flops
     c = Case("lstm", "fwd", 10, 2, 3, 5)
-    assert flops(c) == 2 * 10 * 2 * 4 * 5 * (3 + 5) + 12 * 10 * 2 * 5
+    assert flops(c) == 2 * 10 * 2 * 4 * 5 * (3 + 5) + 21 * 10 * 2 * 5
     bw = Case("lstm", "fwdbw", 10, 2, 3, 5)
-    assert flops(bw) == 3 * 2 * 10 * 2 * 4 * 5 * (3 + 5) + 3 * 12 * 10 * 2 * 5
+    assert flops(bw) == 3 * 2 * 10 * 2 * 4 * 5 * (3 + 5) + 3 * 21 * 10 * 2 * 5
 
 
 def test_no_command_prints_help(capsys):
@@ -110,7 +110,7 @@ def test_no_command_prints_help(capsys):
 
 
 def test_traffic_floor_for_gpu_forward_cases():
-    from gpurnn import plan as planmod
+    from gpurnn import planning as planmod
     from gpurnn.bench import Case, traffic_floor
     case = Case("lstm", "fwd", 100, 8, 512, 512)
     floor = traffic_floor(case, "gpurnn-cuda", device="H100")

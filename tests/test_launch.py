@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from gpurnn import plan as planmod
+from gpurnn import planning as planmod
 from gpurnn.kernels import launch
 
 drv = pytest.importorskip("cuda.bindings.driver", reason="cuda-bindings is not installed")

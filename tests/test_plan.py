@@ -1,5 +1,6 @@
-"""The plan: device profiles, the persistent/stepwise choice and its reasons, the grid it picks
-(never an impossible cooperative grid), the capacity table, and the per-step traffic model."""
+"""The plan (gpurnn.planning): device profiles, the persistent/stepwise choice and its reasons,
+the grid it picks (never an impossible cooperative grid), the capacity table, the per-step
+traffic model and the one FLOP model."""
 import dataclasses
 import os
 import subprocess
@@ -8,9 +9,10 @@ import textwrap
 
 import pytest
 
-from gpurnn import plan as planmod
+from gpurnn import planning
+from gpurnn.cells import CELLS, GATES
 from gpurnn.kernels.layout import smem_bytes
-from gpurnn.plan import PROFILES, DeviceProfile, capacity, plan, step_floor_seconds, step_traffic
+from gpurnn.planning import PROFILES, DeviceProfile, capacity, plan, step_floor_seconds, step_traffic
 
 KB = 1024
 
@@ -26,14 +28,14 @@ def test_named_profiles_hold_the_documented_numbers():
 
 
 def test_device_argument_forms():
-    assert planmod.device_profile("h100") is PROFILES["H100"]
+    assert planning.device_profile("h100") is PROFILES["H100"]
     custom = dataclasses.replace(PROFILES["A100"], name="mine", sm_count=7)
-    assert planmod.device_profile(custom) is custom
+    assert planning.device_profile(custom) is custom
     assert plan("gru", 8, 64, 2, device=custom).device.sm_count == 7
     with pytest.raises(ValueError, match=r"device must be one of .*'H100'.*got 'V100'"):
-        planmod.device_profile("V100")
+        planning.device_profile("V100")
     with pytest.raises(TypeError, match="device must be a profile name.*got int"):
-        planmod.device_profile(3)
+        planning.device_profile(3)
 
 
 def test_profile_from_a_numba_device():
@@ -53,7 +55,7 @@ def test_profile_from_a_numba_device():
         MEMORY_CLOCK_RATE = 2619000        # kHz
         GLOBAL_MEMORY_BUS_WIDTH = 5120     # bits
 
-    prof = planmod.profile_from_numba_device(FakeDevice())
+    prof = planning.profile_from_numba_device(FakeDevice())
     assert prof.name == "NVIDIA H100 80GB HBM3" and prof.compute_capability == (9, 0)
     assert prof.mem_bandwidth == pytest.approx(3.352e12, rel=1e-3)
     same = dataclasses.replace(prof, name="H100", mem_bandwidth=3.35e12)
@@ -62,7 +64,7 @@ def test_profile_from_a_numba_device():
 
 NO_DEVICE = textwrap.dedent("""
     import os
-    from gpurnn import plan as planmod
+    from gpurnn import planning as planmod
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
         print("PROFILE", planmod.device_profile(None).name)
     else:
@@ -167,7 +169,7 @@ AWKWARD_H = (1, 7, 33, 59, 97, 131, 132, 133, 264, 1151)
 @pytest.mark.parametrize("device", ["H100", "A100", "RTX4090", "sim"])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_relu"])
 def test_auto_grid_has_no_empty_block_and_minimal_slices(device, cell):
-    dev = planmod.device_profile(device)
+    dev = planning.device_profile(device)
     for h in AWKWARD_H:
         for b in (1, 3, 8):
             p = plan(cell, 16, h, b, device=dev)
@@ -182,7 +184,7 @@ def test_auto_grid_has_no_empty_block_and_minimal_slices(device, cell):
 
 @pytest.mark.parametrize("device", ["H100", "A100", "RTX4090", "sim"])
 def test_never_a_cooperative_grid_above_the_limit(device):
-    dev = planmod.device_profile(device)
+    dev = planning.device_profile(device)
     for h in AWKWARD_H:
         for threads in (32, 256, 1024):
             for blocks in (None, 1, 5, dev.sm_count, dev.sm_count + 1, 4 * dev.sm_count, 5000):
@@ -291,12 +293,12 @@ def test_traffic_model_persistent_vs_stepwise():
     per = step_traffic(p, "persistent")
     stp = step_traffic(p, "stepwise")
     assert step_traffic(p) == per                      # the plan's own path by default
-    assert per["flops"] == stp["flops"] == 2 * B * G * H * H + B * G * H + 10 * B * H
+    assert per["flops"] == stp["flops"] == 2 * B * G * H * H + 21 * B * H
     assert (per["launches"], stp["launches"]) == (1, 2)
     assert per["bytes"]["read h_prev (every block)"] == P * B * H * s
     assert stp["bytes"]["gemm read w_hh"] == G * H * H * s == stp["w_hh_bytes"]
     assert stp["w_hh_fits_l2"]
-    saving = planmod.traffic_saving(p)
+    saving = planning.traffic_saving(p)
     assert saving["dram_bytes"] == G * H * H * s + 2 * B * G * H * s == 4_325_376
     assert saving["global_bytes"] == G * H * H * s + 2 * B * G * H * s - (P - 1) * B * H * s
     assert saving["global_bytes"] == stp["global_bytes"] - per["global_bytes"]
@@ -328,15 +330,34 @@ def test_device_profile_str_is_readable():
     assert isinstance(PROFILES["sim"], DeviceProfile)
 
 
-def test_gpurnn_plan_is_callable_and_the_module():
-    # docs/design.md §4 names both the module and the public gpurnn.plan(...): whichever import
-    # ran first, the package attribute must serve both
+def test_gpurnn_plan_is_the_planning_function():
+    # a plain function: importing every planning module leaves it in place
     import gpurnn
-    import gpurnn.plan as module
-    assert gpurnn.plan is module
+    import gpurnn.planning.choose
+    import gpurnn.planning.cost
+    import gpurnn.planning.traffic  # noqa: F401
+    assert gpurnn.plan is planning.plan is gpurnn.planning.choose.plan
     p = gpurnn.plan("gru", 8, 64, 1, device="A100")
-    assert isinstance(p, module.Plan) and p.path == "persistent"
-    assert gpurnn.plan.capacity("gru", "float32", "A100") > 64
+    assert isinstance(p, planning.Plan) and p.path == "persistent"
+    assert planning.capacity("gru", "float32", "A100") > 64
+
+
+def test_one_flop_model_counts_every_cell():
+    assert set(planning.POINTWISE_FLOPS) == set(CELLS)
+    # counted off the cell equations (planning/cost.py): LSTM 4 gates x (3 sums + activation)
+    # + f*c + i*g + o*tanh(c); GRU r, z (3 sums + sigmoid each), n (3 sums, r*, tanh), the
+    # update (1-z)*n + z*h; RNN 3 sums + activation
+    assert planning.POINTWISE_FLOPS == {"lstm": 21, "gru": 17, "rnn_tanh": 4, "rnn_relu": 4}
+    T, B, I, H = 10, 2, 3, 5
+    for cell in CELLS:
+        G, P = GATES[cell], planning.POINTWISE_FLOPS[cell]
+        assert planning.step_flops(cell, B, H) == 2 * B * G * H * H + P * B * H
+        fwd = planning.layer_flops(cell, T, B, I, H)
+        assert fwd == T * (2 * B * G * H * (I + H) + P * B * H)
+        assert planning.layer_flops(cell, T, B, I, H, backward=True) == 3 * fwd
+    from gpurnn import bench
+    case = bench.Case("gru", "fwdbw", T, B, I, H)
+    assert bench.flops(case) == planning.layer_flops("gru", T, B, I, H, backward=True)
 
 
 def test_import_gpurnn_stays_light():

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from gpurnn import plan as planmod
+from gpurnn import planning as planmod
 from gpurnn.kernels import compile as kcompile
 from gpurnn.kernels.layout import KERNEL_REGS_MAX
 

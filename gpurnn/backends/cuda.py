@@ -78,7 +78,7 @@ def reserve_dtypes(dtype):
 
 def choose_launch(cell, input_size, hidden, batch, dtype, device, options) -> LaunchConfig:
     """The launch configuration: options where given, gpurnn.plan for the rest."""
-    from ..plan import plan as make_plan
+    from ..planning import plan as make_plan
     options = check_options(options)
     blocks, threads, tile = options.get("blocks"), options.get("threads"), options.get("batch_tile")
     if tile is not None and tile > batch:

@@ -234,9 +234,9 @@ def run(args):
              "that implementation's timed blocks (high: the numbers are not to be trusted)."
              if any(r.get("other_cpu_share") is not None for r in results) else "")
           + (" 'x traffic floor' is the time over the plan's DRAM-traffic floor for the recurrence "
-             "(gpurnn.plan.step_floor_seconds; forward cases on a GPU)." if any(
+             "(gpurnn.planning.step_floor_seconds; forward cases on a GPU)." if any(
                  r.get("times_floor") is not None for r in results) else "")
-          + (" 'measured/model' is the time over the step-time model's prediction (gpurnn.cost; "
+          + (" 'measured/model' is the time over the step-time model's prediction (gpurnn.planning.cost; "
              "gpurnn's GPU rows): the first GPU run calibrates the model." if any(
                  r.get("times_model") is not None for r in results) else ""))
     if args.json:

@@ -27,8 +27,8 @@ def add_parser(sub):
 
 
 def profile_name(text):
-    """An argparse type: a device profile of gpurnn.plan, by name (any case)."""
-    from gpurnn.plan import PROFILES
+    """An argparse type: a device profile of gpurnn.planning, by name (any case)."""
+    from gpurnn.planning import PROFILES
     for name in PROFILES:
         if name.lower() == text.lower():
             return name
@@ -38,7 +38,7 @@ def profile_name(text):
 def collect(device=None, batches=(1, 8)):
     from gpurnn import __version__
     from gpurnn.backends import BACKENDS, availability
-    from gpurnn import plan as planmod
+    from gpurnn import planning as planmod
     info = {"gpurnn": __version__, "backends": {}, "devices": [], "profile": None,
             "capacity": [], "traffic": []}
     for name in BACKENDS:
@@ -73,7 +73,7 @@ def collect(device=None, batches=(1, 8)):
         if prof.mem_bandwidth:
             row["persistent_floor_us"] = planmod.step_floor_seconds(p, "persistent") * 1e6
             row["stepwise_floor_us"] = planmod.step_floor_seconds(p, "stepwise") * 1e6
-        for path in ("persistent", "stepwise"):     # the step-time model (gpurnn.cost)
+        for path in ("persistent", "stepwise"):     # the step-time model (gpurnn.planning.cost)
             fwd, bwd = p.predicted_step(path, "fwd"), p.predicted_step(path, "bwd")
             if fwd is not None:
                 row[f"{path}_model_fwd_us"] = fwd.total * 1e6
@@ -123,6 +123,6 @@ def run(args):
                      f"{r.get('persistent_model_fwd_us', float('nan')):.2f} us",
                      f"{r.get('stepwise_model_fwd_us', float('nan')):.2f} us"))
     print(_table(header, rows))
-    print("model: gpurnn.cost's predicted forward step (unmeasured until `gpurnn bench` runs on a "
+    print("model: gpurnn.planning.cost's predicted forward step (unmeasured until `gpurnn bench` runs on a "
           "GPU)")
     return 0

@@ -33,7 +33,7 @@ def arch(text):
 
 def reference_plan(row):
     """The plan for the row's cell/dtype at REFERENCE on the arch's profile (None if unknown)."""
-    from gpurnn import plan as planmod
+    from gpurnn import planning as planmod
     device = ARCH_PROFILE.get(row.arch)
     if device is None:
         return None

@@ -1,5 +1,6 @@
-"""A step-time model for both paths — a model until a GPU measures it (`gpurnn bench` prints
-measured over predicted, so the first GPU run calibrates it).
+"""The step-time model for both paths — a model until a GPU measures it (`gpurnn bench` prints
+measured over predicted, so the first GPU run calibrates it) — and the FLOP model every rate
+gpurnn reports is computed from (gpurnn.bench's GFLOP/s, step_traffic's flops).
 
 Persistent step (forward or backward, the busiest SM; `n` = ceil(P / SMs) blocks on it):
     max(FMA time, shared-memory read time) + staging + barriers
@@ -21,6 +22,8 @@ under load, and the input GEMM / weight-gradient GEMMs (the same for both paths)
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from ..cells import GATES
 
 # Sources of the timing parameters (peak clocks and per-SM FMA rates reproduce the vendors'
 # published peak FLOP/s: H100 SXM 132 SMs x 128 FP32 FMA x 2 x 1.98 GHz = 66.9 TFLOP/s, FP64
@@ -63,7 +66,7 @@ _FMA_BY_CC = {7: (64, 0.5), 8: (64, 0.5), 9: (128, 0.5)}
 
 
 def timing_for(dev, clock_hz=None):
-    """Timing of a gpurnn.plan DeviceProfile (None for the simulator: it has no timing)."""
+    """Timing of a gpurnn.planning DeviceProfile (None for the simulator: it has no timing)."""
     if dev.simulator:
         return None
     if dev.name in TIMINGS:
@@ -122,3 +125,36 @@ def stepwise_step(direction, gates, hidden, batch, itemsize, l2_bytes, dev, timi
     launches = 2 * timing.launch_s
     return StepTime(gemm + pointwise + launches,
                     {"gemm": gemm, "pointwise": pointwise, "launches": launches})
+
+
+# FLOPs per (batch row, hidden unit) of one forward step besides the matrix products, counted
+# off the cell's equations as gpurnn.cells writes them, not off any implementation (which may
+# fold the biases into the input GEMM, or rewrite (1-z)*n + z*h): every +, -, * is one FLOP and
+# every sigmoid, tanh and relu is one (one special-function evaluation, as exp is).
+#   LSTM  i, f, g, o: x W^T + b_ih + h W^T + b_hh is 3 sums, then the activation: 4 x 4 = 16;
+#         c' = f*c + i*g (2 products, 1 sum) 3; h' = o*tanh(c') (tanh, product) 2      = 21
+#   GRU   r, z: 3 sums and a sigmoid each, 8; n = tanh(W_in x + b_in + r*(W_hn h + b_hn)):
+#         3 sums, 1 product, tanh, 5; h' = (1-z)*n + z*h: 1 difference, 2 products, 1 sum, 4 = 17
+#   RNN   act(x W_ih^T + b_ih + h W_hh^T + b_hh): 3 sums and the activation              = 4
+POINTWISE_FLOPS = {"lstm": 21, "gru": 17, "rnn_tanh": 4, "rnn_relu": 4}
+
+
+def step_flops(cell, batch, hidden):
+    """FLOPs of one forward step of the recurrence: the recurrent product h_{t-1} W_hh^T (a
+    multiply-add is 2 FLOPs) and the pointwise update (POINTWISE_FLOPS per row and unit)."""
+    G = GATES[cell]
+    return 2 * batch * G * hidden * hidden + POINTWISE_FLOPS[cell] * batch * hidden
+
+
+def layer_flops(cell, steps, batch, input_size, hidden, *, backward=False):
+    """FLOPs of one layer and direction over `steps` steps: each step's input projection
+    x_t W_ih^T (2*B*G*H*I) and step_flops. With backward, 3x that: the backward's products are
+    exactly twice the forward's (dgates W_hh per step and dW_hh = dgates^T h, dx = dgates W_ih
+    and dW_ih = dgates^T x), and its pointwise work is counted as twice the forward's."""
+    G = GATES[cell]
+    fwd = steps * (2 * batch * G * hidden * input_size + step_flops(cell, batch, hidden))
+    return 3 * fwd if backward else fwd
+
+
+__all__ = ["Timing", "TIMINGS", "timing_for", "StepTime", "persistent_step", "stepwise_step",
+           "POINTWISE_FLOPS", "step_flops", "layer_flops"]
