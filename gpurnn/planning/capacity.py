@@ -167,7 +167,7 @@ def kb(n):
     return f"{n:,} B ({n / KB:.1f} KB)"
 
 
-def failures(f, cap, threads, regs, dev):
+def persistent_failures(f, cap, threads, regs, dev):
     """Why the persistent configuration `f` cannot launch (an empty list: it can): shared memory
     per block over the opt-in limit, registers, or a grid that cannot be co-resident."""
     out = []
@@ -205,7 +205,7 @@ def capacity(cell, dtype="float32", device="H100", batch=1, *, threads=None,
 
     def persistent(h):      # fits: capacity is about shared memory, not predicted speed
         f = search(gates, h, batch, dtype, cap, dev, nthreads)
-        return not failures(f, cap, nthreads, regs, dev)
+        return not persistent_failures(f, cap, nthreads, regs, dev)
 
     if not persistent(1):
         return 0

@@ -21,8 +21,8 @@ from ..cells import GATES, RESERVE_GATES
 from ..kernels.dtypes import ITEMSIZE
 from ..kernels.layout import batch_tiles
 from . import cost
-from .capacity import check_cell, check_int, fit_at, kb, resident_limit, resolve, search
-from .capacity import failures as persistent_failures
+from .capacity import (check_cell, check_int, fit_at, kb, persistent_failures, resident_limit,
+                       resolve, search)
 from .profiles import KB, DeviceProfile
 
 
