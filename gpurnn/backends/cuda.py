@@ -40,7 +40,7 @@ class LaunchConfig:
     blocks: int             # P (persistent grid); unused by the stepwise path
     threads: int            # threads per block
     units_per_block: int    # U = ceil(H / P)
-    plan: Any               # the gpurnn.plan.Plan consulted (None if every choice was forced)
+    plan: Any               # the gpurnn.planning.Plan consulted (None if every choice was forced)
     batch_tile: int = 1     # batch rows a persistent block stages at once
 
 
