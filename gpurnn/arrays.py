@@ -40,7 +40,7 @@ import numpy as np
 from .backends import BACKENDS, availability
 
 __all__ = ["Call", "kind_of", "family_of", "to_compute", "from_compute", "convert_all",
-           "resolve", "torch_stream", "lengths_array", "check_shape", "check_dtype", "cupy",
+           "resolve", "torch_stream", "lengths_array", "shape_of", "check_shape", "check_dtype", "cupy",
            "is_torch_tensor", "host_copy"]
 
 # DLPack device types (dlpack.h DLDeviceType) gpurnn reads: host memory NumPy imports, and the
@@ -226,15 +226,6 @@ class Call:
     def __getitem__(self, name):
         return self._arrays[name]
 
-    def add(self, name, a):
-        """Classify and convert one more array of this call (a TypeError if its kind differs)."""
-        if a is not None and (kind_of(a, name) == "device") != self.device:
-            raise TypeError(f"{name} must be a {'device' if self.device else 'host'} array like "
-                            f"the call's other arrays; got a "
-                            f"{'host' if self.device else 'device'} {type(a).__name__}")
-        self._arrays[name] = self._convert(name, a)
-        return self._arrays[name]
-
     def back(self, a):
         """A computed array as the caller's family."""
         return from_compute(a, self.family)
@@ -266,13 +257,13 @@ def torch_stream(tensor):
             yield
 
 
-def _shape(a):
+def shape_of(a):
     return tuple(int(s) for s in a.shape)
 
 
 def check_shape(name, a, expected, what):
-    if _shape(a) != tuple(expected):
-        raise ValueError(f"{name} has shape {_shape(a)}; expected {what} = {tuple(expected)}")
+    if shape_of(a) != tuple(expected):
+        raise ValueError(f"{name} has shape {shape_of(a)}; expected {what} = {tuple(expected)}")
 
 
 def check_dtype(name, a, dtype, whose="the dtype of x"):

@@ -26,17 +26,13 @@ propagate to outputs (never an error, never a crash).
 """
 from __future__ import annotations
 
-from .arrays import Call, check_dtype, check_shape, lengths_array
+from .arrays import Call, check_dtype, check_shape, lengths_array, shape_of
 from .backends import Grads, Reserve, check_options, get_backend
 from .cells import CELLS, GATES, rnn_cell
 from .kernels.dtypes import STORAGE
 
 __all__ = ["forward", "backward", "lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
            "rnn_forward", "rnn_backward", "Grads"]
-
-
-def _shape(a):
-    return tuple(int(s) for s in a.shape)
 
 
 def _or_zeros(call, name, shape, what, dtype):
@@ -59,17 +55,17 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, lengths
                  "c0": c0}, backend)
     x = call["x"]
     if x.ndim != 3:
-        raise ValueError(f"x must have 3 dimensions (T, B, I); got shape {_shape(x)}")
+        raise ValueError(f"x must have 3 dimensions (T, B, I); got shape {shape_of(x)}")
     dtype = str(x.dtype)
     if dtype not in STORAGE:
         raise TypeError(f"x has dtype {x.dtype}; expected one of {STORAGE}")
-    T, B, I = _shape(x)
+    T, B, I = shape_of(x)
     if T == 0 or B == 0:
-        raise ValueError(f"x has shape {_shape(x)}; expected at least one step and one sequence")
+        raise ValueError(f"x has shape {shape_of(x)}; expected at least one step and one sequence")
     G = GATES[cell]
     w_ih, w_hh = call["w_ih"], call["w_hh"]
     if w_hh.ndim != 2 or w_hh.shape[1] == 0 or w_hh.shape[0] != G * w_hh.shape[1]:
-        raise ValueError(f"w_hh has shape {_shape(w_hh)}; expected (G*H, H) with G = {G} for {cell}")
+        raise ValueError(f"w_hh has shape {shape_of(w_hh)}; expected (G*H, H) with G = {G} for {cell}")
     H = int(w_hh.shape[1])
     check_shape("w_ih", w_ih, (G * H, I), "(G*H, I)")
     check_dtype("w_ih", w_ih, dtype)

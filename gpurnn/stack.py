@@ -236,7 +236,8 @@ class Stack:
                              f"sequence")
         self.check_states(x, (h0, c0), ("h0", "c0"))
         B = x.shape[1]
-        zeros = None
+        has_c = self.layer.cell.has_cell_state
+        zeros = xp.zeros((B, H), x.dtype) if h0 is None or (has_c and c0 is None) else None
         inputs, saved, h_n, c_n = [x], [], [], []
         masks = list(masks) if masks else [None] * (self.num_layers - 1)
         layer_input = x
@@ -244,10 +245,8 @@ class Stack:
             outs = []
             for d in range(D):
                 i = layer * D + d
-                if h0 is None or (self.layer.cell.has_cell_state and c0 is None):
-                    zeros = xp.zeros((B, H), x.dtype) if zeros is None else zeros
                 h = zeros if h0 is None else h0[i]
-                c = None if not self.layer.cell.has_cell_state else (zeros if c0 is None else c0[i])
+                c = None if not has_c else (zeros if c0 is None else c0[i])
                 y, hn, cn, s = self.layer.forward(run, layer_input, self._of(params, layer, d),
                                                   h, c, bool(d))
                 outs.append(y)
@@ -286,7 +285,7 @@ class Stack:
                 i = layer * D + d
                 dh = zeros if dh_n is None else dh_n[i]
                 dc = (zeros if dc_n is None else dc_n[i]) if has_c else None
-                gy = grad_out if D == 1 else xp.ascontiguousarray(grad_out[:, :, d * H:(d + 1) * H])
+                gy = grad_out if D == 1 else grad_out[:, :, d * H:(d + 1) * H]
                 dx, g_h0, g_c0, g = self.layer.backward(
                     run, saved.inputs[layer], self._of(params, layer, d), saved.saved[i], bool(d),
                     xp.ascontiguousarray(gy), xp.ascontiguousarray(dh),
