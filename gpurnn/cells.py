@@ -51,9 +51,39 @@ REGISTRY = {
     "rnn_relu": Cell("rnn_relu", 1, 0, "RNN", {"nonlinearity": "relu"}),
 }
 CELLS = tuple(REGISTRY)
-# the same facts as plain maps, for the kernels' and the plan's arithmetic
-GATES = {name: c.gates for name, c in REGISTRY.items()}
-RESERVE_GATES = {name: c.reserve_gates for name, c in REGISTRY.items()}
+# Kernel-only cells: the per-unit math of the LSTM variants (gpurnn.variants: LSTMForm.kernel_cell)
+# that the kernels and the plan run, but no torch.nn class stands for (so not in REGISTRY/CELLS,
+# which the torch-parity commands and tests iterate over). Gate order as gpurnn.variants:
+#   lstm_peephole  i, f, g, o (G = S = 4); the peephole vector [w_ci; w_cf; w_co] (3H,)
+#   cifg           i, g, o    (G = S = 3); f = 1 - i
+#   cifg_peephole  i, g, o    (G = S = 3); the peephole vector [w_ci; w_co] (2H,)
+KERNEL_REGISTRY = {
+    "lstm_peephole": Cell("lstm_peephole", 4, 4, "LSTM", states=("h", "c")),
+    "cifg": Cell("cifg", 3, 3, "LSTM", states=("h", "c")),
+    "cifg_peephole": Cell("cifg_peephole", 3, 3, "LSTM", states=("h", "c")),
+}
+KERNEL_CELLS = tuple(KERNEL_REGISTRY)
+# every cell a kernel runs: the torch-facing ones, then the kernel-only ones
+ALL_CELLS = CELLS + KERNEL_CELLS
+# the same facts as plain maps, for the kernels' and the plan's arithmetic (every kernel cell)
+GATES = {name: c.gates for name, c in {**REGISTRY, **KERNEL_REGISTRY}.items()}
+RESERVE_GATES = {name: c.reserve_gates for name, c in {**REGISTRY, **KERNEL_REGISTRY}.items()}
+# how many peephole vectors of H the cell's b_rec kernel argument carries (0: none)
+PEEPHOLES = {"lstm_peephole": 3, "cifg_peephole": 2}
+
+
+def has_cell_state(name):
+    """True for the cells with a cell state c (LSTM and its kernel variants)."""
+    cell = REGISTRY.get(name) or KERNEL_REGISTRY.get(name)
+    return cell is not None and cell.has_cell_state
+
+
+def kernel_cell(name):
+    """The Cell of any kernel cell (torch-facing or kernel-only); ValueError otherwise."""
+    cell = REGISTRY.get(name) or KERNEL_REGISTRY.get(name)
+    if cell is None:
+        raise ValueError(f"kernel cell must be one of {ALL_CELLS}; got {name!r}")
+    return cell
 
 
 def get(name):

@@ -296,6 +296,7 @@ def run_backward(rt: Runtime, reserve: Reserve, dy, dh_n, dc_n, options):
     dc_carry = (xp.array(dc_n, dtype=cdt, copy=True, order="C") if cell == "lstm"
                 else xp.zeros((1, 1), cdt))
     dy = xp.ascontiguousarray(dy)
+    b_rec = xp.zeros(1, cdt)
     lengths_k = _kernel_lengths(xp, reserve.lengths, T, B)
     w_hh_c = xp.ascontiguousarray(w_hh)
 
@@ -307,7 +308,7 @@ def run_backward(rt: Runtime, reserve: Reserve, dy, dh_n, dc_n, options):
         smem = layout.smem_bytes_for("bwd", G, H, bt, U, dtype, threads=cfg.threads)
         for k_begin, k_end in _launch_ranges(rt, P, T + 1):
             rt.launch_persistent(cell, "persistent_bwd", dtype, P, cfg.threads, smem,
-                                 (k(w_hh_c), k(h), c, k(gates), k(dy), dgh, dgx, dh_carry,
+                                 (k(w_hh_c), b_rec, k(h), c, k(gates), k(dy), dgh, dgx, dh_carry,
                                   dc_carry, lengths_k, rev, k_begin, k_end, U, bt),
                                  (k_begin, k_end))
         dh0 = dh_carry
@@ -319,7 +320,7 @@ def run_backward(rt: Runtime, reserve: Reserve, dy, dh_n, dc_n, options):
             if s + 1 < T:
                 xp.matmul(dgh[time_of(s + 1)], w_hh_f, out=dh_rec)
             rt.launch_pointwise(cell, "pointwise_bwd", dtype, B * H, cfg.threads,
-                                (k(h), c, k(gates), k(dy), dh_rec, dgh, dgx, dh_carry, dc_carry,
+                                (b_rec, k(h), c, k(gates), k(dy), dh_rec, dgh, dgx, dh_carry, dc_carry,
                                  lengths_k, rev, s), s)
         dh0 = dh_carry + xp.matmul(dgh[time_of(0)], w_hh_f)
 

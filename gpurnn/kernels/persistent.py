@@ -103,10 +103,13 @@ def make_fwd(cell: str, dtype: str):
     Arguments (all C-contiguous; [S] storage dtype, else compute dtype: gpurnn.kernels.dtypes):
       gx       (T, B, G*H)  input projection with folded biases; read only
       w_hh     (G*H, H)     [S] recurrent weights; read only, once per launch
-      b_rec    (G*H,)       GRU: b_hh (zeros without bias); other cells: any (1,) placeholder
+      b_rec    (n,)         GRU: b_hh (G*H,; zeros without bias); lstm_peephole: [w_ci; w_cf;
+                            w_co] (3H,), cifg_peephole: [w_ci; w_co] (2H,); other cells: any
+                            (1,) placeholder
       h        (T+1, B, H)  [S] reserve states: h0 at h[0] (forward) / h[T] (reverse) on entry
-      c        (T+1, B, H)  LSTM cell states, c0 placed like h0; other cells: (1,1,1) placeholder
-      gates    (T, B, 4*H)  [S] LSTM/GRU activated gates (written when save_gates); else, and for
+      c        (T+1, B, H)  LSTM-family cell states, c0 placed like h0; other cells: (1,1,1)
+                            placeholder
+      gates    (T, B, S*H)  [S] LSTM-family/GRU activated gates (written when save_gates); else, and for
                             RNN, a (1,1,1) placeholder
       y        (T, B, H)    [S] outputs (written); none of the arrays may alias each other
       lengths  int32 (B,)   per-sequence lengths (T for all when the caller had none)
@@ -226,6 +229,8 @@ def make_bwd(cell: str, dtype: str):
 
     Arguments (all C-contiguous; [S] storage dtype, else compute dtype: gpurnn.kernels.dtypes):
       w_hh      (G*H, H)     [S] recurrent weights; read only, columns of U_j once per launch
+      b_rec     (n,)         the peephole cells' peephole vector (cellmath.make); read only;
+                             other cells: any (1,) placeholder
       h, c, gates            the forward's reserve ([S] h and gates; layout: gpurnn.cells); read only; c and
                              gates are (1,1,1) placeholders where the cell has none
       dy        (T, B, H)    [S] output gradient; read only
@@ -248,7 +253,7 @@ def make_bwd(cell: str, dtype: str):
     ZERO = DT(0)
     _, bwd_unit = cellmath.make(cell, dtype)
 
-    def kernel(w_hh, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, reverse,
+    def kernel(w_hh, b_rec, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, reverse,
                k_begin, k_end, units, batch_tile):
         grid = _this_grid()
         wsm = cuda.shared.array(0, dtype=W_SMEM_TYPE)     # as in the forward: one buffer
@@ -316,8 +321,8 @@ def make_bwd(cell: str, dtype: str):
                         if s < 0:
                             dh_carry[b, u] = dh
                         else:
-                            bwd_unit(h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, t,
-                                     t_in, t_out, b, u, dh)
+                            bwd_unit(b_rec, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry,
+                                     lengths, t, t_in, t_out, b, u, dh)
             # lanes > 1 means one round, and the grid barrier orders this phase's scratch reads
             # before the next phase's writes: no block barrier is needed here.
             if kk + 1 < k_end:

@@ -26,10 +26,11 @@ def make_fwd(cell: str, dtype: str):
     Arguments (C-contiguous; [S] storage dtype, else compute dtype: gpurnn.kernels.dtypes):
       gx       (T, B, G*H)  input projection with folded biases; read only
       gh       (B, G*H)     h_in @ W_hh^T for this step, no bias; read only
-      b_rec    (G*H,)       GRU: b_hh (zeros without bias); other cells: (1,) placeholder
+      b_rec    (n,)         GRU: b_hh (zeros without bias); the peephole cells: the peephole
+                            vector (cellmath.make); other cells: (1,) placeholder
       h        (T+1, B, H)  [S] reserve states; reads h[t_in], writes h[t_out]
       c        (T+1, B, H)  LSTM (reads c[t_in], writes c[t_out]); else (1,1,1) placeholder
-      gates    (T, B, 4*H)  [S] LSTM/GRU activated gates (written when save_gates); else, and for
+      gates    (T, B, S*H)  [S] LSTM-family/GRU activated gates (written when save_gates); else, and for
                             RNN, a (1,1,1) placeholder
       y        (T, B, H)    [S] written (0 on masked steps)
       lengths  int32 (B,) ; reverse, s : int32 (s = processing step, t = s or T-1-s)
@@ -73,6 +74,8 @@ def make_bwd(cell: str, dtype: str):
     """Pointwise backward of processing step `s` for cell, dtype.
 
     Arguments (C-contiguous; [S] storage dtype, else compute dtype: gpurnn.kernels.dtypes):
+      b_rec     (n,)         the peephole cells' peephole vector (cellmath.make); else (1,)
+                             placeholder; read only
       h, c, gates            the forward's reserve ([S] h, gates); read only ((1,1,1) placeholders where none)
       dy        (T, B, H)    [S] read only; ignored on masked steps
       dh_rec    (B, H)       dgh[step processed after s] @ W_hh (zeros for the last step)
@@ -85,7 +88,7 @@ def make_bwd(cell: str, dtype: str):
     """
     _, bwd_unit = cellmath.make(cell, dtype)
 
-    def kernel(h, c, gates, dy, dh_rec, dgh, dgx, dh_carry, dc_carry, lengths, reverse, s):
+    def kernel(b_rec, h, c, gates, dy, dh_rec, dgh, dgx, dh_carry, dc_carry, lengths, reverse, s):
         idx = cuda.grid(1)
         T = dy.shape[0]
         B = h.shape[1]
@@ -95,7 +98,8 @@ def make_bwd(cell: str, dtype: str):
             u = idx % H
             t, t_in, t_out = step_times(T, s, reverse)
             dh = dh_carry[b, u] + dh_rec[b, u]
-            bwd_unit(h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, t, t_in, t_out, b, u, dh)
+            bwd_unit(b_rec, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, t, t_in, t_out,
+                     b, u, dh)
 
     kernel.__name__ = f"{cell}_pointwise_bwd_{SHORT[dtype]}"
     kernel.__qualname__ = kernel.__name__

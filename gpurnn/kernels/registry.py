@@ -8,13 +8,15 @@ import functools
 
 from numba import int32, void
 
-from ..cells import CELLS, GATES
+from ..cells import ALL_CELLS, CELLS, GATES, KERNEL_CELLS
 from .cellmath import NUMBA_COMPUTE, NUMBA_STORAGE
 from .dtypes import STORAGE
 from .layout import KernelSpec
 from . import persistent, pointwise
 
 DTYPES = STORAGE
+# the kernel-only LSTM variants (gpurnn.variants) run in float32/float64 only
+VARIANT_DTYPES = ("float32", "float64")
 KINDS = ("persistent_fwd", "persistent_bwd", "pointwise_fwd", "pointwise_bwd")
 
 
@@ -31,15 +33,15 @@ def signature(kind: str, dtype: str):
         # batch_tile
         return void(c3, s2, c1, s3, c3, s3, s3, i1, int32, int32, int32, int32, int32, int32)
     if kind == "persistent_bwd":
-        # w_hh, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, reverse, k_begin, k_end,
-        # units, batch_tile
-        return void(s2, s3, c3, s3, s3, c3, c3, c2, c2, i1, int32, int32, int32, int32, int32)
+        # w_hh, b_rec, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, reverse, k_begin,
+        # k_end, units, batch_tile
+        return void(s2, c1, s3, c3, s3, s3, c3, c3, c2, c2, i1, int32, int32, int32, int32, int32)
     if kind == "pointwise_fwd":
         # gx, gh, b_rec, h, c, gates, y, lengths, reverse, s, save_gates
         return void(c3, c2, c1, s3, c3, s3, s3, i1, int32, int32, int32)
     if kind == "pointwise_bwd":
-        # h, c, gates, dy, dh_rec, dgh, dgx, dh_carry, dc_carry, lengths, reverse, s
-        return void(s3, c3, s3, s3, c2, c3, c3, c2, c2, i1, int32, int32)
+        # b_rec, h, c, gates, dy, dh_rec, dgh, dgx, dh_carry, dc_carry, lengths, reverse, s
+        return void(c1, s3, c3, s3, s3, c2, c3, c3, c2, c2, i1, int32, int32)
     raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
 
 
@@ -55,9 +57,10 @@ _FACTORIES = {
 def spec(cell: str, kind: str, dtype: str) -> KernelSpec:
     """The specialization of one kernel kind for cell and dtype."""
     if cell not in GATES:
-        raise ValueError(f"cell must be one of {CELLS}; got {cell!r}")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}; got {dtype!r}")
+        raise ValueError(f"cell must be one of {ALL_CELLS}; got {cell!r}")
+    allowed = VARIANT_DTYPES if cell in KERNEL_CELLS else DTYPES
+    if dtype not in allowed:
+        raise ValueError(f"dtype must be one of {allowed} for cell {cell!r}; got {dtype!r}")
     func = _FACTORIES[kind](cell, dtype) if kind in _FACTORIES else None
     if func is None:
         raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
@@ -67,5 +70,8 @@ def spec(cell: str, kind: str, dtype: str) -> KernelSpec:
 
 
 def specializations() -> list[KernelSpec]:
-    """Every specialization: each cell x storage dtype x kind (64 kernels)."""
-    return [spec(cell, kind, dtype) for cell in CELLS for dtype in DTYPES for kind in KINDS]
+    """Every specialization: each torch-facing cell x storage dtype x kind (64 kernels), then
+    each kernel-only LSTM variant x float32/float64 x kind (24 kernels)."""
+    return ([spec(cell, kind, dtype) for cell in CELLS for dtype in DTYPES for kind in KINDS]
+            + [spec(cell, kind, dtype) for cell in KERNEL_CELLS for dtype in VARIANT_DTYPES
+               for kind in KINDS])
