@@ -32,6 +32,7 @@ from ..cells import CELLS, GATES, RESERVE_GATES
 from ..cpu import kernels as K
 from ..cpu import native
 from .numpy import inputs_seen, reserve_dtypes as _reference_reserve_dtypes
+from . import numpy_lstm as _reference_lstm
 
 NAME = "cpu"
 OPTION_KEYS = ("blas", "threads", "split")
@@ -371,6 +372,19 @@ def backward(reserve, dy, dh_n, dc_n, *, options=None):
         return _backward(reserve, dy, dh_n, dc_n, options)
     grads = _backward(reserve, _widen(dy), _widen(dh_n), _widen(dc_n), options)
     return Grads(*(None if g is None else g.astype(reserve.storage) for g in grads))
+
+
+def lstm_forward(form, x, params, h0, c0, lengths, reverse, need_saved, *, options=None):
+    """The LSTM family (gpurnn.variants): no fast-path kernels for the variants yet, so after
+    this backend's own option check the NumPy reference runs."""
+    check_options(options)
+    return _reference_lstm.lstm_forward(form, x, params, h0, c0, lengths, reverse, need_saved)
+
+
+def lstm_backward(form, x, params, saved, lengths, reverse, dy, dh_n, dc_n, *, options=None):
+    """The backward of lstm_forward: the NumPy reference too (no variant kernels yet)."""
+    check_options(options)
+    return _reference_lstm.lstm_backward(form, x, params, saved, lengths, reverse, dy, dh_n, dc_n)
 
 
 def _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_reserve, options):

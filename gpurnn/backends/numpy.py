@@ -345,3 +345,6 @@ def _backward(reserve, dy, dh_n, dc_n):
         db_ih = dgx2.sum(axis=0)
         db_hh = dgh2.sum(axis=0) if dgh is not dgx else db_ih.copy()
     return Grads(dx=dx, dh0=dh, dc0=dc, dw_ih=dw_ih, dw_hh=dw_hh, db_ih=db_ih, db_hh=db_hh)
+
+# the LSTM family (gpurnn.variants); last, as numpy_lstm reads this module's helpers
+from .numpy_lstm import lstm_forward, lstm_backward  # noqa: E402,F401
