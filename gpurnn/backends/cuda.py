@@ -24,7 +24,7 @@ import numpy as np
 
 from . import Grads, Reserve
 from .numpy import input_bias, inputs_seen
-from ..cells import GATES, RESERVE_GATES
+from ..cells import GATES, RESERVE_GATES, has_cell_state
 from ..kernels import layout
 from ..kernels.dtypes import COMPUTE, host_view, numpy_dtype
 
@@ -198,40 +198,39 @@ def _steps(T, rev):
     return (lambda s: T - 1 - s) if rev else (lambda s: s)
 
 
-def run_forward(rt: Runtime, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse,
-                need_reserve, options):
-    """Storage dtype = x's (float32/64 or 16-bit, gpurnn.kernels.dtypes); Gx, the cell state
-    and every GEMM in the compute dtype; h, y and the reserve gates in the storage dtype."""
-    xp = rt.xp
+def _input_projection(xp, x, w_ih, bias, cdt):
+    """Gx = x W_ih^T + the folded bias, one GEMM over all T*B rows, C-contiguous (T, B, G*H) in
+    the compute dtype."""
     T, B, I = x.shape
-    H = w_hh.shape[1]
-    G, S = GATES[cell], RESERVE_GATES[cell]
-    dtype = _dtype_name(x)
-    sdt, cdt = x.dtype, np.dtype(COMPUTE[dtype])
-    rev = 1 if reverse else 0
-    cfg = choose_launch(cell, I, H, B, dtype, rt.device, options)
-
     gx = xp.matmul(x.reshape(T * B, I).astype(cdt, copy=False), w_ih.astype(cdt, copy=False).T)
-    gx = gx.reshape(T, B, G * H)
-    bias = input_bias(cell, b_ih, b_hh)
+    gx = gx.reshape(T, B, w_ih.shape[0])
     if bias is not None:
         gx += bias.astype(cdt, copy=False)
-    gx = xp.ascontiguousarray(gx)
+    return xp.ascontiguousarray(gx)
+
+
+def _recur_forward(rt, cell, cfg, gx, w_hh, b_rec, h0, c0, lengths, rev, save_gates, sdt):
+    """The recurrence of the forward on the kernels (one host algorithm for every kernel cell,
+    the persistent or the stepwise path of `cfg`): returns (h, c, gates, y), the reserve states
+    (T+1, B, H), the cell states (compute dtype; a (1,1,1) placeholder without a cell state),
+    the activated gates (T, B, S*H; a placeholder unless save_gates) and y (T, B, H).
+    b_rec is what the kernels read as b_rec (cellmath.make): GRU's b_hh, a peephole vector, or
+    a (1,) placeholder."""
+    xp = rt.xp
+    T, B = gx.shape[:2]
+    H = w_hh.shape[1]
+    G, S = GATES[cell], RESERVE_GATES[cell]
+    dtype = np.dtype(sdt).name
+    cdt = np.dtype(COMPUTE[dtype])
     stored3 = xp.zeros((1, 1, 1), sdt)          # placeholders for absent arrays
-    computed3 = xp.zeros((1, 1, 1), cdt)
-    if cell == "gru":
-        b_rec = (xp.ascontiguousarray(b_hh.astype(cdt, copy=False)) if b_hh is not None
-                 else xp.zeros(G * H, cdt))
-    else:
-        b_rec = xp.zeros(1, cdt)
     h = xp.empty((T + 1, B, H), sdt)
     h[T if rev else 0] = h0
-    c = computed3
-    if cell == "lstm":
+    c = xp.zeros((1, 1, 1), cdt)
+    if has_cell_state(cell):
         c = xp.empty((T + 1, B, H), cdt)
         c[T if rev else 0] = c0.astype(cdt, copy=False)
     # inference keeps no reserve: the kernels skip the gate writes (B*S*H per step)
-    save_gates = 1 if (S and need_reserve) else 0
+    save_gates = 1 if (S and save_gates) else 0
     gates = xp.empty((T, B, S * H), sdt) if save_gates else stored3
     y = xp.empty((T, B, H), sdt)
     lengths_k = _kernel_lengths(xp, lengths, T, B)
@@ -256,48 +255,34 @@ def run_forward(rt: Runtime, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, r
             rt.launch_pointwise(cell, "pointwise_fwd", dtype, B * H, cfg.threads,
                                 (gx, gh, b_rec, k(h), c, k(gates), k(y), lengths_k, rev, s,
                                  save_gates), s)
-
-    h_n = h[0 if rev else T].copy()
-    c_n = c[0 if rev else T].astype(sdt) if cell == "lstm" else None
-    reserve = None
-    if need_reserve:
-        reserve = Reserve(cell=cell, backend=rt.name, reverse=bool(reverse), x=x, w_ih=w_ih,
-                          w_hh=w_hh, has_bias=b_ih is not None, lengths=lengths, h=h,
-                          c=c if cell == "lstm" else None, gates=gates if S else None, launch=cfg)
-    return y, h_n, c_n, reserve
+    return h, c, gates, y
 
 
-def run_backward(rt: Runtime, reserve: Reserve, dy, dh_n, dc_n, options):
-    """Gate gradients, carries and every GEMM in the compute dtype; dx, dh0, dc0 and the weight
-    gradients come back in the storage (parameter) dtype."""
+def _recur_backward(rt, cell, cfg, w_hh, b_rec, h, c, gates, dy, dh_n, dc_n, lengths, rev):
+    """The recurrence of the backward on the kernels (the persistent or the stepwise path of
+    `cfg`), every kernel cell: returns (dgh, dgx, dh0, dc0) in the compute dtype — the
+    recurrent-side pre-activation gradients (T, B, G*H; 0 on masked steps), the input-side
+    ones (GRU's own array, else dgh itself), dL/dh0 and (with a cell state, else None) dL/dc0.
+    h, c and gates are the forward's (c and gates may be None where the cell has none)."""
     xp = rt.xp
-    cell = reserve.cell
-    x, w_ih, w_hh, h = reserve.x, reserve.w_ih, reserve.w_hh, reserve.h
-    T, B, I, H = reserve.shape
+    T, B, H = dy.shape
     G = GATES[cell]
     GH = G * H
-    dtype = _dtype_name(x)
-    sdt, cdt = x.dtype, np.dtype(COMPUTE[dtype])
-    rev = 1 if reserve.reverse else 0
-    cfg = reserve.launch if isinstance(reserve.launch, LaunchConfig) else None
-    if options or cfg is None:
-        merged = {} if cfg is None else {"path": cfg.path, "blocks": cfg.blocks,
-                                         "threads": cfg.threads, "batch_tile": cfg.batch_tile}
-        merged.update(check_options(options))
-        cfg = choose_launch(cell, I, H, B, dtype, rt.device, merged)
-
+    sdt = h.dtype
+    dtype = np.dtype(sdt).name
+    cdt = np.dtype(COMPUTE[dtype])
+    lstm_like = has_cell_state(cell)
     stored3 = xp.zeros((1, 1, 1), sdt)
     computed3 = xp.zeros((1, 1, 1), cdt)
-    c = reserve.c if reserve.c is not None else computed3
-    gates = reserve.gates if reserve.gates is not None else stored3
+    c = c if c is not None else computed3
+    gates = gates if gates is not None else stored3
     dgh = xp.empty((T, B, GH), cdt)
     dgx = xp.empty((T, B, GH), cdt) if cell == "gru" else computed3
     dh_carry = xp.array(dh_n, dtype=cdt, copy=True, order="C")
-    dc_carry = (xp.array(dc_n, dtype=cdt, copy=True, order="C") if cell == "lstm"
+    dc_carry = (xp.array(dc_n, dtype=cdt, copy=True, order="C") if lstm_like
                 else xp.zeros((1, 1), cdt))
     dy = xp.ascontiguousarray(dy)
-    b_rec = xp.zeros(1, cdt)
-    lengths_k = _kernel_lengths(xp, reserve.lengths, T, B)
+    lengths_k = _kernel_lengths(xp, lengths, T, B)
     w_hh_c = xp.ascontiguousarray(w_hh)
 
     def k(a):
@@ -320,27 +305,197 @@ def run_backward(rt: Runtime, reserve: Reserve, dy, dh_n, dc_n, options):
             if s + 1 < T:
                 xp.matmul(dgh[time_of(s + 1)], w_hh_f, out=dh_rec)
             rt.launch_pointwise(cell, "pointwise_bwd", dtype, B * H, cfg.threads,
-                                (b_rec, k(h), c, k(gates), k(dy), dh_rec, dgh, dgx, dh_carry, dc_carry,
-                                 lengths_k, rev, s), s)
+                                (b_rec, k(h), c, k(gates), k(dy), dh_rec, dgh, dgx, dh_carry,
+                                 dc_carry, lengths_k, rev, s), s)
         dh0 = dh_carry + xp.matmul(dgh[time_of(0)], w_hh_f)
-
     if cell != "gru":
         dgx = dgh
+    return dgh, dgx, dh0, (dc_carry if lstm_like else None)
+
+
+def _weight_grads(xp, x, lengths, w_ih, dgx, dgh, h, rev, cdt):
+    """(dx, dW_ih, dW_hh) as GEMMs over all T*B rows, in the compute dtype."""
+    T, B, I = x.shape
+    H = h.shape[2]
     TB = T * B
-    dgx2, dgh2 = dgx.reshape(TB, GH), dgh.reshape(TB, GH)
-    seen = inputs_seen(x, reserve.lengths, xp).reshape(TB, I).astype(cdt, copy=False)
+    dgx2, dgh2 = dgx.reshape(TB, -1), dgh.reshape(TB, -1)
+    seen = inputs_seen(x, lengths, xp).reshape(TB, I).astype(cdt, copy=False)
     dx = xp.matmul(dgx2, w_ih.astype(cdt, copy=False)).reshape(T, B, I)
     dw_ih = xp.matmul(dgx2.T, seen)
     dw_hh = xp.matmul(dgh2.T, h[rev: rev + T].reshape(TB, H).astype(cdt, copy=False))
+    return dx, dw_ih, dw_hh
+
+
+def _launch_for_backward(cell, I, H, B, dtype, device, launch, options):
+    """The backward's launch: the forward's (`launch`, a LaunchConfig or None) unless options
+    override some of it, else the plan's."""
+    cfg = launch if isinstance(launch, LaunchConfig) else None
+    if options or cfg is None:
+        merged = {} if cfg is None else {"path": cfg.path, "blocks": cfg.blocks,
+                                         "threads": cfg.threads, "batch_tile": cfg.batch_tile}
+        merged.update(check_options(options))
+        cfg = choose_launch(cell, I, H, B, dtype, device, merged)
+    return cfg
+
+
+def run_forward(rt: Runtime, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse,
+                need_reserve, options):
+    """Storage dtype = x's (float32/64 or 16-bit, gpurnn.kernels.dtypes); Gx, the cell state
+    and every GEMM in the compute dtype; h, y and the reserve gates in the storage dtype."""
+    xp = rt.xp
+    T, B, I = x.shape
+    H = w_hh.shape[1]
+    G, S = GATES[cell], RESERVE_GATES[cell]
+    dtype = _dtype_name(x)
+    sdt, cdt = x.dtype, np.dtype(COMPUTE[dtype])
+    rev = 1 if reverse else 0
+    cfg = choose_launch(cell, I, H, B, dtype, rt.device, options)
+    gx = _input_projection(xp, x, w_ih, input_bias(cell, b_ih, b_hh), cdt)
+    if cell == "gru":
+        b_rec = (xp.ascontiguousarray(b_hh.astype(cdt, copy=False)) if b_hh is not None
+                 else xp.zeros(G * H, cdt))
+    else:
+        b_rec = xp.zeros(1, cdt)
+    h, c, gates, y = _recur_forward(rt, cell, cfg, gx, w_hh, b_rec, h0, c0, lengths, rev,
+                                    need_reserve, sdt)
+    h_n = h[0 if rev else T].copy()
+    c_n = c[0 if rev else T].astype(sdt) if cell == "lstm" else None
+    reserve = None
+    if need_reserve:
+        reserve = Reserve(cell=cell, backend=rt.name, reverse=bool(reverse), x=x, w_ih=w_ih,
+                          w_hh=w_hh, has_bias=b_ih is not None, lengths=lengths, h=h,
+                          c=c if cell == "lstm" else None, gates=gates if S else None, launch=cfg)
+    return y, h_n, c_n, reserve
+
+
+def run_backward(rt: Runtime, reserve: Reserve, dy, dh_n, dc_n, options):
+    """Gate gradients, carries and every GEMM in the compute dtype; dx, dh0, dc0 and the weight
+    gradients come back in the storage (parameter) dtype."""
+    xp = rt.xp
+    cell = reserve.cell
+    x, w_ih, w_hh, h = reserve.x, reserve.w_ih, reserve.w_hh, reserve.h
+    T, B, I, H = reserve.shape
+    dtype = _dtype_name(x)
+    sdt, cdt = x.dtype, np.dtype(COMPUTE[dtype])
+    rev = 1 if reserve.reverse else 0
+    cfg = _launch_for_backward(cell, I, H, B, dtype, rt.device, reserve.launch, options)
+    b_rec = xp.zeros(1, cdt)            # no plain cell's backward reads b_rec
+    dgh, dgx, dh0, dc0 = _recur_backward(rt, cell, cfg, w_hh, b_rec, h, reserve.c,
+                                         reserve.gates, dy, dh_n, dc_n, reserve.lengths, rev)
+    dx, dw_ih, dw_hh = _weight_grads(xp, x, reserve.lengths, w_ih, dgx, dgh, h, rev, cdt)
     db_ih = db_hh = None
     if reserve.has_bias:
-        db_ih = dgx2.sum(axis=0)
-        db_hh = dgh2.sum(axis=0) if cell == "gru" else db_ih.copy()
+        db_ih = dgx.reshape(T * B, -1).sum(axis=0)
+        db_hh = dgh.reshape(T * B, -1).sum(axis=0) if cell == "gru" else db_ih.copy()
 
     def out(a):
         return None if a is None else a.astype(sdt, copy=False)
-    return Grads(dx=out(dx), dh0=out(dh0), dc0=out(dc_carry) if cell == "lstm" else None,
+    return Grads(dx=out(dx), dh0=out(dh0), dc0=out(dc0) if cell == "lstm" else None,
                  dw_ih=out(dw_ih), dw_hh=out(dw_hh), db_ih=out(db_ih), db_hh=out(db_hh))
+
+
+# The LSTM family (gpurnn.variants): forms without a projection and not multiplicative run their
+# kernel cell (LSTMForm.kernel_cell) on the host algorithm above; the others are dispatched to
+# gpurnn.backends.cuda_proj / cuda_mlstm (imported lazily), with the same runtime `rt`.
+
+def _variant_module(form):
+    if form.proj_size:
+        from . import cuda_proj as mod
+        return mod
+    if form.multiplicative:
+        from . import cuda_mlstm as mod
+        return mod
+    return None
+
+
+def _peephole_vector(xp, form, params, cdt):
+    """What the kernels read as b_rec: weight_ch (C-contiguous, compute dtype) of a peephole
+    form, else a (1,) placeholder."""
+    if not form.peephole:
+        return xp.zeros(1, cdt)
+    return xp.ascontiguousarray(params["weight_ch"].astype(cdt, copy=False))
+
+
+def peephole_grads(xp, form, dgh, c, rev):
+    """dL/dweight_ch from the recurrent pre-activation gradients (T, B, G*H; 0 on masked steps)
+    and the saved cell states c (T+1, B, H): dw_ci = sum_{t,b} dpre_i * c_in, dw_cf = sum
+    dpre_f * c_in, dw_co = sum dpre_o * c_out (the output gate sees the new cell), with c_in =
+    c[t + rev] and c_out = c[t + 1 - rev] (gpurnn.cells' convention)."""
+    T, B, GH = dgh.shape
+    H = GH // form.gates
+    c_in, c_out = c[rev: rev + T], c[1 - rev: 1 - rev + T]
+
+    def dot(gate, states):
+        return (dgh[:, :, gate * H:(gate + 1) * H] * states).sum(axis=(0, 1))
+    if form.coupled:                    # gates i, g, o; weight_ch = [w_ci; w_co]
+        parts = [dot(0, c_in), dot(2, c_out)]
+    else:                               # gates i, f, g, o; weight_ch = [w_ci; w_cf; w_co]
+        parts = [dot(0, c_in), dot(1, c_in), dot(3, c_out)]
+    return xp.concatenate(parts)
+
+
+def run_lstm_forward(rt: Runtime, form, x, params, h0, c0, lengths, reverse, need_saved,
+                     options):
+    """gpurnn.variants' lstm_forward on runtime `rt` (module docstring of gpurnn.variants)."""
+    mod = _variant_module(form)
+    if mod is not None:
+        return mod.run_forward(rt, form, x, params, h0, c0, lengths, reverse, need_saved,
+                               options)
+    xp = rt.xp
+    cell = form.kernel_cell
+    T, B, I = x.shape
+    w_ih, w_hh = params["weight_ih"], params["weight_hh"]
+    H = w_hh.shape[1]
+    dtype = _dtype_name(x)
+    sdt, cdt = x.dtype, np.dtype(COMPUTE[dtype])
+    rev = 1 if reverse else 0
+    cfg = choose_launch(cell, I, H, B, dtype, rt.device, options)
+    b_ih, b_hh = params.get("bias_ih"), params.get("bias_hh")
+    gx = _input_projection(xp, x, w_ih, input_bias(cell, b_ih, b_hh), cdt)
+    b_rec = _peephole_vector(xp, form, params, cdt)
+    h, c, gates, y = _recur_forward(rt, cell, cfg, gx, w_hh, b_rec, h0, c0, lengths, rev,
+                                    need_saved, sdt)
+    h_n = h[0 if rev else T].copy()
+    c_n = c[0 if rev else T].astype(sdt)
+    saved = (h, c.astype(sdt, copy=False), gates) if need_saved else None
+    return y, h_n, c_n, saved
+
+
+def run_lstm_backward(rt: Runtime, form, x, params, saved, lengths, reverse, dy, dh_n, dc_n,
+                      options):
+    """gpurnn.variants' lstm_backward on runtime `rt`: (dx, dh0, dc0, {param name: grad})."""
+    mod = _variant_module(form)
+    if mod is not None:
+        return mod.run_backward(rt, form, x, params, saved, lengths, reverse, dy, dh_n, dc_n,
+                                options)
+    xp = rt.xp
+    cell = form.kernel_cell
+    T, B, I = x.shape
+    w_ih, w_hh = params["weight_ih"], params["weight_hh"]
+    H = w_hh.shape[1]
+    dtype = _dtype_name(x)
+    sdt, cdt = x.dtype, np.dtype(COMPUTE[dtype])
+    rev = 1 if reverse else 0
+    h, c, gates = (xp.ascontiguousarray(a) for a in saved[:3])
+    c = c.astype(cdt, copy=False)
+    cfg = _launch_for_backward(cell, I, H, B, dtype, rt.device, None, options)
+    b_rec = _peephole_vector(xp, form, params, cdt)
+    dh_n = xp.zeros((B, H), cdt) if dh_n is None else dh_n
+    dc_n = xp.zeros((B, H), cdt) if dc_n is None else dc_n
+    dy = xp.zeros((T, B, H), sdt) if dy is None else dy
+    dgh, dgx, dh0, dc0 = _recur_backward(rt, cell, cfg, w_hh, b_rec, h, c, gates, dy, dh_n,
+                                         dc_n, lengths, rev)
+    dx, dw_ih, dw_hh = _weight_grads(xp, x, lengths, w_ih, dgx, dgh, h, rev, cdt)
+    grads = {"weight_ih": dw_ih, "weight_hh": dw_hh}
+    if params.get("bias_ih") is not None:
+        db = dgh.reshape(T * B, -1).sum(axis=0)
+        grads["bias_ih"], grads["bias_hh"] = db, db.copy()
+    if form.peephole:
+        grads["weight_ch"] = peephole_grads(xp, form, dgh, c, rev)
+
+    def out(a):
+        return a.astype(sdt, copy=False)
+    return out(dx), out(dh0), out(dc0), {name: out(g) for name, g in grads.items()}
 
 
 _RUNTIME: Optional[Runtime] = None
@@ -361,3 +516,15 @@ def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_rese
 
 def backward(reserve, dy, dh_n, dc_n, *, options=None):
     return run_backward(_runtime(), reserve, dy, dh_n, dc_n, options)
+
+
+def lstm_forward(form, x, params, h0, c0, lengths, reverse, need_saved, *, options=None):
+    """The LSTM family's forward (gpurnn.variants): (y, h_n, c_n, saved (h, c, gates) | None)."""
+    return run_lstm_forward(_runtime(), form, x, params, h0, c0, lengths, reverse, need_saved,
+                            options)
+
+
+def lstm_backward(form, x, params, saved, lengths, reverse, dy, dh_n, dc_n, *, options=None):
+    """The LSTM family's backward (gpurnn.variants): (dx, dh0, dc0, {param name: gradient})."""
+    return run_lstm_backward(_runtime(), form, x, params, saved, lengths, reverse, dy, dh_n,
+                             dc_n, options)

@@ -12,7 +12,8 @@ Two simulators, chosen by backend_options={"simulator": ...}:
                       launches one step (backward: one phase) at a time, the launch boundary
                       acting as the grid barrier. It is not re-entrant: its launches are
                       serialised by a lock.
-The host side of the algorithm is the CUDA backend's (cuda.run_forward / run_backward).
+The host side of the algorithm is the CUDA backend's (cuda.run_forward / run_backward, and for
+the LSTM family of gpurnn.variants cuda.run_lstm_forward / run_lstm_backward).
 """
 from __future__ import annotations
 
@@ -142,3 +143,25 @@ def backward(reserve, dy, dh_n, dc_n, *, options=None):
         with _STOCK_LOCK:
             return _host.run_backward(rt, reserve, dy, dh_n, dc_n, options)
     return _host.run_backward(rt, reserve, dy, dh_n, dc_n, options)
+
+
+def lstm_forward(form, x, params, h0, c0, lengths, reverse, need_saved, *, options=None):
+    """The LSTM family's forward (gpurnn.variants) on the simulator chosen by options."""
+    rt, options = _split(options)
+    args = (rt, form, x, params, h0, c0, lengths, reverse, need_saved, options)
+    if rt is STOCK_RUNTIME:
+        enable_stock_simulator()
+        with _STOCK_LOCK:
+            return _host.run_lstm_forward(*args)
+    return _host.run_lstm_forward(*args)
+
+
+def lstm_backward(form, x, params, saved, lengths, reverse, dy, dh_n, dc_n, *, options=None):
+    """The LSTM family's backward (gpurnn.variants) on the simulator chosen by options."""
+    rt, options = _split(options)
+    args = (rt, form, x, params, saved, lengths, reverse, dy, dh_n, dc_n, options)
+    if rt is STOCK_RUNTIME:
+        enable_stock_simulator()
+        with _STOCK_LOCK:
+            return _host.run_lstm_backward(*args)
+    return _host.run_lstm_backward(*args)
