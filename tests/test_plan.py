@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from gpurnn import planning
-from gpurnn.cells import CELLS, GATES
+from gpurnn.cells import ALL_CELLS, CELLS, GATES
 from gpurnn.kernels.layout import smem_bytes
 from gpurnn.planning import PROFILES, DeviceProfile, capacity, plan, step_floor_seconds, step_traffic
 
@@ -343,13 +343,15 @@ def test_gpurnn_plan_is_the_planning_function():
 
 
 def test_one_flop_model_counts_every_cell():
-    assert set(planning.POINTWISE_FLOPS) == set(CELLS)
+    assert set(planning.POINTWISE_FLOPS) == set(ALL_CELLS)
     # counted off the cell equations (planning/cost.py): LSTM 4 gates x (3 sums + activation)
     # + f*c + i*g + o*tanh(c); GRU r, z (3 sums + sigmoid each), n (3 sums, r*, tanh), the
-    # update (1-z)*n + z*h; RNN 3 sums + activation
-    assert planning.POINTWISE_FLOPS == {"lstm": 21, "gru": 17, "rnn_tanh": 4, "rnn_relu": 4}
+    # update (1-z)*n + z*h; RNN 3 sums + activation; peepholes a product and a sum each; CIFG
+    # 3 gates and f = 1 - i
+    assert planning.POINTWISE_FLOPS == {"lstm": 21, "gru": 17, "rnn_tanh": 4, "rnn_relu": 4,
+                                        "lstm_peephole": 27, "cifg": 18, "cifg_peephole": 22}
     T, B, I, H = 10, 2, 3, 5
-    for cell in CELLS:
+    for cell in ALL_CELLS:
         G, P = GATES[cell], planning.POINTWISE_FLOPS[cell]
         assert planning.step_flops(cell, B, H) == 2 * B * G * H * H + P * B * H
         fwd = planning.layer_flops(cell, T, B, I, H)
@@ -386,3 +388,30 @@ def test_bench_reports_measured_over_the_step_time_model():
            "gflops": 1.0, "times_model": 1.25}
     table = format_table([row, dict(row, impl="torch-cudnn", times_model=None)])
     assert "measured/model" in table.splitlines()[0] and "1.25" in table.splitlines()[1]
+
+
+def test_the_lstm_variants_kernel_cells_are_planned():
+    # cifg keeps 3 gates of W_hh in shared memory, the peephole cells 4 / 3 like their base:
+    # the peephole vectors are global-memory reads and set no capacity
+    for dev in ("H100", "A100"):
+        lstm = capacity("lstm", "float32", dev)
+        assert capacity("lstm_peephole", "float32", dev) == lstm
+        assert capacity("cifg", "float32", dev) == capacity("cifg_peephole", "float32", dev)
+        assert capacity("cifg", "float32", dev) == capacity("gru", "float32", dev) > lstm
+    p = plan("cifg", 64, 512, 8, "float32", "H100")
+    assert p.gates == 3 and p.path == "persistent"
+    assert p.smem_bytes_fwd == smem_bytes("fwd", 3, 512, p.batch_tile, p.units_per_block, 4,
+                                          threads=p.threads)
+    # the peephole loads: in the model's staging, and in the traffic (B*n*H*s loads, the
+    # (n*H*s) vector once in DRAM)
+    q = plan("lstm_peephole", 64, 512, 8, "float32", "H100")
+    base = plan("lstm", 64, 512, 8, "float32", "H100")
+    assert (q.predicted_step("persistent").parts["staging"]
+            > base.predicted_step("persistent").parts["staging"])
+    tq, tb = step_traffic(q, "persistent"), step_traffic(base, "persistent")
+    assert tq["bytes"]["read peephole weights"] == 8 * 3 * 512 * 4
+    assert tq["global_bytes"] - tb["global_bytes"] == 8 * 3 * 512 * 4
+    assert tq["dram_bytes"] - tb["dram_bytes"] == 3 * 512 * 4
+    tc = step_traffic(plan("cifg", 64, 512, 8, "float32", "H100"), "persistent")
+    assert tc["bytes"]["read c_prev"] == tc["bytes"]["write c_t"] == 8 * 512 * 4
+    assert tc["bytes"]["read gx_t"] == 8 * 3 * 512 * 4

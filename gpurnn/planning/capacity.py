@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..cells import CELLS, GATES
+from ..cells import ALL_CELLS, GATES
 from ..kernels.dtypes import STORAGE
 from ..kernels.layout import KERNEL_REGS_MAX, smem_bytes_for, units_per_block
 from .profiles import KB, device_profile
@@ -36,7 +36,7 @@ def check_cell(cell):
         hint = ""
         if cell in ("rnn", "RNN"):
             hint = " (an Elman RNN is 'rnn_tanh' or 'rnn_relu'; gpurnn.cells.rnn_cell builds the name)"
-        raise ValueError(f"cell must be one of {CELLS}; got {cell!r}{hint}")
+        raise ValueError(f"cell must be one of {ALL_CELLS}; got {cell!r}{hint}")
 
 
 def _dtype_name(dtype, allowed):

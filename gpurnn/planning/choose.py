@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..cells import GATES, RESERVE_GATES
+from ..cells import GATES, PEEPHOLES, RESERVE_GATES
 from ..kernels.dtypes import ITEMSIZE
 from ..kernels.layout import batch_tiles
 from . import cost
@@ -97,7 +97,9 @@ def plan(cell, input_size, hidden_size, batch, dtype="float32", device=None, *, 
          threads=None, regs_per_thread=None, batch_tile=None) -> Plan:
     """Choose the persistent or the stepwise path for one layer and direction.
 
-    cell: one of gpurnn.cells.CELLS. dtype: "float32" | "float64" (or the NumPy dtype).
+    cell: one of gpurnn.cells.ALL_CELLS (the torch-facing cells and the kernel-only LSTM
+    variants lstm_peephole, cifg, cifg_peephole: G = 4, 3, 3 gates of W_hh in shared memory;
+    the peephole vectors are read from global memory and set no capacity). dtype: "float32" | "float64" (or the NumPy dtype).
     device: a profile name (see PROFILES), a DeviceProfile, or None for the current device.
     blocks: force the persistent grid size P (still checked: a grid that cannot be co-resident
     is never planned; the plan falls back to stepwise and says why).
@@ -158,7 +160,8 @@ def _plan(cell, input_size, hidden, batch, dtype, dev, blocks, threads, regs, ti
         if not failures:
             predicted["persistent"] = tuple(
                 cost.persistent_step(d, gates, hidden, batch, itemsize, f.blocks, f.units, f.tile,
-                                     RESERVE_GATES[cell], dev, timing) for d in ("fwd", "bwd"))
+                                     RESERVE_GATES[cell], dev, timing,
+                                     peepholes=PEEPHOLES.get(cell, 0)) for d in ("fwd", "bwd"))
 
     if failures:
         path = "stepwise"

@@ -9,7 +9,9 @@ Persistent step (forward or backward, the busiest SM; `n` = ceil(P / SMs) blocks
                backward) from shared memory: 2 loads per MAC, a warp-wide load serving 32 of
                them per clock (64-bit loads take two), so n * 2 * MACs * words / 32 / clock
   staging      the block's tiles of h (B*H) or gate gradients (B*G*H) from L2, at the SM's
-               share of L2 bandwidth, plus the step's reserve writes
+               share of L2 bandwidth, plus the step's reserve writes and, for the peephole
+               cells, the peephole weights each (row, unit) reads (n = 3 or 2 per unit,
+               gpurnn.cells.PEEPHOLES; global loads, not shared memory: they set no capacity)
   barriers     one grid barrier (latency: the device profile's grid_sync_s) + the block
                barriers of every batch tile (block_sync_s each)
 Stepwise step: one GEMM (h_{t-1} W_hh^T forward, dgh W_hh backward) at max(FLOPs / fp32-or-fp64
@@ -95,14 +97,16 @@ def _words(itemsize):
 
 
 def persistent_step(direction, gates, hidden, batch, itemsize, blocks, units, batch_tile,
-                    reserve_gates, dev, timing) -> StepTime:
-    """One persistent step ('fwd' or 'bwd') on the busiest SM."""
+                    reserve_gates, dev, timing, peepholes=0) -> StepTime:
+    """One persistent step ('fwd' or 'bwd') on the busiest SM; `peepholes`: the peephole
+    vectors a (row, unit) reads per step (0, or 3 / 2 for lstm_peephole / cifg_peephole)."""
     n = -(-blocks // dev.sm_count)
     macs = batch * gates * units * hidden
     fma = n * macs / (timing.fma_per_clk_sm[itemsize] * timing.clock_hz)
     smem = n * 2 * macs * _words(itemsize) / 32 / timing.clock_hz
     staged = batch * hidden if direction == "fwd" else batch * gates * hidden
     written = batch * units * (reserve_gates + 3 if direction == "fwd" else gates + 2)
+    written += batch * units * peepholes        # peephole weight loads, both directions
     l2_share = timing.l2_bytes_per_clk * timing.clock_hz / dev.sm_count
     staging = n * (staged + written) * itemsize / l2_share
     tiles = -(-batch // batch_tile)
@@ -136,7 +140,12 @@ def stepwise_step(direction, gates, hidden, batch, itemsize, l2_bytes, dev, timi
 #   GRU   r, z: 3 sums and a sigmoid each, 8; n = tanh(W_in x + b_in + r*(W_hn h + b_hn)):
 #         3 sums, 1 product, tanh, 5; h' = (1-z)*n + z*h: 1 difference, 2 products, 1 sum, 4 = 17
 #   RNN   act(x W_ih^T + b_ih + h W_hh^T + b_hh): 3 sums and the activation              = 4
-POINTWISE_FLOPS = {"lstm": 21, "gru": 17, "rnn_tanh": 4, "rnn_relu": 4}
+# The kernel-only LSTM variants (gpurnn.cells.KERNEL_CELLS, gpurnn.variants):
+#   lstm_peephole  LSTM's 21 + w_ci*c, w_cf*c, w_co*c' (a product and a sum each) 6       = 27
+#   cifg           i, g, o: 3 x 4 = 12; f = 1 - i 1; c' = f*c + i*g 3; h' 2               = 18
+#   cifg_peephole  cifg's 18 + w_ci*c, w_co*c' 4                                           = 22
+POINTWISE_FLOPS = {"lstm": 21, "gru": 17, "rnn_tanh": 4, "rnn_relu": 4,
+                   "lstm_peephole": 27, "cifg": 18, "cifg_peephole": 22}
 
 
 def step_flops(cell, batch, hidden):

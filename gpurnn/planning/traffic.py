@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..cells import RESERVE_GATES
+from ..cells import PEEPHOLES, RESERVE_GATES, has_cell_state
 from .choose import Plan
 from .cost import step_flops
 
@@ -27,9 +27,11 @@ def step_traffic(plan: Plan, path: Optional[str] = None, *, training: bool = Tru
 
     Model (s = itemsize, G gates, S reserve gate slots, P blocks):
       both    read Gx_t (B*G*H*s, produced by the input GEMM before the recurrence), read
-              c_{t-1} (LSTM), write h_t (also y_t: the output is a view of the reserve's h),
-              write c_t (LSTM), write the reserve gates B*S*H*s when training; GRU reads
-              b_hh (G*H*s) every step. FLOPs: cost.step_flops (the recurrent product and
+              c_{t-1} (the LSTM family), write h_t (also y_t: the output is a view of the
+              reserve's h), write c_t (the LSTM family), write the reserve gates B*S*H*s when
+              training; GRU reads b_hh (G*H*s) every step; the peephole cells read their n
+              peephole vectors (n = 3 lstm_peephole, 2 cifg_peephole) once per (row, unit):
+              B*n*H*s loads, of which DRAM sees the n*H*s vector at most. FLOPs: cost.step_flops (the recurrent product and
               the pointwise update, cost.POINTWISE_FLOPS per row and unit).
       persistent  W_hh stays in shared memory (its one load per launch, G*H*H*s, is not
               counted per step); every block stages the whole h_{t-1}: P*B*H*s through L2, of
@@ -46,7 +48,8 @@ def step_traffic(plan: Plan, path: Optional[str] = None, *, training: bool = Tru
         raise ValueError(f"path must be 'persistent', 'stepwise' or None; got {path!r}")
     s, G, H, B = plan.itemsize, plan.gates, plan.hidden_size, plan.batch
     S = RESERVE_GATES[plan.cell]
-    lstm = plan.cell == "lstm"
+    lstm = has_cell_state(plan.cell)
+    n_peep = PEEPHOLES.get(plan.cell, 0)
     state = B * H * s
     common = {
         "read gx_t": B * G * H * s,
@@ -55,6 +58,7 @@ def step_traffic(plan: Plan, path: Optional[str] = None, *, training: bool = Tru
         "write h_t": state,
         "write c_t": state if lstm else 0,
         "write reserve gates": B * S * H * s if training else 0,
+        "read peephole weights": B * n_peep * H * s,
     }
     if path == "persistent":
         per_path = {"read h_prev (every block)": plan.blocks * state}
@@ -73,7 +77,8 @@ def step_traffic(plan: Plan, path: Optional[str] = None, *, training: bool = Tru
         "path": path,
         "bytes": breakdown,
         "global_bytes": sum(breakdown.values()),
-        "dram_bytes": sum(common.values()) + sum(dram_extra.values()),
+        "dram_bytes": (sum(common.values()) + sum(dram_extra.values())
+                       - (B - 1) * n_peep * H * s),     # the peephole vector once
         "flops": step_flops(plan.cell, B, H),
         "launches": launches,
         "w_hh_bytes": w_bytes,
