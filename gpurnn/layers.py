@@ -24,6 +24,7 @@ from .backends import BACKENDS, check_options
 from .cells import rnn_cell
 from .kernels.dtypes import numpy_dtype
 from .stack import Run, Stack, split_states
+from .variants import lstm_form
 
 _SEED_TYPES = (np.random.Generator, np.random.BitGenerator, np.random.SeedSequence)
 
@@ -58,6 +59,10 @@ class RNNBase:
             if seed < 0:
                 raise ValueError(f"seed must be a non-negative int; got {seed}")
         st = self._stack
+        allowed = getattr(st.layer, "dtypes", None)
+        if allowed is not None and np.dtype(dtype).name not in allowed:
+            raise TypeError(f"dtype must be one of {allowed} for {self.cell}; got "
+                            f"{np.dtype(dtype).name}")
         self.input_size, self.hidden_size, self.num_layers = st.input_size, st.hidden_size, st.num_layers
         self.bias, self.batch_first, self.bidirectional = st.bias, bool(batch_first), st.bidirectional
         self.dropout = st.dropout
@@ -158,6 +163,9 @@ class RNNBase:
                                                               "dropout", "bidirectional")
                         if getattr(self, k) != {"num_layers": 1, "bias": True, "batch_first": False,
                                                 "dropout": 0.0, "bidirectional": False}[k])
+        for k in ("proj_size", "peephole", "coupled"):
+            if getattr(self, k, 0):
+                extra += f", {k}={getattr(self, k)}"
         if self.device != "cpu":
             extra += f", device={self.device!r}"
         return f"{type(self).__name__}({self.input_size}, {self.hidden_size}{extra})"
@@ -245,8 +253,8 @@ class RNNBase:
         run, saved, params = self._saved
         x = saved.inputs[0]
         T, B = x.shape[0], x.shape[1]
-        H, D = self.hidden_size, self.num_directions
-        want = (B, T, D * H) if self.batch_first else (T, B, D * H)
+        R, D = self._stack.state_width, self.num_directions
+        want = (B, T, D * R) if self.batch_first else (T, B, D * R)
         if dy is None:
             raise TypeError(f"dy must be an array of the shape of y = {want}; got None (pass "
                             f"zeros where the loss does not depend on y)")
@@ -274,8 +282,28 @@ class RNNBase:
 
 
 class LSTM(RNNBase):
-    """Multi-layer LSTM (gate order i, f, g, o), torch.nn.LSTM's constructor and keys."""
+    """Multi-layer LSTM (gate order i, f, g, o), torch.nn.LSTM's constructor and keys, plus the
+    cells of gpurnn.variants: `peephole=True` (weight_ch_l{k}: [w_ci; w_cf; w_co]),
+    `coupled=True` (CIFG: gates i, g, o and f = 1 - i; with peephole weight_ch is [w_ci; w_co])
+    and `proj_size` (torch.nn.LSTM's projection: weight_hr_l{k}, h of proj_size features).
+    The variants run in float32 and float64."""
     cell = "lstm"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, proj_size=0, *, peephole=False,
+                 coupled=False, **kwargs):
+        form = lstm_form(hidden_size, proj_size, peephole=bool(peephole), coupled=bool(coupled))
+        self.cell = form.name
+        self.peephole, self.coupled, self.proj_size = form.peephole, form.coupled, form.proj_size
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, **kwargs)
+
+
+class MLSTM(RNNBase):
+    """Multi-layer multiplicative LSTM (Krause et al. 2016; gpurnn.variants): m_t =
+    (x_t W_mx^T) * (h_{t-1} W_mh^T) is the recurrent input of an LSTM. torch.nn.LSTM's
+    parameters plus weight_mx_l{k} (H, I) and weight_mh_l{k} (H, H); float32 and float64."""
+    cell = "mlstm"
 
 
 class GRU(RNNBase):

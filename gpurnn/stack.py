@@ -55,13 +55,18 @@ class Layer:
         in registration (torch) order."""
         raise NotImplementedError
 
+    def state_size(self, hidden_size):
+        """R: the width of the recurrent state h and of y per direction (a projection's
+        proj_size; H otherwise). A cell state c, where there is one, is always H wide."""
+        return hidden_size
+
     def init_bound(self, hidden_size):
         """Parameters are drawn from uniform(-bound, bound) (torch.nn's rule by default)."""
         return 1.0 / np.sqrt(hidden_size)
 
     def forward(self, run, x, params, h0, c0, reverse):
-        """-> (y (T, B, H), h_n (B, H), c_n (B, H) or None, saved: tuple of arrays, () when
-        not run.need_saved)."""
+        """h0 (B, R), c0 (B, H) or None -> (y (T, B, R), h_n (B, R), c_n (B, H) or None, saved:
+        tuple of arrays, () when not run.need_saved); R = state_size(H)."""
         raise NotImplementedError
 
     def backward(self, run, x, params, saved, reverse, dy, dh_n, dc_n):
@@ -133,10 +138,16 @@ def register(name, layer):
 
 
 def layer_of(name):
+    """The Layer registered as `name`; the LSTM family's names (gpurnn.variants: e.g.
+    'lstm_peephole', 'cifg', 'mlstm', 'lstm_proj64') register themselves on first use."""
+    if isinstance(name, str) and name not in LAYERS:
+        from .variants import layer_for
+        layer_for(name)
     try:
         return LAYERS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"cell must be one of {tuple(LAYERS)}; got {name!r}") from None
+        raise ValueError(f"cell must be one of {tuple(LAYERS)} or an LSTM variant of "
+                         f"gpurnn.variants; got {name!r}") from None
 
 
 @dataclass
@@ -181,6 +192,7 @@ class Stack:
         self.bias, self.bidirectional = bool(bias), bool(bidirectional)
         self.directions = 2 if self.bidirectional else 1
         self.states = self.layer.cell.states
+        self.state_width = self.layer.state_size(self.hidden_size)   # R: h's features
 
     # ---- parameters --------------------------------------------------------------------
     @staticmethod
@@ -188,7 +200,7 @@ class Stack:
         return f"_l{layer}" + ("_reverse" if d else "")
 
     def layer_input_size(self, layer):
-        return self.input_size if layer == 0 else self.hidden_size * self.directions
+        return self.input_size if layer == 0 else self.state_width * self.directions
 
     def param_shapes(self):
         """[(name, shape)] of every parameter, in torch.nn's registration order (layer,
@@ -207,29 +219,32 @@ class Stack:
                                                        self.hidden_size, self.bias)]
         return {n: params[n + sfx] for n in names}
 
-    def state_shape(self, batch):
-        return (self.num_layers * self.directions, batch, self.hidden_size)
+    def state_shape(self, batch, state="h"):
+        """(L*D, B, R) for h, (L*D, B, H) for the cell state c."""
+        width = self.hidden_size if state == "c" else self.state_width
+        return (self.num_layers * self.directions, batch, width)
 
     def mask_shapes(self, steps, batch):
         """Shapes of the dropout masks a training forward takes (between layers)."""
         if self.dropout == 0:
             return []
-        return [(steps, batch, self.hidden_size * self.directions)] * (self.num_layers - 1)
+        return [(steps, batch, self.state_width * self.directions)] * (self.num_layers - 1)
 
     # ---- forward / backward --------------------------------------------------------------
     def check_states(self, x, states, names):
-        """`states` (h0[, c0]) each None or (L*D, B, H) in x's dtype."""
-        want = self.state_shape(x.shape[1])
-        for name, s in zip(names, states):
+        """`states` (h0[, c0]) each None or (L*D, B, R) / (L*D, B, H) in x's dtype."""
+        for state, name, s in zip(("h", "c"), names, states):
             if s is not None:
-                check_shape(name, s, want, "(L*D, B, H)")
+                want = self.state_shape(x.shape[1], state)
+                form = "(L*D, B, H)" if want[2] == self.hidden_size else "(L*D, B, proj_size)"
+                check_shape(name, s, want, form)
                 check_dtype(name, s, x.dtype, "the dtype of x")
 
     def forward(self, run, x, params, h0=None, c0=None, masks=None):
-        """x (T, B, I); params: name -> array; h0, c0 (L*D, B, H) or None (zeros); masks: one
-        array (T, B, D*H) per layer but the last, or None (no dropout). Returns
-        (y (T, B, D*H), h_n (L*D, B, H), c_n or None, Saved or None)."""
-        xp, D, H = run.xp, self.directions, self.hidden_size
+        """x (T, B, I); params: name -> array; h0 (L*D, B, R), c0 (L*D, B, H) or None (zeros);
+        masks: one array (T, B, D*R) per layer but the last, or None (no dropout). Returns
+        (y (T, B, D*R), h_n (L*D, B, R), c_n or None, Saved or None); R = state_width."""
+        xp, D, H, R = run.xp, self.directions, self.hidden_size, self.state_width
         check_shape("x", x, (x.shape[0], x.shape[1], self.input_size), "(T, B, input_size)")
         if x.shape[0] == 0 or x.shape[1] == 0:
             raise ValueError(f"x has shape {tuple(x.shape)}; expected at least one step and one "
@@ -237,7 +252,8 @@ class Stack:
         self.check_states(x, (h0, c0), ("h0", "c0"))
         B = x.shape[1]
         has_c = self.layer.cell.has_cell_state
-        zeros = xp.zeros((B, H), x.dtype) if h0 is None or (has_c and c0 is None) else None
+        zeros_h = xp.zeros((B, R), x.dtype) if h0 is None else None
+        zeros_c = xp.zeros((B, H), x.dtype) if has_c and c0 is None else None
         inputs, saved, h_n, c_n = [x], [], [], []
         masks = list(masks) if masks else [None] * (self.num_layers - 1)
         layer_input = x
@@ -245,8 +261,8 @@ class Stack:
             outs = []
             for d in range(D):
                 i = layer * D + d
-                h = zeros if h0 is None else h0[i]
-                c = None if not has_c else (zeros if c0 is None else c0[i])
+                h = zeros_h if h0 is None else h0[i]
+                c = None if not has_c else (zeros_c if c0 is None else c0[i])
                 y, hn, cn, s = self.layer.forward(run, layer_input, self._of(params, layer, d),
                                                   h, c, bool(d))
                 outs.append(y)
@@ -264,17 +280,18 @@ class Stack:
         return layer_input, xp.stack(h_n), xp.stack(c_n) if c_n else None, keep
 
     def backward(self, run, saved, params, dy, dh_n=None, dc_n=None):
-        """Gradients of one forward's outputs. dy (T, B, D*H); dh_n, dc_n (L*D, B, H) or None.
+        """Gradients of one forward's outputs. dy (T, B, D*R); dh_n (L*D, B, R), dc_n
+        (L*D, B, H) or None.
         Returns (dx, dh0, dc0 or None, {name: gradient}). Nothing is written: a failure leaves
         `saved` as it was, so the same call can be retried."""
-        xp, D, H, L = run.xp, self.directions, self.hidden_size, self.num_layers
+        xp, D, H, L, R = run.xp, self.directions, self.hidden_size, self.num_layers, self.state_width
         x = saved.inputs[0]
         T, B = x.shape[0], x.shape[1]
-        check_shape("dy", dy, (T, B, D * H), "(T, B, D*H)")
+        check_shape("dy", dy, (T, B, D * R), "(T, B, D*H)" if R == H else "(T, B, D*proj_size)")
         check_dtype("dy", dy, x.dtype, "the dtype of x")
         self.check_states(x, (dh_n, dc_n), ("dh_n", "dc_n"))
         has_c = self.layer.cell.has_cell_state
-        zeros = xp.zeros((B, H), x.dtype)
+        zeros_h, zeros_c = xp.zeros((B, R), x.dtype), xp.zeros((B, H), x.dtype)
         grads, dh0, dc0 = {}, [None] * (L * D), [None] * (L * D)
         grad_out = dy
         for layer in reversed(range(L)):
@@ -283,9 +300,9 @@ class Stack:
             grad_in = None
             for d in range(D):
                 i = layer * D + d
-                dh = zeros if dh_n is None else dh_n[i]
-                dc = (zeros if dc_n is None else dc_n[i]) if has_c else None
-                gy = grad_out if D == 1 else grad_out[:, :, d * H:(d + 1) * H]
+                dh = zeros_h if dh_n is None else dh_n[i]
+                dc = (zeros_c if dc_n is None else dc_n[i]) if has_c else None
+                gy = grad_out if D == 1 else grad_out[:, :, d * R:(d + 1) * R]
                 dx, g_h0, g_c0, g = self.layer.backward(
                     run, saved.inputs[layer], self._of(params, layer, d), saved.saved[i], bool(d),
                     xp.ascontiguousarray(gy), xp.ascontiguousarray(dh),
@@ -301,7 +318,7 @@ class Stack:
     def saved_specs(self, run, steps, batch, dtype):
         """[(shape, dtype)] of Saved.arrays() for a forward of x (steps, batch, input_size)."""
         D, H = self.directions, self.hidden_size
-        specs = [((steps, batch, D * H), np.dtype(dtype))] * (self.num_layers - 1)
+        specs = [((steps, batch, D * self.state_width), np.dtype(dtype))] * (self.num_layers - 1)
         for layer in range(self.num_layers):
             for _ in range(D):
                 specs += self.layer.saved_specs(run, steps, batch, self.layer_input_size(layer),

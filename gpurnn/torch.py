@@ -10,7 +10,8 @@ torch's order, so one seed gives both modules the same weights) and return value
 plus `backend=` ('auto': CPU tensors -> the 'cpu' fast path, zero copy, its GEMMs by torch's MKL
 on torch's own OpenMP threads; 'numpy' the readable reference; CUDA tensors -> the 'cuda'
 backend through DLPack on torch's current stream; 'sim' runs the CUDA kernels in Numba's
-simulator on CPU tensors). `proj_size` is not supported.
+simulator on CPU tensors). `proj_size` is torch's; `peephole=` and `coupled=` on LSTM and the
+MLSTM module are the cells of gpurnn.variants.
 
 The stack is gpurnn.stack's, the same core as gpurnn.LSTM's; the whole stack (every layer and
 direction, dropout between layers) is one autograd node, the custom operator
@@ -41,8 +42,9 @@ from .arrays import resolve
 from .backends import BACKENDS
 from .cells import rnn_cell
 from .stack import Stack
+from .variants import lstm_form as _lstm_form
 
-__all__ = ["LSTM", "GRU", "RNN"]
+__all__ = ["LSTM", "GRU", "RNN", "MLSTM"]
 
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -70,15 +72,18 @@ class RNNBase(nn.Module):
                  backend="auto"):
         super().__init__()
         stack = Stack(self.cell, input_size, hidden_size, num_layers, bias, dropout, bidirectional)
-        if proj_size != 0:
-            raise ValueError(f"proj_size must be 0 (projections are not supported by gpurnn); "
-                             f"got {proj_size!r}")
+        if proj_size != 0 and stack.state_width != proj_size:
+            raise ValueError(f"proj_size is only for LSTM (gpurnn.torch.LSTM); got "
+                             f"proj_size={proj_size!r} for {type(self).__name__}")
         if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
             raise ValueError(f"backend must be one of {('auto',) + BACKENDS}; got {backend!r}")
         resolved_dtype = torch.get_default_dtype() if dtype is None else dtype
         if resolved_dtype not in _DTYPES:
             raise TypeError(f"dtype must be one of {_DTYPES} (gpurnn's kernels; 16-bit storage "
                             f"computes in float32); got {dtype!r}")
+        allowed = getattr(stack.layer, "dtypes", None)
+        if allowed is not None and str(resolved_dtype).removeprefix("torch.") not in allowed:
+            raise TypeError(f"dtype must be one of {allowed} for {self.cell}; got {resolved_dtype}")
         if dropout > 0 and num_layers == 1:
             # torch.nn warns the same way; keep the message so filters written for torch apply
             warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
@@ -88,7 +93,7 @@ class RNNBase(nn.Module):
         self.input_size, self.hidden_size, self.num_layers = stack.input_size, stack.hidden_size, stack.num_layers
         self.bias, self.batch_first = stack.bias, bool(batch_first)
         self.dropout, self.bidirectional = stack.dropout, stack.bidirectional
-        self.proj_size = 0
+        self.proj_size = proj_size
         self.backend = backend
         factory = {"device": device, "dtype": dtype}
         # torch's registration order (layer, direction, w_ih, w_hh, b_ih, b_hh): with the same
@@ -126,8 +131,9 @@ class RNNBase(nn.Module):
         if getattr(self, "nonlinearity", "tanh") != "tanh":
             s += f", nonlinearity={self.nonlinearity!r}"
         for k, default in (("bias", True), ("batch_first", False), ("dropout", 0.0),
-                           ("bidirectional", False), ("backend", "auto")):
-            if getattr(self, k) != default:
+                           ("bidirectional", False), ("proj_size", 0), ("peephole", False),
+                           ("coupled", False), ("backend", "auto")):
+            if getattr(self, k, default) != default:
                 s += f", {k}={getattr(self, k)!r}"
         return s
 
@@ -136,7 +142,8 @@ class RNNBase(nn.Module):
         if not isinstance(s, torch.Tensor):
             raise TypeError(f"{name} must be a tensor; got {type(s).__name__}")
         if tuple(s.shape) != expected:
-            raise ValueError(f"{name} has shape {tuple(s.shape)}; expected (L*D, B, H) = {expected}")
+            form = "(L*D, B, H)" if expected[2] == self.hidden_size else "(L*D, B, proj_size)"
+            raise ValueError(f"{name} has shape {tuple(s.shape)}; expected {form} = {expected}")
         if s.dtype != x.dtype or s.device != x.device:
             raise TypeError(f"{name} is {s.dtype} on {s.device}; expected {x.dtype} on {x.device} "
                             f"(those of the input)")
@@ -181,7 +188,6 @@ class RNNBase(nn.Module):
         def run_as(t):          # what the layers compute on: the autocast dtype inside autocast
             return t if t is None or cast is None else t.to(cast)
         B = x.shape[1]
-        L, D, H = self.num_layers, self.num_directions, self.hidden_size
         h0 = c0 = None
         if hx is not None:
             if has_c:
@@ -191,11 +197,11 @@ class RNNBase(nn.Module):
                 h0, c0 = hx
             else:
                 h0 = hx
-            states = [("h_0" if has_c else "hx", h0)] + ([("c_0", c0)] if has_c else [])
-            for name, s in states:
+            states = [("h_0" if has_c else "hx", h0, "h")] + ([("c_0", c0, "c")] if has_c else [])
+            for name, s, state in states:
                 if unbatched and isinstance(s, torch.Tensor) and s.dim() == 2:
                     s = s.unsqueeze(1)
-                self._check_state(name, s, (L * D, B, H), x)
+                self._check_state(name, s, self._stack.state_shape(B, state), x)
             if unbatched:
                 h0 = h0.unsqueeze(1)
                 c0 = c0.unsqueeze(1) if has_c else None
@@ -209,7 +215,8 @@ class RNNBase(nn.Module):
         outs = torch.ops.gpurnn.stack_forward(
             x, None if h0 is None else run_as(h0).contiguous(),
             None if c0 is None else run_as(c0).contiguous(), lengths,
-            [run_as(w) for w in weights], self._masks(x), self.cell, self.input_size, H, L,
+            [run_as(w) for w in weights], self._masks(x), self.cell, self.input_size,
+            self.hidden_size, self.num_layers,
             self.bias, self.bidirectional, backend, self.training and needs_grad)
         y, h_n = outs[0], outs[1]
         c_n = outs[2] if has_c else None
@@ -233,8 +240,27 @@ class RNNBase(nn.Module):
 
 
 class LSTM(RNNBase):
-    """torch.nn.LSTM on gpurnn (gate order i, f, g, o)."""
+    """torch.nn.LSTM on gpurnn (gate order i, f, g, o), `proj_size` included, plus the cells of
+    gpurnn.variants: `peephole=True` (weight_ch_l{k} = [w_ci; w_cf; w_co]) and `coupled=True`
+    (CIFG: gates i, g, o, f = 1 - i; with peephole weight_ch = [w_ci; w_co]). The variants run
+    in float32 and float64."""
     cell = "lstm"
+    mode = "LSTM"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None,
+                 backend="auto", *, peephole=False, coupled=False):
+        form = _lstm_form(hidden_size, proj_size, peephole=bool(peephole), coupled=bool(coupled))
+        self.cell = form.name
+        self.peephole, self.coupled = form.peephole, form.coupled
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, form.proj_size, device, dtype, backend)
+
+
+class MLSTM(RNNBase):
+    """The multiplicative LSTM (Krause et al. 2016; gpurnn.variants) as a torch module:
+    torch.nn.LSTM's parameters plus weight_mx_l{k} (H, I) and weight_mh_l{k} (H, H)."""
+    cell = "mlstm"
     mode = "LSTM"
 
 

@@ -95,9 +95,9 @@ def _(x, h0, c0, lengths, weights, masks, cell, input_size, hidden_size, num_lay
       bidirectional, backend, keep):
     stack = _stack(cell, input_size, hidden_size, num_layers, bias, bidirectional)
     T, B = x.shape[0], x.shape[1]
-    states = stack.state_shape(B)
-    outs = [x.new_empty((T, B, stack.directions * hidden_size)), x.new_empty(states),
-            x.new_empty(states) if stack.layer.cell.has_cell_state else _empty(x)]
+    outs = [x.new_empty((T, B, stack.directions * stack.state_width)),
+            x.new_empty(stack.state_shape(B)),
+            x.new_empty(stack.state_shape(B, "c")) if stack.layer.cell.has_cell_state else _empty(x)]
     if keep:
         outs += [x.new_empty(shape, dtype=_torch_dtype(dt))
                  for shape, dt in stack.saved_specs(Run(backend), T, B, _numpy_name(x.dtype))]
@@ -130,7 +130,7 @@ def stack_backward(dy: Tensor, dh_n: Tensor, dc_n: Optional[Tensor], x: Tensor,
 def _(dy, dh_n, dc_n, x, lengths, weights, masks, saved, cell, input_size, hidden_size,
       num_layers, bias, bidirectional, backend):
     return [torch.empty_like(x), torch.empty_like(dh_n),
-            torch.empty_like(dh_n) if dc_n is not None else _empty(x)] + \
+            torch.empty_like(dc_n) if dc_n is not None else _empty(x)] + \
         [torch.empty_like(w) for w in weights]
 
 
@@ -157,11 +157,11 @@ def _backward(ctx, grads):
     T, B = x.shape[0], x.shape[1]
     dy, dh_n, dc_n = grads[0], grads[1], grads[2]
     if dy is None:
-        dy = x.new_zeros((T, B, stack.directions * stack.hidden_size))
+        dy = x.new_zeros((T, B, stack.directions * stack.state_width))
     if dh_n is None:
         dh_n = x.new_zeros(stack.state_shape(B))
     if ctx.has_c and dc_n is None:
-        dc_n = x.new_zeros(stack.state_shape(B))
+        dc_n = x.new_zeros(stack.state_shape(B, "c"))
     outs = torch.ops.gpurnn.stack_backward(
         dy.contiguous(), dh_n.contiguous(), dc_n.contiguous() if ctx.has_c else None, x, lengths,
         list(weights), list(masks), list(saved), *ctx.static)

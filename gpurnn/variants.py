@@ -45,7 +45,7 @@ import numpy as np
 from . import cells
 from .stack import LAYERS, Layer, register
 
-__all__ = ["LSTMForm", "VariantLayer", "form_of", "layer_for", "DTYPES"]
+__all__ = ["LSTMForm", "VariantLayer", "form_of", "layer_for", "lstm_form", "DTYPES"]
 
 DTYPES = ("float32", "float64")
 
@@ -120,6 +120,15 @@ class LSTMForm:
         return specs
 
 
+def lstm_form(hidden_size, proj_size=0, *, peephole=False, coupled=False):
+    """The LSTMForm of the LSTM modules' keywords, with torch.nn.LSTM's proj_size checks."""
+    form = LSTMForm(peephole=peephole, coupled=coupled, proj_size=proj_size)
+    if form.proj_size and isinstance(hidden_size, (int, np.integer)) and form.proj_size >= hidden_size:
+        raise ValueError(f"proj_size has to be smaller than hidden_size; got proj_size="
+                         f"{proj_size}, hidden_size={hidden_size}")
+    return form
+
+
 _NAME = re.compile(r"(lstm|lstm_peephole|cifg|cifg_peephole|mlstm)(?:_proj([1-9][0-9]*))?")
 
 
@@ -135,6 +144,7 @@ def form_of(name):
 
 class VariantLayer(Layer):
     """One layer-direction of an LSTM variant, run by the backends' lstm_forward/backward."""
+    dtypes = DTYPES
 
     def __init__(self, form):
         self.form = form

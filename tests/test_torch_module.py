@@ -247,8 +247,8 @@ def test_dropout_between_layers_matches_torch_composition(rng):
 
 
 def test_errors_name_the_argument():
-    with pytest.raises(ValueError, match="proj_size"):
-        gt.LSTM(5, 7, proj_size=3)
+    with pytest.raises(ValueError, match="proj_size has to be smaller than hidden_size"):
+        gt.LSTM(5, 7, proj_size=7)
     with pytest.raises(ValueError, match="hidden_size must be >= 1; got 0"):
         gt.GRU(5, 0)
     mine = gt.LSTM(5, 7, num_layers=2)
