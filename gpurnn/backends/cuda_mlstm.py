@@ -1,0 +1,227 @@
+"""The multiplicative LSTM on the kernel backends (cuda, and sim through its Runtime): the host
+side of gpurnn/kernels/mlstm.py, written once against `rt.xp` as gpurnn.backends.cuda is.
+
+  forward   Gx = x W_ih^T + b_ih + b_hh and mx = x W_mx^T (two GEMMs over all T*B rows), then
+            the persistent kernel (one launch, two grid barriers a step), or per step: GEMM
+            mh = h_{t-1} W_mh^T, m = mx * mh, GEMM m W_hh^T, the LSTM's pointwise kernel
+  backward  the persistent kernel (one launch, 2T+1 half-phases), or per step: GEMM
+            dh_rec = dmh_{next} W_mh, the LSTM's pointwise backward, GEMM dm = dgh W_hh, the
+            mLSTM's dm split; then dx = dgh W_ih + dmx W_mx, dW_ih = dgh^T x, dW_hh = dgh^T m,
+            dW_mx = dmx^T x, dW_mh = dmh^T h_in, db = sum dgh, with padded steps' x and m zeroed
+            (their gradients are 0, but a NaN in padding must not reach a sum)
+Entry points (called by gpurnn.backends.cuda's lstm_forward / lstm_backward for the mlstm form;
+returns as gpurnn.variants documents):
+    run_forward(rt, form, x, params, h0, c0, lengths, reverse, need_saved, options)
+        -> (y, h_n, c_n, (h, c, gates, mx, mh) | None)
+    run_backward(rt, form, x, params, saved, lengths, reverse, dy, dh_n, dc_n, options)
+        -> (dx, dh0, dc0, {param name: gradient})
+options: the cuda backend's ({"path", "blocks", "threads", "batch_tile"}; 'simulator' is the sim
+backend's and is ignored here). The saved tuple carries no launch, so backward plans again
+from the same options (the same plan).
+"""
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+
+from . import cuda as host
+from .numpy import inputs_seen
+from ..kernels import layout
+from ..kernels import mlstm as kernels
+
+_COMPILED = weakref.WeakKeyDictionary()     # Runtime -> {(kind, dtype): (spec, kernel)}
+
+
+def _kernel(rt, kind, dtype):
+    cache = _COMPILED.setdefault(rt, {})
+    if (kind, dtype) not in cache:
+        sp = kernels.spec(kind, dtype)
+        cache[kind, dtype] = (sp, rt.compile(sp))
+    return cache[kind, dtype]
+
+
+def choose_launch(input_size, hidden, batch, dtype, device, options, backend=host.NAME):
+    """The launch configuration (gpurnn.backends.cuda.LaunchConfig): options where given, the
+    mLSTM plan (gpurnn.planning.mlstm) for the rest."""
+    from ..planning import mlstm as planning
+    options = host.check_options(options, backend, extra=("simulator",))
+    blocks, threads, tile = options.get("blocks"), options.get("threads"), options.get("batch_tile")
+    if tile is not None and tile > batch:
+        raise ValueError(f"options['batch_tile'] must be <= the batch ({batch}); got {tile}")
+    p = planning.plan(input_size, hidden, batch, dtype, device,
+                      blocks=None if blocks is None else int(blocks),
+                      threads=None if threads is None else int(threads),
+                      batch_tile=None if tile is None else int(tile))
+    forced = blocks is not None or tile is not None
+    path = options.get("path", "persistent" if forced else p.path)
+    if path == "persistent" and not p.persistent_fits:
+        said = f"options['blocks']={int(blocks)}: " if blocks is not None else ""
+        why = [r for r in p.reasons if "forced by the caller" not in r and "model" not in r]
+        raise ValueError(f"{said}the persistent path cannot run mlstm H={hidden} B={batch} "
+                         f"{dtype} on {p.device.name}: " + "; ".join(why))
+    P = int(blocks) if blocks is not None else p.blocks
+    return host.LaunchConfig(path=path, blocks=P, threads=p.threads,
+                             units_per_block=layout.units_per_block(hidden, P), plan=p,
+                             batch_tile=p.batch_tile)
+
+
+def _launch_persistent(rt, kind, dtype, cfg, smem, args, q_range):
+    from ..kernels.launch import launch_persistent
+    sp, kern = _kernel(rt, kind, dtype)
+    single = q_range[1] - q_range[0] == 1
+    rt.on_launch(dict(name=sp.name, kind=kind, blocks=cfg.blocks, threads=cfg.threads, smem=smem,
+                      step_range=q_range))
+    with host._small_grids_allowed():
+        launch_persistent(kern, (cfg.blocks, cfg.threads, smem), rt.stream(), args,
+                          direction="fwd" if kind.endswith("fwd") else "bwd",
+                          signature=None if rt.per_step_grid else sp.signature,
+                          single_step=single)
+
+
+def _launch_pointwise(rt, dtype, n, threads, args, step):
+    sp, kern = _kernel(rt, "pointwise_dm", dtype)
+    blocks = -(-n // threads)
+    rt.on_launch(dict(name=sp.name, kind="pointwise_dm", blocks=blocks, threads=threads, smem=0,
+                      step_range=(step, step + 1)))
+    with host._small_grids_allowed():
+        kern[blocks, threads, rt.stream(), 0](*args)
+
+
+def _phase_ranges(rt, blocks, n):
+    """Half-step ranges of the persistent launches: all n in one launch, or one per launch
+    where the grid barrier cannot be trusted across blocks (Numba's stock simulator)."""
+    if rt.per_step_grid and blocks > 1:
+        return [(q, q + 1) for q in range(n)]
+    return [(0, n)]
+
+
+def _seen(xp, a, lengths):
+    """a (T, B, F) with the padded steps (t >= lengths[b]) zeroed (NaN there stays out)."""
+    return inputs_seen(a, lengths, xp)
+
+
+def run_forward(rt, form, x, params, h0, c0, lengths, reverse, need_saved, options):
+    xp = rt.xp
+    T, B, I = x.shape
+    w_ih, w_hh = params["weight_ih"], params["weight_hh"]
+    w_mx, w_mh = params["weight_mx"], params["weight_mh"]
+    b_ih, b_hh = params.get("bias_ih"), params.get("bias_hh")
+    H = w_mh.shape[0]
+    dtype = np.dtype(x.dtype).name
+    dt = x.dtype
+    rev = 1 if reverse else 0
+    cfg = choose_launch(I, H, B, dtype, rt.device, options, rt.name)
+
+    x2 = x.reshape(T * B, I)
+    gx = xp.matmul(x2, w_ih.T).reshape(T, B, 4 * H)
+    if b_ih is not None:
+        gx += b_ih + b_hh
+    gx = xp.ascontiguousarray(gx)
+    mx = xp.ascontiguousarray(xp.matmul(x2, w_mx.T).reshape(T, B, H))
+    h = xp.empty((T + 1, B, H), dt)
+    c = xp.empty((T + 1, B, H), dt)
+    h[T if rev else 0] = h0
+    c[T if rev else 0] = c0
+    save = 1 if need_saved else 0
+    placeholder = xp.zeros((1, 1, 1), dt)
+    gates = xp.empty((T, B, 4 * H), dt) if save else placeholder
+    y = xp.empty((T, B, H), dt)
+    b_rec = xp.zeros(1, dt)
+    lengths_k = host._kernel_lengths(xp, lengths, T, B)
+    w_mh_c, w_hh_c = xp.ascontiguousarray(w_mh), xp.ascontiguousarray(w_hh)
+
+    if cfg.path == "persistent":
+        mh = xp.empty((T, B, H), dt) if save else placeholder
+        m = xp.empty((B, H), dt)
+        U, bt = cfg.units_per_block, cfg.batch_tile
+        smem = kernels.smem_bytes("fwd", H, bt, U, dtype, threads=cfg.threads)
+        for q_range in _phase_ranges(rt, cfg.blocks, 2 * T):
+            _launch_persistent(rt, "persistent_fwd", dtype, cfg, smem,
+                               (gx, mx, w_mh_c, w_hh_c, b_rec, h, c, gates, y, mh, m, lengths_k,
+                                rev, q_range[0], q_range[1], U, save, bt), q_range)
+    else:
+        mh = xp.empty((T, B, H), dt)
+        w_mh_t = xp.ascontiguousarray(w_mh.T)
+        w_hh_t = xp.ascontiguousarray(w_hh.T)
+        m = xp.empty((B, H), dt)
+        gh = xp.empty((B, 4 * H), dt)
+        for s in range(T):
+            t = T - 1 - s if rev else s
+            xp.matmul(h[t + rev], w_mh_t, out=mh[t])
+            xp.multiply(mx[t], mh[t], out=m)
+            xp.matmul(m, w_hh_t, out=gh)
+            rt.launch_pointwise("lstm", "pointwise_fwd", dtype, B * H, cfg.threads,
+                                (gx, gh, b_rec, h, c, gates, y, lengths_k, rev, s, save), s)
+        if not save:
+            mh = None
+
+    h_n = h[0 if rev else T].copy()
+    c_n = c[0 if rev else T].copy()
+    saved = (h, c, gates, mx, mh) if need_saved else None
+    return y, h_n, c_n, saved
+
+
+def run_backward(rt, form, x, params, saved, lengths, reverse, dy, dh_n, dc_n, options):
+    xp = rt.xp
+    T, B, I = x.shape
+    w_ih, w_hh = params["weight_ih"], params["weight_hh"]
+    w_mx, w_mh = params["weight_mx"], params["weight_mh"]
+    has_bias = "bias_ih" in params and params["bias_ih"] is not None
+    h, c, gates, mx, mh = (xp.ascontiguousarray(a) for a in saved)
+    H = w_mh.shape[0]
+    dtype = np.dtype(x.dtype).name
+    dt = x.dtype
+    rev = 1 if reverse else 0
+    cfg = choose_launch(I, H, B, dtype, rt.device, options, rt.name)
+
+    dgh = xp.empty((T, B, 4 * H), dt)
+    dmh = xp.empty((T, B, H), dt)
+    dmx = xp.empty((T, B, H), dt)
+    dh_carry = xp.array(dh_n, dtype=dt, copy=True, order="C")
+    dc_carry = xp.array(dc_n, dtype=dt, copy=True, order="C")
+    dy = xp.ascontiguousarray(dy)
+    b_rec = xp.zeros(1, dt)
+    dgx = xp.zeros((1, 1, 1), dt)
+    lengths_k = host._kernel_lengths(xp, lengths, T, B)
+    w_mh_c, w_hh_c = xp.ascontiguousarray(w_mh), xp.ascontiguousarray(w_hh)
+
+    if cfg.path == "persistent":
+        U, bt = cfg.units_per_block, cfg.batch_tile
+        smem = kernels.smem_bytes("bwd", H, bt, U, dtype, threads=cfg.threads)
+        for q_range in _phase_ranges(rt, cfg.blocks, 2 * T + 1):
+            _launch_persistent(rt, "persistent_bwd", dtype, cfg, smem,
+                               (w_mh_c, w_hh_c, b_rec, h, c, gates, dy, mx, mh, dgh, dgx, dmh,
+                                dmx, dh_carry, dc_carry, lengths_k, rev, q_range[0], q_range[1],
+                                U, bt), q_range)
+        dh0 = dh_carry
+    else:
+        dh_rec = xp.zeros((B, H), dt)
+        dm = xp.empty((B, H), dt)
+        for s in range(T - 1, -1, -1):
+            t = T - 1 - s if rev else s
+            if s + 1 < T:
+                xp.matmul(dmh[t + 1 - 2 * rev], w_mh_c, out=dh_rec)
+            rt.launch_pointwise("lstm", "pointwise_bwd", dtype, B * H, cfg.threads,
+                                (b_rec, h, c, gates, dy, dh_rec, dgh, dgx, dh_carry,
+                                 dc_carry, lengths_k, rev, s), s)
+            xp.matmul(dgh[t], w_hh_c, out=dm)
+            _launch_pointwise(rt, dtype, B * H, cfg.threads,
+                              (dm, mx, mh, dmh, dmx, lengths_k, rev, s), s)
+        t0 = T - 1 if rev else 0
+        dh0 = dh_carry + xp.matmul(dmh[t0], w_mh_c)
+
+    TB = T * B
+    dgh2, dmh2, dmx2 = dgh.reshape(TB, 4 * H), dmh.reshape(TB, H), dmx.reshape(TB, H)
+    x_seen = _seen(xp, x, lengths).reshape(TB, I)
+    m_seen = _seen(xp, mx * mh, lengths).reshape(TB, H)
+    h_in = h[rev: rev + T].reshape(TB, H)
+    dx = (xp.matmul(dgh2, w_ih) + xp.matmul(dmx2, w_mx)).reshape(T, B, I)
+    grads = {"weight_ih": xp.matmul(dgh2.T, x_seen), "weight_hh": xp.matmul(dgh2.T, m_seen)}
+    if has_bias:
+        db = dgh2.sum(axis=0)
+        grads["bias_ih"] = db
+        grads["bias_hh"] = db.copy()
+    grads["weight_mx"] = xp.matmul(dmx2.T, x_seen)
+    grads["weight_mh"] = xp.matmul(dmh2.T, h_in)
+    return dx, dh0, dc_carry, grads
