@@ -20,7 +20,9 @@ from gpurnn.backends import cuda as host
 from gpurnn.backends import numpy as ref
 from gpurnn.backends.sim import SimRuntime
 from gpurnn.cells import GATES
+from gpurnn.backends import numpy_lstm
 from gpurnn.kernels import layout, persistent, registry
+from gpurnn.variants import LSTMForm
 
 pytestmark = pytest.mark.sim
 
@@ -39,7 +41,12 @@ CASES = [
     ("lstm", 3, 5, 7, 2, 32, 2),        # tiles of 2, 2, 1: fwd L=1, bwd L=4
     ("gru", 3, 5, 9, 3, 64, 2),         # tiles: fwd L=2, bwd L=8
     ("rnn_tanh", 2, 5, 33, 1, 32, 2),   # tiles with L=1 both ways
+    # the LSTM variants' kernel cells run the same kernels (3 gates, the peephole vector):
+    ("cifg_peephole", 3, 3, 7, 3, 32, None),  # fwd L=1, bwd L=2
+    ("lstm_peephole", 3, 5, 7, 2, 64, 2),     # tiles of 2, 2, 1: fwd L=2, bwd L=8
 ]
+VARIANT_FORMS = {"cifg_peephole": LSTMForm(coupled=True, peephole=True),
+                 "lstm_peephole": LSTMForm(peephole=True)}
 def _lanes(cell, B, H, P, threads):
     U = layout.units_per_block(H, P)
     return (layout.lanes_per_output(B * GATES[cell] * U, threads),
@@ -86,8 +93,40 @@ class MutantRuntime(SimRuntime):
         return registry.spec(cell, kind, dtype), strict.jit(make(cell, dtype))
 
 
+def _run_variant_case(rt, case, seed):
+    cell, T, B, H, P, threads, batch_tile = case
+    form = VARIANT_FORMS[cell]
+    rng = np.random.default_rng(seed)
+    I = 3
+
+    def r(*shape):
+        return (0.5 * rng.standard_normal(shape)).astype(np.float32)
+    params = {name: r(*shape) for name, shape in form.param_shapes(I, H, True)}
+    x, h0, c0 = r(T, B, I), r(B, H), r(B, H)
+    dy, dh_n, dc_n = r(T, B, H), r(B, H), r(B, H)
+    lengths = np.arange(B, dtype=np.int64) % T + 1
+    opts = {"path": "persistent", "blocks": P, "threads": threads}
+    if batch_tile is not None:
+        opts["batch_tile"] = batch_tile
+    out = host.run_lstm_forward(rt, form, x, params, h0, c0, lengths, False, True, opts)
+    want = numpy_lstm.lstm_forward(form, x, params, h0, c0, lengths, False, True)
+    grads = host.run_lstm_backward(rt, form, x, params, out[3], lengths, False, dy, dh_n, dc_n,
+                                   opts)
+    want_grads = numpy_lstm.lstm_backward(form, x, params, want[3], lengths, False, dy, dh_n,
+                                          dc_n)
+    pairs = [("y", out[0], want[0]), ("c_n", out[2], want[2]), ("dx", grads[0], want_grads[0]),
+             ("dh0", grads[1], want_grads[1]), ("dc0", grads[2], want_grads[2]),
+             ("dweight_ch", grads[3]["weight_ch"], want_grads[3]["weight_ch"])]
+    for name, a, b in pairs:
+        if not np.allclose(a, b, rtol=1e-4, atol=1e-5):
+            return f"{name} differs from the reference"
+    return None
+
+
 def _run_case(rt, case, seed):
     cell, T, B, H, P, threads, batch_tile = case
+    if cell in VARIANT_FORMS:
+        return _run_variant_case(rt, case, seed)
     rng = np.random.default_rng(seed)
     G, I = GATES[cell], 3
 

@@ -45,6 +45,18 @@ def test_every_specialization_compiles_for_every_arch(rows):
 
 
 @needs_ptxas
+def test_the_lstm_variants_kernel_cells_are_compiled(rows):
+    # the kernel-only cells (gpurnn.cells.KERNEL_CELLS), float32/float64, every kind
+    from gpurnn.cells import KERNEL_CELLS
+    from gpurnn.kernels.registry import KINDS
+    have = {(r.cell, r.kind, r.dtype, r.arch) for r in rows}
+    want = {(c, k, d, a) for c in KERNEL_CELLS for k in KINDS for d in ("float32", "float64")
+            for a in ARCHS}
+    assert want <= have
+    assert not any(r.cell in KERNEL_CELLS and r.dtype not in ("float32", "float64") for r in rows)
+
+
+@needs_ptxas
 def test_no_spills_and_no_local_memory(rows):
     spilled = [(r.kernel, r.arch, r.spill_stores, r.spill_loads, r.local_bytes) for r in rows
                if r.spill_bytes or r.local_bytes]
