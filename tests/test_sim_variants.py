@@ -265,3 +265,41 @@ def test_projection_and_mlstm_forms_are_dispatched(form, module, monkeypatch):
     assert fwd_args[0] is form and fwd_args[1] is x and fwd_args[6:] == [True, True,
                                                                          {"threads": 32}]
     assert bwd_args[0] is form and bwd_args[5] is False and bwd_args[-1] == {}
+
+
+STOCK_SCRIPT = """
+import numpy as np
+from gpurnn.backends import numpy_lstm, sim
+from gpurnn.variants import LSTMForm
+rng = np.random.default_rng(4)
+T, B, I, H = 3, 2, 3, 7
+form = LSTMForm(coupled=True, peephole=True)
+p = {n: (0.5 * rng.standard_normal(s)).astype(np.float32) for n, s in form.param_shapes(I, H, True)}
+x, h0, c0 = (rng.standard_normal(s).astype(np.float32) for s in ((T, B, I), (B, H), (B, H)))
+dy, dh, dc = (rng.standard_normal(s).astype(np.float32) for s in ((T, B, H), (B, H), (B, H)))
+lengths = np.array([3, 2])
+log = []
+sim.RUNTIME.launch_hook = log.append
+opts = {"simulator": "stock", "path": "persistent", "blocks": 3}
+out = sim.lstm_forward(form, x, p, h0, c0, lengths, True, True, options=opts)
+g = sim.lstm_backward(form, x, p, out[3], lengths, True, dy, dh, dc, options=opts)
+want = numpy_lstm.lstm_forward(form, x, p, h0, c0, lengths, True, True)
+gw = numpy_lstm.lstm_backward(form, x, p, want[3], lengths, True, dy, dh, dc)
+for a, b in list(zip(out[:3], want[:3])) + list(zip(g[:3], gw[:3])):
+    assert np.allclose(a, b, rtol=1e-4, atol=1e-5), abs(a - b).max()
+for k in gw[3]:
+    assert np.allclose(g[3][k], gw[3][k], rtol=1e-4, atol=1e-5), k
+assert [d["step_range"] for d in log if d["kind"] == "persistent_fwd"] == [(s, s + 1) for s in range(T)]
+assert [d["step_range"] for d in log if d["kind"] == "persistent_bwd"] == [(k, k + 1) for k in range(T + 1)]
+assert {d["simulator"] for d in log} == {"stock"}
+print("STOCK-VARIANT-OK")
+"""
+
+
+def test_stock_simulator_runs_the_variants_once_per_step_in_a_fresh_process():
+    import os
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    r = subprocess.run([sys.executable, "-c", STOCK_SCRIPT], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "STOCK-VARIANT-OK" in r.stdout, r.stdout + r.stderr

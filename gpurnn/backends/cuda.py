@@ -7,6 +7,11 @@ the same code with NumPy and Numba's CUDA simulator:
             step one GEMM h_in W_hh^T + one pointwise kernel (stepwise path)
   backward  persistent kernel over T+1 phases (the last only finishes dh0), or per step one
             GEMM dgh_next W_hh + one pointwise kernel; then dW_hh, dW_ih, dx, db as GEMMs.
+The LSTM family of gpurnn.variants (lstm_forward / lstm_backward) runs the same algorithm on its
+form's kernel cell (LSTMForm.kernel_cell: lstm, lstm_peephole, cifg, cifg_peephole; the peephole
+vector weight_ch is the kernels' b_rec, its gradient formed after the recurrence from dgh and the
+saved c); forms with a projection go to backends/cuda_proj.py, the multiplicative one to
+backends/cuda_mlstm.py, with the same Runtime.
 The launch configuration comes from gpurnn.plan unless `options` says otherwise:
   {"path": "persistent" | "stepwise", "blocks": P, "threads": n, "batch_tile": bt}. The forward
 records the one it used on `Reserve.launch`; backward reuses it (its own `options` may override).
