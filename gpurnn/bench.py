@@ -28,8 +28,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import planning
+from . import planning, variants
 from .cells import GATES, REGISTRY
+from .variants import form_of
 from .testing import rel_err
 
 IMPLS = ("gpurnn-cpu", "gpurnn-numpy", "torch-cpu", "gpurnn-cuda", "gpurnn-cuda-stepwise",
@@ -59,9 +60,29 @@ class Case:
 
 
 def flops(case: Case) -> float:
-    """The case's model FLOPs (gpurnn.planning.layer_flops)."""
-    return float(planning.layer_flops(case.cell, case.T, case.B, case.I, case.H,
+    """The case's model FLOPs (gpurnn.planning.layer_flops; an LSTM variant's,
+    gpurnn.variants.layer_flops, is the same model with its extra products)."""
+    form = form_of(case.cell)
+    if case.cell in REGISTRY or form is None:
+        return float(planning.layer_flops(case.cell, case.T, case.B, case.I, case.H,
+                                          backward=case.mode == "fwdbw"))
+    return float(variants.layer_flops(form, case.T, case.B, case.I, case.H,
                                       backward=case.mode == "fwdbw"))
+
+
+def is_variant(cell):
+    """True for the LSTM family of gpurnn.variants (run through the stack core), False for the
+    cells of gpurnn.cells (run through gpurnn.functional)."""
+    return cell not in REGISTRY
+
+
+def supports(impl, case):
+    """Whether `impl` runs `case`: torch has the projection (torch.nn.LSTM(proj_size)) but
+    none of the other variants."""
+    if not is_variant(case.cell) or impl in GPURNN_BACKEND:
+        return True
+    form = form_of(case.cell)
+    return form.base == "lstm" and form.proj_size > 0
 
 
 def grid(quick=False, cells=("lstm", "gru", "rnn_tanh"), modes=("fwd", "fwdbw"), dtype="float32"):
@@ -91,6 +112,32 @@ def available_impls():
     ok, why = availability("sim")
     out["gpurnn-sim"] = (ok, why + " (far too slow to time; only on request)" if ok else why)
     return out
+
+
+def _variant_data(case, rng, xp=np):
+    """x, dy and the one layer's parameters (torch's names) of an LSTM-variant case."""
+    form = form_of(case.cell)
+    k = 1.0 / np.sqrt(case.H)
+    host = {"x": rng.standard_normal((case.T, case.B, case.I)),
+            "dy": rng.standard_normal((case.T, case.B, form.state_size(case.H)))}
+    params = {name: rng.uniform(-k, k, shape)
+              for name, shape in form.param_shapes(case.I, case.H, True)}
+    conv = lambda v: xp.asarray(v.astype(case.dtype))   # noqa: E731
+    return {n: conv(v) for n, v in host.items()}, {n: conv(v) for n, v in params.items()}
+
+
+def _variant_step(case, backend, xp, x, params, dy, options=None):
+    """One forward (+ backward) of a one-layer stack of the variant; (y, {gradient name: array})."""
+    from .stack import Run, Stack
+    st = Stack(case.cell, case.I, case.H)
+    training = case.mode == "fwdbw"
+    run = Run(backend, xp, options, None, need_saved=training)
+    suffixed = {n + "_l0": v for n, v in params.items()}
+    y, _, _, saved = st.forward(run, x, suffixed)
+    if not training:
+        return y, None
+    dx, _, _, grads = st.backward(run, saved, suffixed, dy)
+    return y, {"dx": dx, **{n.removesuffix("_l0"): g for n, g in grads.items()}}
 
 
 def _data(case, rng, xp=np):
@@ -130,6 +177,10 @@ def make_runner(impl, case, seed=0):
     computes with the same inputs and weights."""
     rng = np.random.default_rng(seed)
     training = case.mode == "fwdbw"
+    if not supports(impl, case):
+        raise ValueError(f"{impl} has no {case.cell}")
+    if is_variant(case.cell):
+        return _variant_runner(impl, case, rng)
     if impl in GPURNN_BACKEND:
         from . import functional as F
         backend = GPURNN_BACKEND[impl]
@@ -195,12 +246,76 @@ def make_runner(impl, case, seed=0):
     raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
 
 
+def _variant_runner(impl, case, rng):
+    """A Runner of an LSTM-variant case: gpurnn through the stack core, torch.nn.LSTM for the
+    projection. Its outputs: y, and for fwdbw dx and every parameter's gradient."""
+    training = case.mode == "fwdbw"
+    if impl in GPURNN_BACKEND:
+        backend = GPURNN_BACKEND[impl]
+        options = {"path": "stepwise"} if impl == "gpurnn-cuda-stepwise" else None
+        xp, sync = np, (lambda: None)
+        if backend == "cuda":
+            import cupy
+            xp, sync = cupy, cupy.cuda.get_current_stream().synchronize
+        d, params = _variant_data(case, rng, xp)
+
+        def step():
+            out = _variant_step(case, backend, xp, d["x"], params, d["dy"], options)
+            sync()
+            return out
+
+        def outputs():
+            y, grads = step()
+            return {k: _host64(v) for k, v in {"y": y, **(grads or {})}.items()}
+        return Runner(step, outputs)
+    import torch
+    device = "cuda" if impl == "torch-cudnn" else "cpu"
+    form = form_of(case.cell)
+    m = torch.nn.LSTM(case.I, case.H, proj_size=form.proj_size).to(
+        device=device, dtype=getattr(torch, case.dtype))
+    d, params = _variant_data(case, rng)
+    with torch.no_grad():
+        for name, value in params.items():
+            getattr(m, name + "_l0").copy_(torch.from_numpy(value))
+    x = torch.tensor(d["x"], device=device, requires_grad=training)
+    dy = torch.tensor(d["dy"], device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def run():
+        if training:
+            x.grad = None
+            m.zero_grad(set_to_none=True)
+            y, _ = m(x)
+            y.backward(dy)
+        else:
+            with torch.no_grad():
+                y, _ = m(x)
+        sync()
+        return y
+
+    def outputs():
+        y = run()
+        out = {"y": y}
+        if training:
+            out["dx"] = x.grad
+            out.update((name, getattr(m, name + "_l0").grad) for name in params)
+        return {k: _host64(v) for k, v in out.items()}
+    return Runner(run, outputs)
+
+
 _references = {}
 
 
 def reference(case, seed=0):
     """The float64 NumPy reference's outputs on the case's data (as Runner.outputs)."""
     key = (case, seed)
+    if key not in _references and is_variant(case.cell):
+        d, params = _variant_data(case, np.random.default_rng(seed))
+        f64 = lambda a: a.astype(np.float64)   # noqa: E731
+        y, grads = _variant_step(case, "numpy", np, f64(d["x"]),
+                                 {n: f64(v) for n, v in params.items()}, f64(d["dy"]))
+        _references.clear()
+        _references[key] = {"y": y, **(grads or {})}
     if key not in _references:
         d = _data(case, np.random.default_rng(seed))          # the very values the runners use
         d64 = {k: v.astype(np.float64) for k, v in d.items()}
@@ -354,7 +469,7 @@ def run_cases(cases, impls, repeat=5, rounds=3, warmup_s=0.2, progress=None, on_
     they come."""
     results = []
     for case in cases:
-        runners = {impl: make_runner(impl, case) for impl in impls}
+        runners = {impl: make_runner(impl, case) for impl in impls if supports(impl, case)}
         errors = {impl: check_runner(run, impl, case) for impl, run in runners.items()}
 
         def block_done(impl, r):
@@ -362,8 +477,9 @@ def run_cases(cases, impls, repeat=5, rounds=3, warmup_s=0.2, progress=None, on_
                 progress(case, impl)
         timed = time_blocks(runners, rounds=rounds, repeat=repeat, warmup_s=warmup_s,
                             progress=block_done)
+        ran = list(runners)
         del runners
-        for impl in impls:
+        for impl in ran:
             median, times, other = timed[impl]
             floor = traffic_floor(case, impl)
             model = model_seconds(case, impl)
@@ -376,12 +492,12 @@ def run_cases(cases, impls, repeat=5, rounds=3, warmup_s=0.2, progress=None, on_
                             "times_floor": None if floor is None else median / floor,
                             "model_s": model,
                             "times_model": None if model is None else median / model})
-        for r in results[-len(impls):]:
+        for r in results[-len(ran):]:
             peer = PEER.get(r["impl"])
             r["peer"] = peer if peer in timed else None
             r["ratio_to_peer"] = (r["median_s"] / timed[peer][0]) if peer in timed else None
         if on_case is not None:
-            on_case(case, results[-len(impls):])
+            on_case(case, results[-len(ran):])
     return results
 
 

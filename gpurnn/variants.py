@@ -45,7 +45,7 @@ import numpy as np
 from . import cells
 from .stack import LAYERS, Layer, register
 
-__all__ = ["LSTMForm", "VariantLayer", "form_of", "layer_for", "lstm_form", "DTYPES"]
+__all__ = ["LSTMForm", "VariantLayer", "form_of", "layer_for", "lstm_form", "layer_flops", "DTYPES"]
 
 DTYPES = ("float32", "float64")
 
@@ -127,6 +127,24 @@ def lstm_form(hidden_size, proj_size=0, *, peephole=False, coupled=False):
         raise ValueError(f"proj_size has to be smaller than hidden_size; got proj_size="
                          f"{proj_size}, hidden_size={hidden_size}")
     return form
+
+
+def layer_flops(form, steps, batch, input_size, hidden, *, backward=False):
+    """FLOPs of one layer and direction of `form`, on gpurnn.planning's model (multiply-add = 2,
+    the kernel cell's POINTWISE_FLOPS per row and unit, backward 3x the forward): the gate
+    products x W_ih^T and (h or m) W_hh^T, plus the projection (o*tanh c) W_hr^T and the
+    multiplicative LSTM's x W_mx^T, h W_mh^T and its product m = mx*mh. For LSTMForm() it is
+    planning.layer_flops('lstm', ...)."""
+    from .planning.cost import POINTWISE_FLOPS
+    G, H, R = form.gates, hidden, form.state_size(hidden)
+    macs = G * H * input_size + G * H * R
+    if form.proj_size:
+        macs += R * H
+    if form.multiplicative:
+        macs += H * input_size + H * R
+    pointwise = POINTWISE_FLOPS[form.kernel_cell] + (1 if form.multiplicative else 0)
+    fwd = steps * batch * (2 * macs + pointwise * H)
+    return 3 * fwd if backward else fwd
 
 
 _NAME = re.compile(r"(lstm|lstm_peephole|cifg|cifg_peephole|mlstm)(?:_proj([1-9][0-9]*))?")

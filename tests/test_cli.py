@@ -1,4 +1,5 @@
 """The `gpurnn` command line: info, check, bench (output shape, exit codes, JSON schema, PNG)."""
+import importlib.util
 import json
 
 import numpy as np
@@ -47,9 +48,55 @@ def test_check_numpy_passes(capsys):
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("numpy ")]
     cells = {line.split()[1] for line in rows}
-    assert cells == {"lstm", "gru", "rnn_tanh", "rnn_relu"}
+    assert cells == {"lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_peephole", "cifg",
+                     "cifg_peephole", "mlstm", "lstm_proj3", "lstm_peephole_proj3"}
     assert all(" PASS " in line for line in rows)
+    # the projection is also checked against torch.nn.LSTM(proj_size), when torch is there
+    against = {(line.split()[1], line.split("vs ")[1].split(" (")[0]) for line in rows}
+    assert ("lstm_peephole", "finite differences f64") in against
+    if importlib.util.find_spec("torch") is not None:
+        assert ("lstm_proj3", "torch.nn f64") in against
     assert "all checks passed" in out
+
+
+def test_check_fails_on_a_wrong_variant_gradient(monkeypatch, capsys):
+    from gpurnn.backends import numpy as npb
+    real = npb.lstm_backward
+
+    def skewed(*args, **kwargs):
+        dx, dh0, dc0, grads = real(*args, **kwargs)
+        if "weight_ch" in grads:
+            grads = dict(grads, weight_ch=grads["weight_ch"] * 1.001)
+        return dx, dh0, dc0, grads
+    monkeypatch.setattr(npb, "lstm_backward", skewed)
+    assert main(["check", "--backend", "numpy"]) == 1
+    fails = [line for line in capsys.readouterr().out.splitlines() if " FAIL " in line]
+    assert {line.split()[1] for line in fails} == {"lstm_peephole", "cifg_peephole",
+                                                   "lstm_peephole_proj3"}
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN:UserWarning")
+def test_bench_runs_lstm_variants_against_the_reference_and_torch(capsys):
+    from gpurnn import bench
+    cases = [bench.Case(c, "fwdbw", 4, 2, 3, 5) for c in ("lstm_peephole_proj2", "mlstm", "lstm_proj2")]
+    impls = ["gpurnn-numpy"] + (["torch-cpu"] if importlib.util.find_spec("torch") else [])
+    results = bench.run_cases(cases, impls, repeat=1, rounds=1, warmup_s=0)
+    ran = {(r["cell"], r["impl"]) for r in results}
+    # torch has the projection, none of the other variants
+    assert ("lstm_proj2", "gpurnn-numpy") in ran and ("mlstm", "gpurnn-numpy") in ran
+    assert ("mlstm", "torch-cpu") not in ran and ("lstm_peephole_proj2", "torch-cpu") not in ran
+    if "torch-cpu" in impls:
+        assert ("lstm_proj2", "torch-cpu") in ran
+    for r in results:
+        assert r["max_rel_err"] <= bench.CHECK_TOL["float32"] and r["median_s"] > 0
+    from gpurnn.variants import form_of, layer_flops
+    assert bench.flops(cases[1]) == layer_flops(form_of("mlstm"), 4, 2, 3, 5, backward=True)
+    # the variant's model adds its products to the plain LSTM's
+    assert bench.flops(bench.Case("lstm_proj2", "fwd", 4, 2, 3, 5)) == \
+        4 * 2 * (2 * (4 * 5 * 3 + 4 * 5 * 2 + 2 * 5) + 21 * 5)
+    with pytest.raises(SystemExit):
+        main(["bench", "--cell", "peephole_lstm"])
+    assert "LSTM variant" in capsys.readouterr().err
 
 
 def test_check_fails_on_a_wrong_gradient(monkeypatch, capsys):

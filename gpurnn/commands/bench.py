@@ -25,8 +25,10 @@ def add_parser(sub):
     p = sub.add_parser("bench", help="time gpurnn against torch (CPU, cuDNN) on a case grid",
                        description=__doc__)
     p.add_argument("--quick", action="store_true", help="a small grid (under a minute on a CPU)")
-    p.add_argument("--cell", action="append", choices=CELLS,
-                   help=f"repeatable; default {', '.join(DEFAULT_CELLS)}")
+    p.add_argument("--cell", action="append", type=cell_name, metavar="CELL",
+                   help=f"repeatable; one of {', '.join(CELLS)} or an LSTM variant "
+                   f"({', '.join(VARIANT_EXAMPLES)}, lstm_proj<P>, lstm_peephole_proj<P>, ...); "
+                   f"default {', '.join(DEFAULT_CELLS)}")
     p.add_argument("--mode", action="append", choices=("fwd", "fwdbw"), help="repeatable; default both")
     p.add_argument("--impl", action="append", help="implementations to time (repeatable); default: every "
                    "available one except gpurnn-sim")
@@ -60,6 +62,18 @@ def seconds(text):
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0; got {text!r}")
     return value
+
+
+VARIANT_EXAMPLES = ("lstm_peephole", "cifg", "cifg_peephole", "mlstm")
+
+
+def cell_name(text):
+    """An argparse type: a cell of gpurnn.cells or a name of gpurnn.variants."""
+    from gpurnn.variants import form_of
+    if text in CELLS or form_of(text) is not None:
+        return text
+    raise argparse.ArgumentTypeError(f"must be one of {CELLS} or an LSTM variant such as "
+                                     f"{VARIANT_EXAMPLES} or lstm_proj64; got {text!r}")
 
 
 def shape(text):

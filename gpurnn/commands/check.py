@@ -8,6 +8,7 @@ against the NumPy backend in float32. Exit status 1 on any mismatch.
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 
@@ -123,6 +124,110 @@ def _check_against_numpy(cell, backend, rng):
     return max(errs)
 
 
+# the LSTM family (gpurnn.variants), checked through the stack core: one bidirectional layer
+# (so reverse too) with lengths; the projections at proj_size 3
+VARIANT_CELLS = ("lstm_peephole", "cifg", "cifg_peephole", "mlstm", "lstm_proj3",
+                 "lstm_peephole_proj3")
+
+
+def _variant_problem(cell, dtype, rng, T=5, B=3, I=4, H=6):
+    from gpurnn.stack import Stack
+    st = Stack(cell, I, H, 1, bidirectional=True)
+    R = st.state_width
+    data = {"x": rng.standard_normal((T, B, I)), "h0": rng.standard_normal((2, B, R)),
+            "c0": rng.standard_normal((2, B, H))}
+    data.update((n, rng.uniform(-0.5, 0.5, shape)) for n, shape in st.param_shapes())
+    seeds = {"dy": rng.standard_normal((T, B, 2 * R)), "dh": rng.standard_normal((2, B, R)),
+             "dc": rng.standard_normal((2, B, H))}
+    conv = lambda d: {k: v.astype(dtype) for k, v in d.items()}   # noqa: E731
+    return st, conv(data), np.array([T, 2, T - 1][:B]), conv(seeds)
+
+
+def _variant_run(st, data, lengths, seeds, backend, training=True):
+    """(objective, {name: gradient}) of one forward (+ backward) through the stack."""
+    from gpurnn.stack import Run
+    run = Run(backend, np, None, lengths, need_saved=training)
+    params = {n: data[n] for n, _ in st.param_shapes()}
+    y, h_n, c_n, saved = st.forward(run, data["x"], params, data["h0"], data["c0"])
+    outs = {"y": y, "h_n": h_n, "c_n": c_n}
+    if not training:
+        return _objective(outs, seeds), outs, None
+    dx, dh0, dc0, grads = st.backward(run, saved, params, seeds["dy"], seeds["dh"], seeds["dc"])
+    return _objective(outs, seeds), outs, {"x": dx, "h0": dh0, "c0": dc0, **grads}
+
+
+def _check_variant_fd(cell, rng):
+    """Directional finite difference of every gradient (parameters, x, h0, c0), float64."""
+    st, data, lengths, seeds = _variant_problem(cell, np.float64, rng)
+    _, _, grads = _variant_run(st, data, lengths, seeds, "numpy")
+    direction = {k: rng.standard_normal(v.shape) for k, v in data.items()}
+    eps = 1e-6
+
+    def value(sign):
+        moved = {k: v + sign * eps * direction[k] for k, v in data.items()}
+        return _variant_run(st, moved, lengths, seeds, "numpy", training=False)[0]
+    numeric = (value(1) - value(-1)) / (2 * eps)
+    analytic = sum(float(np.sum(grads[k] * d)) for k, d in direction.items())
+    return rel_err(analytic, numeric)
+
+
+def _check_variant_torch(cell, rng):
+    """The projections against torch.nn.LSTM(proj_size) in float64; None for the cells torch
+    does not have (or without torch)."""
+    from gpurnn.variants import form_of
+    form = form_of(cell)
+    if form.base != "lstm" or not form.proj_size:
+        return None
+    try:
+        import torch
+    except ImportError:
+        return None
+    st, data, lengths, seeds = _variant_problem(cell, np.float64, rng)
+    _, outs, grads = _variant_run(st, data, lengths, seeds, "numpy")
+    T = data["x"].shape[0]
+    m = torch.nn.LSTM(st.input_size, st.hidden_size, proj_size=form.proj_size,
+                      bidirectional=True, dtype=torch.float64)
+    m.load_state_dict({n: torch.from_numpy(data[n]) for n, _ in st.param_shapes()})
+    t = {k: torch.tensor(data[k], requires_grad=True) for k in ("x", "h0", "c0")}
+    packed = torch.nn.utils.rnn.pack_padded_sequence(t["x"], torch.tensor(lengths),
+                                                     enforce_sorted=False)
+    with warnings.catch_warnings():     # torch: "LSTM with projections is not supported with
+        warnings.simplefilter("ignore")   # oneDNN" (it runs its default implementation)
+        out, (h_n, c_n) = m(packed, (t["h0"], t["c0"]))
+    y, _ = torch.nn.utils.rnn.pad_packed_sequence(out, total_length=T)
+    got = {"y": y, "h_n": h_n, "c_n": c_n}
+    loss = sum((got[k] * torch.from_numpy(seeds[s])).sum()
+               for k, s in (("y", "dy"), ("h_n", "dh"), ("c_n", "dc")))
+    loss.backward()
+    errs = [rel_err(outs[k], got[k].detach().numpy()) for k in got]
+    errs += [rel_err(grads[k], t[k].grad.numpy()) for k in t]
+    errs += [rel_err(grads[n], p.grad.numpy()) for n, p in m.named_parameters()]
+    return max(errs)
+
+
+def _check_variant_against_numpy(cell, backend, rng):
+    st, data, lengths, seeds = _variant_problem(cell, np.float32, rng)
+    _, ref_o, ref_g = _variant_run(st, data, lengths, seeds, "numpy")
+    _, o, g = _variant_run(st, data, lengths, seeds, backend)
+    errs = [rel_err(o[k], ref_o[k]) for k in ref_o] + [rel_err(g[k], ref_g[k]) for k in ref_g]
+    return max(errs)
+
+
+def _checks(name, cell, rng):
+    """[(what, error, tolerance)] of one cell on one backend."""
+    variant = cell in VARIANT_CELLS
+    if name != "numpy":
+        err = (_check_variant_against_numpy(cell, name, rng) if variant
+               else _check_against_numpy(cell, name, rng))
+        return [("NumPy backend f32", err, TOL["float32"])]
+    checks = [("finite differences f64",
+               _check_variant_fd(cell, rng) if variant else _check_numpy_fd(cell, rng), FD_TOL)]
+    err = _check_variant_torch(cell, rng) if variant else _check_numpy_torch(cell, rng)
+    if err is not None:
+        checks.append(("torch.nn f64", err, TOL["float64"]))
+    return checks
+
+
 def run(args):
     from gpurnn.backends import availability
     rng = np.random.default_rng(args.seed)
@@ -131,7 +236,8 @@ def run(args):
     wanted = args.backend or ["numpy", "cpu", "cuda", "sim"]
     rows, failed = [], False
     print("gpurnn check: forward + backward (BPTT) of every cell at T=5, B=3, I=4, H=6, "
-          "lengths (5, 2, 4), reverse, with biases")
+          "lengths (5, 2, 4), reverse, with biases; the LSTM variants as one bidirectional "
+          "layer (proj_size 3)")
     for name in wanted:
         ok, why = availability(name)
         if not ok:
@@ -139,17 +245,13 @@ def run(args):
             if args.backend:
                 failed = True  # explicitly asked for and not there
             continue
-        for cell in CELLS:
+        for cell in CELLS + VARIANT_CELLS:
+            if name == "cuda" and cell in VARIANT_CELLS:
+                # the stack runs on host arrays here; the cuda backend's variants are checked
+                # by the GPU test suite (tests/test_gpu_suite.py)
+                continue
             start = time.perf_counter()
-            checks = []
-            if name == "numpy":
-                checks.append(("finite differences f64", _check_numpy_fd(cell, rng), FD_TOL))
-                err = _check_numpy_torch(cell, rng)
-                if err is not None:
-                    checks.append(("torch.nn f64", err, TOL["float64"]))
-            else:
-                checks.append(("NumPy backend f32", _check_against_numpy(cell, name, rng),
-                               TOL["float32"]))
+            checks = _checks(name, cell, rng)
             ms = (time.perf_counter() - start) * 1e3
             for what, err, tol in checks:
                 good = err <= tol
