@@ -13,6 +13,11 @@ torch = pytest.importorskip("torch")
 import gpurnn.torch as gt  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
 
+# torch.nn.LSTM's own projection path says it does not use oneDNN (the reference is torch's
+# default implementation, which is what we compare with)
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:LSTM with projections is not supported with oneDNN:UserWarning")
+
 T, B, I, H, P = 5, 3, 4, 6, 3
 # f32 1e-5, f64 1e-10 (the issue's proj_size parity tolerances)
 PARITY = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -238,3 +243,28 @@ def test_torch_compile_fullgraph_on_a_projected_lstm():
     assert_close(compiled.detach().numpy(), eager.detach().numpy(), 1e-12, "loss")
     for n, p in m.named_parameters():
         assert_close(p.grad.numpy(), want[n].numpy(), 1e-12, n)
+
+
+SIM = availability("sim")[0]
+
+
+@pytest.mark.skipif(not SIM, reason="the simulator backend needs numba-cuda")
+@pytest.mark.parametrize("cls,kw", [(gpurnn.LSTM, dict(peephole=True)),
+                                    (gpurnn.LSTM, dict(coupled=True, proj_size=2)),
+                                    (gpurnn.MLSTM, {})], ids=["peephole", "cifg_proj", "mlstm"])
+def test_variant_modules_on_the_strict_simulator_match_numpy(cls, kw, rng):
+    """The module's call reaches the kernels (two bidirectional layers, lengths, P = 2 blocks in
+    one launch under the strict simulator) and agrees with the NumPy reference in float64."""
+    ref = cls(3, 5, 2, bidirectional=True, backend="numpy", seed=1, dtype="float64", **kw)
+    sim = cls(3, 5, 2, bidirectional=True, backend="sim", seed=1, dtype="float64", **kw)
+    x, lengths = rng.standard_normal((4, 3, 3)), np.array([4, 1, 3])
+    opts = {"threads": 32, "blocks": 2}
+    y_ref, (h_ref, c_ref) = ref(x, lengths=lengths)
+    y, (h_n, c_n) = sim(x, lengths=lengths, backend_options=opts)
+    dy = rng.standard_normal(y.shape)
+    dx_ref, _ = ref.backward(dy)
+    dx, _ = sim.backward(dy)
+    for name, a, b in (("y", y, y_ref), ("h_n", h_n, h_ref), ("c_n", c_n, c_ref), ("dx", dx, dx_ref)):
+        assert_close(a, b, 1e-12, name)
+    for key, g in ref.grads.items():
+        assert_close(sim.grads[key], g, 1e-12, key)
