@@ -268,3 +268,29 @@ def test_variant_modules_on_the_strict_simulator_match_numpy(cls, kw, rng):
         assert_close(a, b, 1e-12, name)
     for key, g in ref.grads.items():
         assert_close(sim.grads[key], g, 1e-12, key)
+
+
+@pytest.mark.parametrize("cls,kw", [(gpurnn.LSTM, dict(peephole=True, proj_size=2)),
+                                    (gpurnn.LSTM, dict(coupled=True)), (gpurnn.MLSTM, {})],
+                         ids=["peephole_proj", "cifg", "mlstm"])
+def test_dropout_between_variant_layers_matches_finite_differences(cls, kw, rng):
+    """Two bidirectional layers with dropout 0.4 between them (masks of width D*R), lengths:
+    the module's backward against central differences of the same masks, float64."""
+    m = cls(3, 5, 2, bidirectional=True, dropout=0.4, backend="numpy", seed=3, dtype="float64", **kw)
+    x, lengths = rng.standard_normal((4, 3, 3)), np.array([4, 2, 3])
+    state = m._rng.bit_generator.state
+    y, (h_n, c_n) = m(x, lengths=lengths)
+    R = kw.get("proj_size") or 5
+    assert y.shape == (4, 3, 2 * R) and m._saved[1].masks[0].shape == (4, 3, 2 * R)
+    assert (m._saved[1].masks[0] == 0).any()           # some units really were dropped
+    dy, dh = rng.standard_normal(y.shape), rng.standard_normal(h_n.shape)
+    dx, _ = m.backward(dy, (dh, np.zeros_like(c_n)))
+    direction = rng.standard_normal(x.shape)
+    eps = 1e-6
+
+    def loss(xv):
+        m._rng.bit_generator.state = state             # the same masks every time
+        yv, (hv, _) = m(xv, lengths=lengths)
+        return float((yv * dy).sum() + (hv * dh).sum())
+    numeric = (loss(x + eps * direction) - loss(x - eps * direction)) / (2 * eps)
+    assert numeric == pytest.approx(float((dx * direction).sum()), rel=1e-6)
