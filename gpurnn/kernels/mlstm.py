@@ -125,16 +125,12 @@ def make_fwd(dtype: str):
         stride = cuda.blockDim.x
         u0, nu = _owned_units(units, H)
         gu = 4 * units
-        lanes_m, groups_m = _lane_split(batch_tile * units, stride)
-        lanes_g, groups_g = _lane_split(batch_tile * gu, stride)
-        lane_m = tid % lanes_m
-        lane_g = tid % lanes_g
-        row_m = _padded_row(H, lanes_m)
-        row_g = _padded_row(H, lanes_g)
+        # the layout (smem_regions); each phase recomputes its own lane split and offsets, as
+        # keeping both phases' live across the step loop cost ~50 registers on sm_80
+        row_m = _padded_row(H, _lane_split(batch_tile * units, stride)[0])
+        row_g = _padded_row(H, _lane_split(batch_tile * gu, stride)[0])
         wg_off = units * row_m
         st_off = ((wg_off + gu * row_g) * W_BYTES + C_BYTES - 1) // C_BYTES
-        pre_off = st_off + batch_tile * H
-        scr_off = pre_off + batch_tile * gu
 
         # consecutive threads read consecutive columns of one row: coalesced
         for idx in range(tid, nu * H, stride):
@@ -153,6 +149,10 @@ def make_fwd(dtype: str):
             t, t_in, t_out = step_times(T, q // 2, reverse)
             if q % 2 == 0:
                 # phase 1: mh and m of the block's units
+                lanes_m, groups_m = _lane_split(batch_tile * units, stride)
+                lane_m = tid % lanes_m
+                row_m = _padded_row(H, lanes_m)
+                scr_off = st_off + batch_tile * H + batch_tile * gu
                 for b0 in range(0, B, batch_tile):
                     nb = min(batch_tile, B - b0)
                     if b0 > 0 and lanes_m == 1:
@@ -184,6 +184,12 @@ def make_fwd(dtype: str):
                             m[b, u] = mx[t, b, u] * acc
             else:
                 # phase 2: the gates of the block's units from the whole m
+                lanes_g, groups_g = _lane_split(batch_tile * gu, stride)
+                lane_g = tid % lanes_g
+                row_g = _padded_row(H, lanes_g)
+                wg_off = units * _padded_row(H, _lane_split(batch_tile * units, stride)[0])
+                pre_off = st_off + batch_tile * H
+                scr_off = pre_off + batch_tile * gu
                 for b0 in range(0, B, batch_tile):
                     nb = min(batch_tile, B - b0)
                     # no barrier between tiles: the update reads h_in from global, and `pre`
