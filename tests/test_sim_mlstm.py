@@ -346,6 +346,49 @@ def test_a_grid_the_plan_cannot_run_is_refused_before_launch():
         forward(sim.RUNTIME, args, None, False, {"path": "persistent", "blocks": 100000})
 
 
+STOCK_SCRIPT = """
+import numpy as np
+from gpurnn.variants import LSTMForm
+from gpurnn.backends import sim, numpy_lstm as ref
+from gpurnn.testing import rel_err
+form = LSTMForm(multiplicative=True)
+rng = np.random.default_rng(3)
+T, B, I, H = 3, 2, 3, 7
+r = lambda *s: (0.5 * rng.standard_normal(s)).astype(np.float32)
+params = {n: r(*s) for n, s in form.param_shapes(I, H, True)}
+x, h0, c0, dy, dhn, dcn = r(T, B, I), r(B, H), r(B, H), r(T, B, H), r(B, H), r(B, H)
+log = []
+sim.RUNTIME.launch_hook = log.append
+L = np.array([3, 2])
+opts = {"simulator": "stock", "path": "persistent", "blocks": 3}
+out = sim.lstm_forward(form, x, params, h0, c0, L, True, True, options=opts)
+g = sim.lstm_backward(form, x, params, out[3], L, True, dy, dhn, dcn, options=opts)
+want = ref.lstm_forward(form, x, params, h0, c0, L, True, True)
+gw = ref.lstm_backward(form, x, params, want[3], L, True, dy, dhn, dcn)
+errs = [rel_err(a, b) for a, b in zip(out[:3] + g[:3], want[:3] + gw[:3])]
+errs += [rel_err(g[3][n], gw[3][n]) for n in gw[3]]
+assert max(errs) < 1e-5, errs
+fwd = [d["step_range"] for d in log if d["kind"] == "persistent_fwd"]
+bwd = [d["step_range"] for d in log if d["kind"] == "persistent_bwd"]
+assert fwd == [(q, q + 1) for q in range(2 * T)], fwd
+assert bwd == [(q, q + 1) for q in range(2 * T + 1)], bwd
+assert {d["simulator"] for d in log} == {"stock"}
+print("STOCK-OK", max(errs))
+"""
+
+
+def test_stock_simulator_launches_once_per_half_step_in_a_fresh_process():
+    # Numba's own simulator: its grid.sync() only synchronises a block, so with P > 1 the host
+    # launches each half-step (forward) and half-phase (backward) on its own
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    r = subprocess.run([sys.executable, "-c", STOCK_SCRIPT], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "STOCK-OK" in r.stdout, r.stdout + r.stderr
+
+
 # ---------------------------------------------------------------- mutants
 
 SOURCE = inspect.getsource(kernels)

@@ -178,9 +178,12 @@ def run_backward(rt, form, x, params, saved, lengths, reverse, dy, dh_n, dc_n, o
     dgh = xp.empty((T, B, 4 * H), dt)
     dmh = xp.empty((T, B, H), dt)
     dmx = xp.empty((T, B, H), dt)
-    dh_carry = xp.array(dh_n, dtype=dt, copy=True, order="C")
-    dc_carry = xp.array(dc_n, dtype=dt, copy=True, order="C")
-    dy = xp.ascontiguousarray(dy)
+    # a cotangent the caller has none for (None) is zero, as in gpurnn.backends.cuda
+    dh_carry = (xp.zeros((B, H), dt) if dh_n is None
+                else xp.array(dh_n, dtype=dt, copy=True, order="C"))
+    dc_carry = (xp.zeros((B, H), dt) if dc_n is None
+                else xp.array(dc_n, dtype=dt, copy=True, order="C"))
+    dy = xp.zeros((T, B, H), dt) if dy is None else xp.ascontiguousarray(dy)
     b_rec = xp.zeros(1, dt)
     dgx = xp.zeros((1, 1, 1), dt)
     lengths_k = host._kernel_lengths(xp, lengths, T, B)
