@@ -303,3 +303,25 @@ def test_stock_simulator_runs_the_variants_once_per_step_in_a_fresh_process():
     r = subprocess.run([sys.executable, "-c", STOCK_SCRIPT], env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "STOCK-VARIANT-OK" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("cell", ["lstm_peephole", "cifg"])
+def test_saved_tuples_are_interchangeable_with_the_reference(cell):
+    # the same saved layout (gpurnn.variants): the reference's saved tuple feeds the kernels'
+    # backward and the kernels' feeds the reference's
+    T, B, I, H = 3, 2, 3, 7
+    form = FORMS[cell]
+    params, inputs, cot = make_case(form, T, B, I, H, True, "float64", seed=21)
+    lengths = np.array([1, 3])
+    opts = {"path": "persistent", "blocks": 2, "threads": 32}
+    ours = sim.lstm_forward(form, inputs["x"], params, inputs["h0"], inputs["c0"], lengths, True,
+                            True, options=opts)
+    theirs = numpy_lstm.lstm_forward(form, inputs["x"], params, inputs["h0"], inputs["c0"],
+                                     lengths, True, True)
+    args = (lengths, True, cot["dy"], cot["dh_n"], cot["dc_n"])
+    a = sim.lstm_backward(form, inputs["x"], params, theirs[3], *args, options=opts)
+    b = numpy_lstm.lstm_backward(form, inputs["x"], params, ours[3], *args)
+    for u, v, name in zip(a[:3], b[:3], ("dx", "dh0", "dc0")):
+        assert_close(u, v, TOL["float64"], name)
+    for name in b[3]:
+        assert_close(a[3][name], b[3][name], TOL["float64"], name)
