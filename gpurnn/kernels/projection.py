@@ -85,6 +85,11 @@ GATES = {"lstm": 4, "lstm_peephole": 4, "cifg": 3, "cifg_peephole": 3}
 DTYPES = ("float32", "float64")
 KINDS = ("proj_persistent_fwd", "proj_persistent_bwd", "proj_pointwise_fwd",
          "proj_pointwise_bwd")
+# Registers per thread the projection kernels are held to (tests/test_sim_projection.py checks
+# ptxas' counts against it): the persistent ones, with both phases' dot products unrolled,
+# take up to ~250 on sm_80/sm_90 (the registry kernels' layout.KERNEL_REGS_MAX is 192), so a
+# persistent projection block has at most 256 threads (65536 / 256); the plan refuses more.
+REGS_MAX = 255
 
 if config.ENABLE_CUDASIM:
     # as gpurnn.kernels.persistent: Numba's own simulator has no cooperative-groups intrinsics

@@ -28,7 +28,7 @@ from typing import Optional
 
 from ..kernels import projection as kproj
 from ..kernels.dtypes import ITEMSIZE
-from ..kernels.layout import KERNEL_REGS_MAX, batch_tiles
+from ..kernels.layout import batch_tiles
 from . import cost
 from .capacity import check_int, kb, resident_limit, resolve
 from .profiles import KB, DeviceProfile
@@ -111,9 +111,10 @@ def failures(f, cap, threads, regs, dev):
                        f"limit of {dev.name}")
     if cap < 1:
         out.append(f"{threads} threads x {regs} registers per thread do not fit one SM")
-    elif regs < KERNEL_REGS_MAX:
+    elif regs < kproj.REGS_MAX:
         out.append(f"{threads} threads per block leave {regs} registers per thread; the "
-                   f"persistent kernels are built to use up to {KERNEL_REGS_MAX}")
+                   f"persistent projection kernels use up to {kproj.REGS_MAX} (at most "
+                   f"{dev.regs_per_block // kproj.REGS_MAX // 32 * 32} threads per block)")
     elif not out and f.blocks > f.coop:
         out.append(f"a cooperative grid of P={f.blocks} blocks cannot be co-resident: at most "
                    f"{f.per_sm} per SM x {dev.sm_count} SMs = {f.coop}")
