@@ -251,8 +251,7 @@ def _backward(form, x, params, saved, lengths, reverse, dy, dh_n, dc_n):
     if mlstm:
         mx, mh = saved[3:5]
         w_mh = params["weight_mh"]
-        dm = np.empty((B, H), dtype)
-        dmx = np.empty((T, B, H), dtype)
+        dm = np.empty((T, B, H), dtype)         # gradient of m_t
         dmh = np.empty((T, B, H), dtype)
     w_hh = params["weight_hh"]
     peep = _peepholes(form, params, H)
@@ -274,7 +273,7 @@ def _backward(form, x, params, saved, lengths, reverse, dy, dh_n, dc_n):
     c_in_all, c_out_all = c[rev: rev + T], c[1 - rev: T + 1 - rev]
 
     # as gpurnn.backends.numpy: factors for chunks of ~64K elements, so they stay in cache
-    chunk = max(1, min(T, (1 << 16) // (B * H)))
+    chunk = max(1, min(T, (1 << 16) // max(1, B * H)))
     order = range(T) if rev else range(T - 1, -1, -1)      # the forward's steps, last first
     for first in range(0, T, chunk):
         steps = order[first: first + chunk]
@@ -306,9 +305,8 @@ def _backward(form, x, params, saved, lengths, reverse, dy, dh_n, dc_n):
             np.multiply(dc[:, None, :], kc[j], out=dg[:, : G - 1])
             dc *= carry[j]
             if mlstm:
-                np.matmul(dgates[t], w_hh, out=dm)
-                np.multiply(dm, mx[t], out=dmh[t])
-                np.multiply(dm, mh[t], out=dmx[t])
+                np.matmul(dgates[t], w_hh, out=dm[t])
+                np.multiply(dm[t], mx[t], out=dmh[t])
                 np.matmul(dmh[t], w_mh, out=dh)
             else:
                 np.matmul(dgates[t], w_hh, out=dh)
@@ -316,8 +314,8 @@ def _backward(form, x, params, saved, lengths, reverse, dy, dh_n, dc_n):
                 # masked steps copied the state through and output zeros
                 dgates[t, idle] = 0
                 if mlstm:
+                    dm[t, idle] = 0
                     dmh[t, idle] = 0
-                    dmx[t, idle] = 0
                 if proj:
                     dh_all[t, idle] = 0
                 dh[idle] = carried_h
@@ -349,7 +347,7 @@ def _backward(form, x, params, saved, lengths, reverse, dy, dh_n, dc_n):
             h_raw_all = np.where(seen, h_raw_all, 0)   # padded x reached o
         grads["weight_hr"] = np.matmul(dh_all.reshape(TB, R).T, h_raw_all.reshape(TB, H))
     if mlstm:
-        dmx2 = dmx.reshape(TB, H)
+        dmx2 = np.multiply(dm, mh).reshape(TB, H)      # mh (from h) is finite where dm = 0
         dx += np.matmul(dmx2, params["weight_mx"]).reshape(T, B, I)
         grads["weight_mx"] = np.matmul(dmx2.T, x_seen)
         grads["weight_mh"] = np.matmul(dmh.reshape(TB, H).T, h_in_all.reshape(TB, H))
