@@ -86,6 +86,7 @@ CASES = [
     ("lstm", 4, 3, 5, 7, 3, 3, 32, None, [4, 2, 0], False, True, np.float32),
     ("lstm", 3, 1, 4, 33, 5, 2, 64, None, None, True, False, np.float64),
     ("lstm", 3, 3, 4, 7, 5, "stepwise", 32, None, [2, 3, 1], True, True, np.float32),
+    ("lstm", 1, 1, 3, 7, 5, 2, 32, None, None, False, True, np.float64),
     ("lstm_peephole", 3, 3, 5, 7, 3, 4, 32, 2, [3, 1, 2], True, True, np.float64),
     ("lstm_peephole", 2, 3, 4, 33, 3, 5, 64, None, None, False, True, np.float32),
     ("lstm_peephole", 3, 1, 3, 33, 5, "stepwise", 32, None, None, False, False, np.float32),
@@ -233,6 +234,52 @@ def test_backward_is_deterministic(opts):
         assert np.array_equal(a, b)
     for name in first[3]:
         assert np.array_equal(first[3][name], second[3][name]), name
+
+
+@pytest.mark.parametrize("P", [2, "stepwise"])
+def test_inference_forward_saves_nothing_and_agrees(P):
+    form = form_of("cifg", 3)
+    lengths = np.array([2, 3], np.int64)
+    args, _ = make_case(form, 3, 2, 4, 7, np.float32, True, 10)
+    opts = options(P, 32, None)
+    train = forward(sim.RUNTIME, form, args, lengths, True, opts)
+    infer = cuda_proj.run_forward(sim.RUNTIME, form, args["x"], args["params"], args["h0"],
+                                  args["c0"], lengths, True, False, opts)
+    assert infer[3] is None
+    for a, b in zip(train[:3], infer[:3]):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN:UserWarning")
+def test_torch_lstm_proj_size_on_the_sim_backend_matches_torch_nn_lstm():
+    # the whole stack (gpurnn.torch -> the stack core -> variants -> cuda.run_lstm_* -> here)
+    # with the default plan (persistent, P = 7 on the sim profile), two layers, both
+    # directions, a packed batch of unsorted lengths
+    torch = pytest.importorskip("torch")
+    import gpurnn.torch as gt
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+    T, B, I, H, R = 4, 3, 4, 7, 3
+    torch.manual_seed(0)
+    mods = [torch.nn.LSTM(I, H, 2, bidirectional=True, proj_size=R, dtype=torch.float64),
+            gt.LSTM(I, H, 2, bidirectional=True, proj_size=R, dtype=torch.float64,
+                    backend="sim")]
+    mods[1].load_state_dict(mods[0].state_dict())
+    g = torch.Generator().manual_seed(1)
+    x, dy = torch.randn(T, B, I, generator=g, dtype=torch.float64), None
+    lengths = torch.tensor([4, 2, 3])
+    results = []
+    with strict.record() as reports:
+        for m in mods:
+            xs = x.clone().requires_grad_()
+            y, (h_n, c_n) = m(pack_padded_sequence(xs, lengths, enforce_sorted=False))
+            y = pad_packed_sequence(y)[0]
+            dy = torch.randn(y.shape, generator=g, dtype=torch.float64) if dy is None else dy
+            ((y * dy).sum() + h_n.sum() + (c_n * c_n).sum()).backward()
+            results.append([y, h_n, c_n, xs.grad] + [p.grad for _, p in m.named_parameters()])
+    assert len(reports) == 8 and {r.kernel.split("_proj_")[1][:14] for r in reports} == {
+        "persistent_fwd", "persistent_bwd"}
+    for a, b in zip(*results):
+        assert_close(b.detach(), a.detach(), TOL[np.float64])
 
 
 def test_arguments_are_not_written():
