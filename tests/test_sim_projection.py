@@ -335,17 +335,26 @@ def test_plan_capacity_edges_and_threads():
                                                                                    "H100")
 
 
-def test_plan_smem_is_what_the_kernels_lay_out():
-    # the host's model against the kernels' offsets: the strict simulator faults on any shared
-    # index past the launch's dynamic shared memory, so a run at exactly the planned bytes
-    # (the parity cases) checks the upper side; here the regions add up as documented
-    G, H, R, bt, P, n = 4, 33, 5, 3, 2, 32
-    U, Q = kproj.slices(H, R, P)
-    l1, l2 = lanes_per_output(bt * G * U, n), lanes_per_output(bt * Q, n)
-    fwd = G * U * (R + (l1 - R % 32 + 32) % 32) + Q * (H + (l2 - H % 32 + 32) % 32)
-    fwd += bt * max(R, H) + bt * G * U + n
-    assert kproj.smem_elements("fwd", G, H, R, bt, P, threads=n) == fwd
-    assert kproj.smem_bytes("fwd", G, H, R, bt, P, "float64", threads=n) == 8 * fwd
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+def test_planned_shared_memory_is_exactly_what_the_kernels_use(direction, monkeypatch):
+    # The parity cases run at the planned bytes (the strict simulator faults on any shared
+    # index past them); one element fewer must fault, so the model has no slack either. The
+    # case has L > 1 in the last phase of each kernel, so the scratch's last element is used.
+    cell, T, B, H, R, P, threads = "lstm", 2, 2, 7, 3, 3, 32
+    assert _lanes_of((cell, T, B, H, R, P, threads, None))[1:] == (16, 16, 4)
+    form = form_of(cell, R)
+    args, cot = make_case(form, T, B, 3, H, np.float32, True, 11)
+    opts = options(P, threads, None)
+    saved = forward(sim.RUNTIME, form, args, None, False, opts)[3]
+    backward(sim.RUNTIME, form, args, saved, None, False, cot, opts)
+    planned = kproj.smem_bytes
+
+    def short(d, *a, **kw):
+        return planned(d, *a, **kw) - (4 if d == direction else 0)
+    monkeypatch.setattr(kproj, "smem_bytes", short)
+    with pytest.raises(strict.MemoryFault):
+        saved = forward(sim.RUNTIME, form, args, None, False, opts)[3]
+        backward(sim.RUNTIME, form, args, saved, None, False, cot, opts)
 
 
 def test_traffic_counts_the_weight_rereads_of_the_stepwise_path():

@@ -53,7 +53,8 @@ Ownership and barriers:
               grid barrier (not after the launch's last phase): the next phase stages every
                 block's dgh.
             Grid barriers per step: 2 (the tail: none). Block barriers per step:
-            n_tiles x (1, 2 with L > 1) per phase, plus the between-tile ones.
+            n_tiles x (1, 2 with L > 1) per phase (phase A of phase 0 stages nothing: one
+            fewer per tile), plus the between-tile ones.
             dW_hh, dW_hr, dW_ih, db, dW_ch and dx are the host's GEMMs afterwards (from
             dgh, dhp, the saved h, c, gates and m recomputed as o*tanh(c)).
   Lanes     as gpurnn.kernels.persistent: L = the largest power of two <= 32 with
