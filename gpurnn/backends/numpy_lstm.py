@@ -281,7 +281,7 @@ def _backward(form, x, params, saved, lengths, reverse, dy, dh_n, dc_n):
         ko, kh, kc, carry = _backward_factors(form, gates[lo:hi], c_out_all[lo:hi],
                                               c_in_all[lo:hi], H, peep)
         if proj:
-            # o*tanh(c_t): kh = o*(1 - tanh^2) and ko = o*(1-o)*tanh are no shortcut; recompute
+            # o*tanh(c_t), the projection's input: not saved, recomputed (gpurnn.variants)
             np.tanh(c_out_all[lo:hi], out=h_raw_all[lo:hi])
             h_raw_all[lo:hi] *= gates[lo:hi, :, (G - 1) * H:]
         for t in steps:
