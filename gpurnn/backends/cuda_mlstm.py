@@ -15,9 +15,10 @@ returns as gpurnn.variants documents):
         -> (y, h_n, c_n, (h, c, gates, mx, mh) | None)
     run_backward(rt, form, x, params, saved, lengths, reverse, dy, dh_n, dc_n, options)
         -> (dx, dh0, dc0, {param name: gradient})
-options: the cuda backend's ({"path", "blocks", "threads", "batch_tile"}; 'simulator' is the sim
-backend's and is ignored here). The saved tuple carries no launch, so backward plans again
-from the same options (the same plan).
+options: the cuda backend's {"path", "blocks", "threads", "batch_tile"} (the sim backend takes
+its 'simulator' key off before it calls here). The saved tuple carries no launch, so backward
+plans again from the same options (the same plan). Uses gpurnn.backends.cuda's private
+_kernel_lengths and _small_grids_allowed: the same host side, split over two files.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def choose_launch(input_size, hidden, batch, dtype, device, options, backend=hos
     """The launch configuration (gpurnn.backends.cuda.LaunchConfig): options where given, the
     mLSTM plan (gpurnn.planning.mlstm) for the rest."""
     from ..planning import mlstm as planning
-    options = host.check_options(options, backend, extra=("simulator",))
+    options = host.check_options(options, backend)
     blocks, threads, tile = options.get("blocks"), options.get("threads"), options.get("batch_tile")
     if tile is not None and tile > batch:
         raise ValueError(f"options['batch_tile'] must be <= the batch ({batch}); got {tile}")
