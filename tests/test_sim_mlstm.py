@@ -316,6 +316,26 @@ def test_backward_is_deterministic(P):
         assert np.array_equal(first[3][name], second[3][name]), name
 
 
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+def test_persistent_kernels_read_each_weight_once_per_launch(direction):
+    # persistence, measured: every element of W_mh and W_hh is loaded from global memory once
+    # per launch, however many steps it runs; nothing writes them
+    for T in (2, 5):
+        args, cot = make_case(T, 2, 3, 7, np.float32, True, 36)
+        opts = {"path": "persistent", "blocks": 3}
+        with strict.record() as reports:
+            out = forward(sim.RUNTIME, args, None, False, opts)
+            if direction == "bwd":
+                backward(sim.RUNTIME, args, out[3], None, False, cot, opts)
+        report = [r for r in reports if r.kernel == f"mlstm_persistent_{direction}_f32"]
+        assert len(report) == 1 and report[0].grid == (3, 1, 1)
+        for name in ("w_mh", "w_hh"):
+            reads = report[0].traffic[name].reads
+            assert reads.shape == args["params"]["weight_" + name[2:]].shape
+            assert (reads == 1).all(), (name, reads)
+            assert report[0].traffic[name].total_writes == 0
+
+
 def test_the_sim_backends_entry_points_dispatch_here():
     # gpurnn.backends.sim.lstm_forward / lstm_backward (gpurnn.variants' entry points) reach
     # cuda_mlstm for the multiplicative form, and the saved layout feeds either backend

@@ -42,6 +42,8 @@ tiles one only where the next tile's writes could meet this tile's reads (phase 
 with L = 1; phase A where (L = 1) == has_next, as gpurnn.kernels.persistent). Every barrier is
 reached by every thread of a block the same number of times (loop bounds uniform per block).
 tests/test_sim_mlstm.py deletes each one in turn.
+Registers: each phase recomputes its lane split and offsets instead of keeping both phases'
+live across the step loop (that cost ~50 registers on sm_80, past layout.KERNEL_REGS_MAX).
 Stepwise path: the host's GEMMs per step and the plain LSTM's pointwise kernels
 (gpurnn.kernels.pointwise), plus `make_pointwise_dm` below for the backward's dm split.
 """
