@@ -141,8 +141,10 @@ def layer_of(name):
     """The Layer registered as `name`; the LSTM family's names (gpurnn.variants: e.g.
     'lstm_peephole', 'cifg', 'mlstm', 'lstm_proj64') register themselves on first use."""
     if isinstance(name, str) and name not in LAYERS:
+        from . import layernorm  # noqa: F401  (registers layernorm_lstm)
         from .variants import layer_for
-        layer_for(name)
+        if name not in LAYERS:
+            layer_for(name)
     try:
         return LAYERS[name]
     except (KeyError, TypeError):
