@@ -1,8 +1,8 @@
 """Backends: one module each, all with the same two entry points.
 
-    forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_reserve)
-        -> (y, h_n, c_n, reserve)
-    backward(reserve, dy, dh_n, dc_n) -> Grads
+    forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_reserve, *,
+            options=None, noise=None) -> (y, h_n, c_n, reserve)
+    backward(reserve, dy, dh_n, dc_n, *, options=None) -> Grads
 
 Each module also has check_options(options) -> dict (the boundary calls it through
 `check_options(name, options)` below) and reserve_dtypes(dtype) -> (h, c, gates) dtypes.
@@ -17,6 +17,12 @@ nothing below re-validates):
   reverse   run t = T-1 .. 0 (each sequence starting at its own last step)
   dy        (T, B, H) ; dh_n (B, H) ; dc_n (B, H) for LSTM else None — zeros where the caller
             had none
+  noise     None (no regulariser) or the dict of gpurnn/layernorm.py's contract, any subset of
+            "recurrent" (B, H) variational recurrent dropout, 0 or 1/(1-p), on h_{t-1} where it
+            enters W_hh only; "zoneout_h" (T, B, H) and, LSTM only, "zoneout_c" (T, B, H): d,
+            1 keeping the previous state (h_t = d*h_{t-1} + (1-d)*h~), indexed by time t; in
+            the compute dtype (float32 for 16-bit storage). The Reserve keeps it (`noise`) and
+            backward reads it from there.
 Returns y (T, B, H) (zeros at t >= lengths[b]), h_n, c_n (None unless LSTM) and a Reserve
 (None unless need_reserve). Layout of the reserve: gpurnn.cells.
 
@@ -62,6 +68,7 @@ class Reserve:
     launch: Any = None    # what the forward ran with (cuda/sim: its LaunchConfig; cpu: its
                           # options and prepared weights); None: backward plans afresh
     storage: Any = None   # numpy/cpu backends: the caller's 16-bit dtype when the reserve is fp32
+    noise: Any = None     # the forward's regulariser masks (dict, see above) or None
 
     @property
     def shape(self):

@@ -32,6 +32,7 @@ from ..cells import CELLS, GATES, RESERVE_GATES
 from ..cpu import kernels as K
 from ..cpu import native
 from .numpy import inputs_seen, reserve_dtypes as _reference_reserve_dtypes
+from . import numpy as _reference
 from . import numpy_lstm as _reference_lstm
 
 NAME = "cpu"
@@ -351,8 +352,14 @@ def _widen(a):
     return None if a is None else a.astype(np.float32)
 
 
-def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_reserve, *, options=None):
+def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_reserve, *,
+            options=None, noise=None):
     options = check_options(options)
+    if noise:
+        # zoneout / recurrent dropout: the fast path has no regulariser kernels, so after this
+        # backend's own option check the NumPy reference runs (its reserve keeps the noise)
+        return _reference.forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse,
+                                  need_reserve, noise=noise)
     if x.dtype.itemsize == 2:
         # 16-bit storage (float16, bfloat16) computes in float32, as the NumPy reference does:
         # results in the caller's dtype, the reserve in float32
@@ -368,6 +375,9 @@ def backward(reserve, dy, dh_n, dc_n, *, options=None):
     if options is None and reserve.launch is not None:
         options = reserve.launch["options"]
     options = check_options(options)
+    if getattr(reserve, "noise", None):
+        # the reference's backward too (see forward): no regulariser kernels here
+        return _reference.backward(reserve, dy, dh_n, dc_n)
     if getattr(reserve, "storage", None) is None:
         return _backward(reserve, dy, dh_n, dc_n, options)
     grads = _backward(reserve, _widen(dy), _widen(dh_n), _widen(dc_n), options)

@@ -7,6 +7,17 @@ GEMMs after its loop (docs/design.md §2). Conventions and reserve layout: gpurn
 
 NaN/Inf in inputs propagate to the outputs as IEEE arithmetic says (see _ieee). Padded steps
 (t >= lengths[b]) never touch the results, whatever they contain.
+
+Regularisers (`noise`, gpurnn/layernorm.py's contract): the recurrent dropout mask multiplies
+h_{t-1} where it enters W_hh (a (B, H) product before the step's GEMM; dW_hh reads the masked
+states), zoneout mixes each active step's new state with the previous one after the cell's own
+math. The extra work is written so that all-zero zoneout masks and an all-one recurrent mask
+give the plain cell's results bit for bit (multiplying by 1 and adding 0*x are exact), and with
+noise=None none of it runs. Backward recomputes what zoneout hides: LSTM's c~ = f*c_{t-1} + i*g
+from the saved gates (the forward's own arithmetic, so bitwise), and the RNN's h~, whose
+activation derivative the plain cell reads off h_t, as (h_t - d*h_{t-1}) / (1 - d): exact for
+the 0/1 masks of training (where d = 1 the value is unused, (1 - d) = 0 multiplies it), and
+rounded where d is strictly between 0 and 1 (evaluation's p-filled masks).
 """
 from __future__ import annotations
 
@@ -85,6 +96,33 @@ def check_options(options):
     return {}
 
 
+NOISE_KEYS = ("recurrent", "zoneout_h", "zoneout_c")     # gpurnn.layernorm.NOISE_KEYS
+
+
+def check_noise(cell, noise):
+    """`noise` as the reference uses it: None when there is no regulariser (None or an empty
+    dict), else the dict itself. Unknown keys, and zoneout_c for a cell without a cell state,
+    are a ValueError: silently ignoring a mask would train a different model."""
+    if not noise:
+        return None
+    unknown = sorted(set(noise) - set(NOISE_KEYS), key=str)
+    if unknown:
+        raise ValueError(f"noise has unknown keys {unknown}; expected a subset of {NOISE_KEYS}")
+    if "zoneout_c" in noise and cell not in ("lstm", "layernorm_lstm"):
+        raise ValueError(f"noise has 'zoneout_c' but the {cell} cell has no cell state")
+    return noise
+
+
+def _noise_parts(noise, dtype):
+    """(recurrent mask, d_h, 1 - d_h, d_c, 1 - d_c), None for each regulariser that is off."""
+    if noise is None:
+        return None, None, None, None, None
+    zone_h, zone_c = noise.get("zoneout_h"), noise.get("zoneout_c")
+    keep_h = None if zone_h is None else np.subtract(1, zone_h, dtype=dtype)
+    keep_c = None if zone_c is None else np.subtract(1, zone_c, dtype=dtype)
+    return noise.get("recurrent"), zone_h, keep_h, zone_c, keep_c
+
+
 def reserve_dtypes(dtype):
     """(h, c, gates): the storage dtype, float32 for 16-bit storage (computed in float32)."""
     dt = np.dtype(dtype)
@@ -100,14 +138,18 @@ def _narrow(a, dtype):
     return None if a is None else a.astype(dtype)
 
 
-def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_reserve, *, options=None):
+def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_reserve, *,
+            options=None, noise=None):
     check_options(options)
+    noise = check_noise(cell, noise)
     if x.dtype.itemsize != 2:
-        return _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_reserve)
+        return _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_reserve,
+                        noise)
     # 16-bit storage (float16, bfloat16): the reference computes in float32 on the 16-bit
-    # values and hands results back in the caller's dtype; its reserve stays float32.
+    # values and hands results back in the caller's dtype; its reserve stays float32 (and the
+    # noise masks come in float32, the compute dtype).
     y, h_n, c_n, reserve = _forward(cell, *map(_widen, (x, w_ih, w_hh, b_ih, b_hh, h0, c0)),
-                                    lengths, reverse, need_reserve)
+                                    lengths, reverse, need_reserve, noise)
     if reserve is not None:
         reserve.storage = x.dtype
     return _narrow(y, x.dtype), _narrow(h_n, x.dtype), _narrow(c_n, x.dtype), reserve
@@ -122,7 +164,7 @@ def backward(reserve, dy, dh_n, dc_n, *, options=None):
 
 
 @_ieee
-def _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_reserve):
+def _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_reserve, noise=None):
     T, B, I = x.shape
     H = w_hh.shape[1]
     G = GATES[cell]
@@ -160,11 +202,17 @@ def _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_res
     rec = np.empty((B, G * H), dtype)
     tmp = np.empty((B, H), dtype)
     idle_rows = _masks(lengths, T)
+    rec_mask, zone_h, keep_h, zone_c, keep_c = _noise_parts(noise, dtype)
+    h_masked = np.empty((B, H), dtype) if rec_mask is not None else None
 
     for s in range(T):
         t = T - 1 - s if rev else s
         h_in, h_out = h[t + rev], h[t + 1 - rev]
-        np.matmul(h_in, w_hh_t, out=rec)
+        if rec_mask is None:
+            np.matmul(h_in, w_hh_t, out=rec)
+        else:           # variational dropout: only the product with W_hh sees the mask
+            np.multiply(h_in, rec_mask, out=h_masked)
+            np.matmul(h_masked, w_hh_t, out=rec)
         if cell == "lstm":
             a = gates[t] if gates is not None else step_gates
             np.add(rec, gx[t], out=a)
@@ -199,6 +247,16 @@ def _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_res
                 np.tanh(h_out, out=h_out)
             else:
                 np.maximum(h_out, 0, out=h_out)
+        # zoneout, after h~ = o*tanh(c~) was formed from the new cell c~:
+        # c_t = d_c*c_{t-1} + (1-d_c)*c~ ; h_t = d_h*h_{t-1} + (1-d_h)*h~
+        if zone_c is not None:
+            np.multiply(zone_c[t], c_in, out=tmp)
+            c_out *= keep_c[t]
+            c_out += tmp
+        if zone_h is not None:
+            np.multiply(zone_h[t], h_in, out=tmp)
+            h_out *= keep_h[t]
+            h_out += tmp
         idle = idle_rows[t]
         if idle is not None:
             h_out[idle] = h_in[idle]
@@ -213,7 +271,8 @@ def _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_res
     reserve = None
     if need_reserve:
         reserve = Reserve(cell=cell, backend=NAME, reverse=bool(reverse), x=x, w_ih=w_ih, w_hh=w_hh,
-                          has_bias=b_ih is not None, lengths=lengths, h=h, c=c, gates=gates)
+                          has_bias=b_ih is not None, lengths=lengths, h=h, c=c, gates=gates,
+                          noise=noise)
     return y, h_n, c_n, reserve
 
 
@@ -264,6 +323,25 @@ def _backward_factors(cell, gates, c_out, c_in, h_in, h_out, H):
     return {"dh": (h_out > 0).astype(h_out.dtype)}
 
 
+def _lstm_new_cell(gates, c_in, H):
+    """c~ = f*c_{t-1} + i*g of a block of steps, as the forward formed it (bit for bit): the
+    saved c holds c_t after zoneout, the backward's tanh needs the cell's own c~."""
+    i, f, g = (gates[..., q * H: (q + 1) * H] for q in range(3))
+    c_new = np.multiply(f, c_in)
+    c_new += np.multiply(i, g)
+    return c_new
+
+
+def _rnn_new_state(h_out, h_in, zone_h, keep_h):
+    """h~ = act(a) of a block of RNN steps, recovered from h_t = d*h_{t-1} + (1-d)*h~ as
+    (h_t - d*h_{t-1}) / (1 - d). Exact where d = 0; where d = 1 the value is unused (the
+    gradient reaching h~ is (1-d)*dh = 0) and made finite by dividing by 1; rounded in between."""
+    h_new = np.multiply(zone_h, h_in)
+    np.subtract(h_out, h_new, out=h_new)
+    h_new /= np.where(keep_h == 0, 1, keep_h)
+    return h_new
+
+
 @_ieee
 def _backward(reserve, dy, dh_n, dc_n):
     cell, x, w_ih, w_hh, h, c, gates = (reserve.cell, reserve.x, reserve.w_ih, reserve.w_hh,
@@ -283,6 +361,11 @@ def _backward(reserve, dy, dh_n, dc_n):
     idle_rows = _masks(reserve.lengths, T)
     h_in_all = h[rev: rev + T]                  # step t's input state, time order
     h_out_all = h[1 - rev: T + 1 - rev]         # ... and its output state
+    rec_mask, zone_h, keep_h, zone_c, keep_c = _noise_parts(getattr(reserve, "noise", None), dtype)
+    if zone_h is not None:
+        held_h = np.empty((B, H), dtype)        # d_h * dh_t: what zoneout hands to h_{t-1}
+    if zone_c is not None:
+        held_c = np.empty((B, H), dtype)
 
     # Everything that does not depend on the incoming gradient is formed for a chunk of steps
     # at once, so the sequential loop is a handful of (B, H) operations and one GEMM per step.
@@ -293,10 +376,15 @@ def _backward(reserve, dy, dh_n, dc_n):
     for first in range(0, T, chunk):
         steps = order[first: first + chunk]
         lo, hi = min(steps), max(steps) + 1
-        k = _backward_factors(cell, gates[lo:hi] if gates is not None else None,
-                              c[lo + 1 - rev: hi + 1 - rev] if c is not None else None,
+        c_new = c[lo + 1 - rev: hi + 1 - rev] if c is not None else None
+        h_new = h_out_all[lo:hi]
+        if zone_c is not None:
+            c_new = _lstm_new_cell(gates[lo:hi], c[lo + rev: hi + rev], H)
+        if zone_h is not None and cell in ("rnn_tanh", "rnn_relu"):
+            h_new = _rnn_new_state(h_new, h_in_all[lo:hi], zone_h[lo:hi], keep_h[lo:hi])
+        k = _backward_factors(cell, gates[lo:hi] if gates is not None else None, c_new,
                               c[lo + rev: hi + rev] if c is not None else None,
-                              h_in_all[lo:hi], h_out_all[lo:hi], H)
+                              h_in_all[lo:hi], h_new, H)
         for t in steps:
             j = t - lo
             idle = idle_rows[t]
@@ -304,6 +392,14 @@ def _backward(reserve, dy, dh_n, dc_n):
                 carried_h = dh[idle].copy()
                 carried_c = dc[idle].copy() if dc is not None else None
             np.add(dh, dy[t], out=dh_t)
+            # zoneout splits the gradients of h_t and c_t: d*(.) goes straight to the previous
+            # state, (1-d)*(.) to the cell's own new values h~ and c~ (dh_t and dc from here)
+            if zone_h is not None:
+                np.multiply(dh_t, zone_h[t], out=held_h)
+                dh_t *= keep_h[t]
+            if zone_c is not None:
+                np.multiply(dc, zone_c[t], out=held_c)
+                dc *= keep_c[t]
             dg4 = dgx4[t]
             if cell == "lstm":
                 np.multiply(dh_t, k["dh_o"][j], out=dg4[:, 3])
@@ -311,7 +407,11 @@ def _backward(reserve, dy, dh_n, dc_n):
                 dc += tmp
                 np.multiply(dc[:, None, :], k["dc_ifg"][j], out=dg4[:, :3])
                 dc *= k["f"][j]
+                if zone_c is not None:
+                    dc += held_c
                 np.matmul(dgx[t], w_hh, out=dh)
+                if rec_mask is not None:
+                    dh *= rec_mask
             elif cell == "gru":
                 dn = dg4[:, 2]
                 np.multiply(dh_t, k["dh_n"][j], out=dn)
@@ -321,11 +421,17 @@ def _backward(reserve, dy, dh_n, dc_n):
                 dgr[:, : 2 * H] = dgx[t, :, : 2 * H]
                 np.multiply(dn, k["r"][j], out=dgr[:, 2 * H:])   # recurrent side of n: r*hn
                 np.matmul(dgr, w_hh, out=dh)
+                if rec_mask is not None:
+                    dh *= rec_mask                  # z*h_{t-1} below saw the unmasked state
                 np.multiply(dh_t, k["z"][j], out=tmp)
                 dh += tmp
             else:
                 np.multiply(dh_t, k["dh"][j], out=dgx[t])
                 np.matmul(dgx[t], w_hh, out=dh)
+                if rec_mask is not None:
+                    dh *= rec_mask
+            if zone_h is not None:
+                dh += held_h
             if idle is not None:
                 # masked steps copied the state through and output zeros
                 dgx[t, idle] = 0
@@ -339,7 +445,8 @@ def _backward(reserve, dy, dh_n, dc_n):
     dgx2, dgh2 = dgx.reshape(TB, G * H), dgh.reshape(TB, G * H)
     dx = np.matmul(dgx2, w_ih).reshape(T, B, I)
     dw_ih = np.matmul(dgx2.T, inputs_seen(x, reserve.lengths, np).reshape(TB, I))
-    dw_hh = np.matmul(dgh2.T, h_in_all.reshape(TB, H))
+    h_seen = h_in_all if rec_mask is None else np.multiply(h_in_all, rec_mask)   # what W_hh saw
+    dw_hh = np.matmul(dgh2.T, h_seen.reshape(TB, H))
     db_ih = db_hh = None
     if reserve.has_bias:
         db_ih = dgx2.sum(axis=0)
