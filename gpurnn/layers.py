@@ -23,7 +23,7 @@ from .arrays import Call, check_dtype, cupy, host_copy, kind_of, lengths_array
 from .backends import BACKENDS, check_options
 from .cells import rnn_cell
 from .kernels.dtypes import numpy_dtype
-from .stack import Run, Stack, split_states
+from .stack import Run, Stack, draw_noise, split_states
 from .variants import lstm_form
 
 _SEED_TYPES = (np.random.Generator, np.random.BitGenerator, np.random.SeedSequence)
@@ -45,9 +45,9 @@ class RNNBase:
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, *, dtype="float32", backend="auto", seed=None,
-                 device="cpu"):
+                 device="cpu", zoneout=None, recurrent_dropout=0.0):
         self._stack = Stack(self.cell, input_size, hidden_size, num_layers, bias, dropout,
-                            bidirectional)
+                            bidirectional, zoneout, recurrent_dropout)
         dtype = numpy_dtype(dtype)      # float32, float64, float16 or bfloat16 (ml_dtypes)
         if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
             raise ValueError(f"backend must be one of {('auto',) + BACKENDS}; got {backend!r}")
@@ -66,6 +66,9 @@ class RNNBase:
         self.input_size, self.hidden_size, self.num_layers = st.input_size, st.hidden_size, st.num_layers
         self.bias, self.batch_first, self.bidirectional = st.bias, bool(batch_first), st.bidirectional
         self.dropout = st.dropout
+        # as given: (p_h, p_c) for the LSTMs, p_h for GRU and RNN
+        self.zoneout = st.zoneout if st.zoneout is None or len(st.zoneout) == 2 else st.zoneout[0]
+        self.recurrent_dropout = st.recurrent_dropout
         self.dtype = dtype
         self.backend = backend
         self.training = True
@@ -74,8 +77,11 @@ class RNNBase:
         self._saved = None
         k = st.layer.init_bound(self.hidden_size)
         self._params = OrderedDict()
+        initial = getattr(st.layer, "initial_value", lambda name, shape, dtype: None)
         for key, shape in st.param_shapes():
-            self._params[key] = self._rng.uniform(-k, k, size=shape).astype(dtype)
+            fixed = initial(key.rsplit("_l", 1)[0], shape, dtype)
+            self._params[key] = (fixed if fixed is not None else
+                                 self._rng.uniform(-k, k, size=shape).astype(dtype))
         self.grads = OrderedDict((key, np.zeros_like(v)) for key, v in self._params.items())
         self.to(device)
 
@@ -163,7 +169,7 @@ class RNNBase:
                                                               "dropout", "bidirectional")
                         if getattr(self, k) != {"num_layers": 1, "bias": True, "batch_first": False,
                                                 "dropout": 0.0, "bidirectional": False}[k])
-        for k in ("proj_size", "peephole", "coupled"):
+        for k in ("proj_size", "peephole", "coupled", "zoneout", "recurrent_dropout"):
             if getattr(self, k, 0):
                 extra += f", {k}={getattr(self, k)}"
         if self.device != "cpu":
@@ -225,8 +231,9 @@ class RNNBase:
         try:
             masks = [self._mask(shape, call.xp) for shape in self._stack.mask_shapes(T, B)] \
                 if self.training else None
+            noise = self._noise(T, B, call.xp)
             y, h_n, c_n, saved = self._stack.forward(run, x, self._params, states[0], states[1],
-                                                     masks)
+                                                     masks, noise)
         except BaseException:
             self._rng.bit_generator.state = before
             raise
@@ -236,6 +243,14 @@ class RNNBase:
             y = y.transpose(1, 0, 2)
         y, h_n, c_n = call.back(y), call.back(h_n), call.back(c_n)
         return (y, (h_n, c_n)) if c_n is not None else (y, h_n)
+
+    def _noise(self, T, B, xp):
+        """Zoneout / recurrent-dropout masks (gpurnn.layernorm) from the module's generator,
+        in the compute dtype (float32 for 16-bit storage)."""
+        compute = np.float32 if np.dtype(self.dtype).itemsize == 2 else self.dtype
+        return draw_noise(self._stack.noise_specs(T, B, self.training), self._rng.random,
+                          lambda shape, p: np.full(shape, p),
+                          lambda a: xp.asarray(np.asarray(a, dtype=compute)))
 
     def _mask(self, shape, xp):
         """An inverted-dropout mask: 0 with probability p, else 1/(1-p)."""
@@ -297,6 +312,14 @@ class LSTM(RNNBase):
         self.peephole, self.coupled, self.proj_size = form.peephole, form.coupled, form.proj_size
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, **kwargs)
+
+
+class LayerNormLSTM(RNNBase):
+    """Multi-layer layer-normalised LSTM (Ba et al. 2016, Haste's formulation; gpurnn.layernorm):
+    LN on x W_ih^T, on h W_hh^T (over the 4H gate features) and on c (over H) before its tanh.
+    torch.nn.LSTM's parameters plus layernorm_{x,h,c}_{weight,bias}_l{k} (LN weights start
+    at 1, biases at 0); float32 and float64. Takes zoneout= and recurrent_dropout= as LSTM."""
+    cell = "layernorm_lstm"
 
 
 class MLSTM(RNNBase):

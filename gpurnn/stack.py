@@ -30,7 +30,7 @@ from .arrays import check_dtype, check_shape
 from .backends import Reserve, get_backend, reserve_dtypes
 
 __all__ = ["Stack", "Run", "Saved", "Layer", "KernelLayer", "register", "layer_of", "LAYERS",
-           "split_states"]
+           "split_states", "draw_noise"]
 
 
 @dataclass
@@ -97,22 +97,26 @@ class KernelLayer(Layer):
         return ("h",) + (("c",) if self.cell.has_cell_state else ()) + (
             ("gates",) if self.cell.reserve_gates else ())
 
-    def forward(self, run, x, params, h0, c0, reverse):
+    takes_noise = True          # zoneout and recurrent dropout (gpurnn.layernorm's contract)
+
+    def forward(self, run, x, params, h0, c0, reverse, noise=None):
+        extra = {"noise": noise} if noise else {}
         y, h_n, c_n, res = get_backend(run.backend).forward(
             self.cell.name, x, params["weight_ih"], params["weight_hh"], params.get("bias_ih"),
             params.get("bias_hh"), h0, c0, run.lengths, bool(reverse), run.need_saved,
-            options=run.options)
+            options=run.options, **extra)
         saved = () if res is None else tuple(getattr(res, k) for k in self._kept())
         return y, h_n, c_n, saved
 
-    def backward(self, run, x, params, saved, reverse, dy, dh_n, dc_n):
+    def backward(self, run, x, params, saved, reverse, dy, dh_n, dc_n, noise=None):
         kept = dict(zip(self._kept(), saved))
         h = kept["h"]
         reserve = Reserve(cell=self.cell.name, backend=run.backend, reverse=bool(reverse), x=x,
                           w_ih=params["weight_ih"], w_hh=params["weight_hh"],
                           has_bias="bias_ih" in params, lengths=run.lengths, h=h,
                           c=kept.get("c"), gates=kept.get("gates"),
-                          storage=x.dtype if h.dtype != x.dtype else None)
+                          storage=x.dtype if h.dtype != x.dtype else None,
+                          **({"noise": noise} if noise else {}))
         g = get_backend(run.backend).backward(reserve, dy, dh_n, dc_n, options=run.options)
         grads = {"weight_ih": g.dw_ih, "weight_hh": g.dw_hh}
         if g.db_ih is not None:
@@ -159,6 +163,7 @@ class Saved:
     inputs: list
     saved: list                     # per layer * D + d: a tuple of arrays
     masks: list                     # per layer but the last: an array or None
+    noise: Optional[list] = None    # per layer * D + d: the regularisers' masks (a dict) or None
 
     def arrays(self):
         """Everything but x as one flat list (x is the caller's own input)."""
@@ -181,7 +186,7 @@ class Stack:
     parameter names and the constructor checks both module families share."""
 
     def __init__(self, cell, input_size, hidden_size, num_layers=1, bias=True, dropout=0.0,
-                 bidirectional=False):
+                 bidirectional=False, zoneout=None, recurrent_dropout=0.0):
         self.layer = layer_of(cell)
         self.cell = cell
         self.input_size = _check_int("input_size", input_size, 1)
@@ -195,6 +200,32 @@ class Stack:
         self.directions = 2 if self.bidirectional else 1
         self.states = self.layer.cell.states
         self.state_width = self.layer.state_size(self.hidden_size)   # R: h's features
+        self.zoneout, self.recurrent_dropout = self._regularisers(zoneout, recurrent_dropout)
+
+    def _regularisers(self, zoneout, recurrent_dropout):
+        """((p_h, p_c) or (p_h,) or None, p) from the modules' keywords, checked."""
+        def prob(name, v):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < 1:
+                raise ValueError(f"{name} must be a number in [0, 1); got {v!r}")
+            return float(v)
+        has_c = self.layer.cell.has_cell_state
+        if zoneout is not None:
+            if has_c:
+                if not isinstance(zoneout, (tuple, list)) or len(zoneout) != 2:
+                    raise ValueError(f"zoneout for {self.cell} must be a pair (p_h, p_c); got "
+                                     f"{zoneout!r}")
+                zoneout = (prob("zoneout p_h", zoneout[0]), prob("zoneout p_c", zoneout[1]))
+            else:
+                if isinstance(zoneout, (tuple, list)):
+                    raise ValueError(f"zoneout for {self.cell} is one probability p_h (it has no "
+                                     f"cell state); got {zoneout!r}")
+                zoneout = (prob("zoneout", zoneout),)
+            if not any(zoneout):
+                zoneout = None
+        recurrent_dropout = prob("recurrent_dropout", recurrent_dropout)
+        if (zoneout or recurrent_dropout) and not getattr(self.layer, "takes_noise", False):
+            raise ValueError(f"zoneout and recurrent_dropout are not supported for {self.cell}")
+        return zoneout, recurrent_dropout
 
     # ---- parameters --------------------------------------------------------------------
     @staticmethod
@@ -232,6 +263,26 @@ class Stack:
             return []
         return [(steps, batch, self.state_width * self.directions)] * (self.num_layers - 1)
 
+    def noise_specs(self, steps, batch, training):
+        """What the regularisers need for one forward, per layer-direction: {key: (shape, rule,
+        p)} (gpurnn.layernorm's keys) or None, with rule 'zoneout' (1 with probability p),
+        'fill' (every value p: evaluation's expectation) or 'dropout' (0 with probability p,
+        else 1/(1-p)). The skins draw them, in this order, from their generator."""
+        if self.zoneout is None and not self.recurrent_dropout:
+            return None
+        R, H = self.state_width, self.hidden_size
+        spec = {}
+        if self.recurrent_dropout and training:
+            spec["recurrent"] = ((batch, R), "dropout", self.recurrent_dropout)
+        if self.zoneout is not None:
+            rule = "zoneout" if training else "fill"
+            for key, width, p in zip(("zoneout_h", "zoneout_c"), (R, H), self.zoneout):
+                if p:
+                    spec[key] = ((steps, batch, width), rule, p)
+        if not spec:
+            return None
+        return [dict(spec) for _ in range(self.num_layers * self.directions)]
+
     # ---- forward / backward --------------------------------------------------------------
     def check_states(self, x, states, names):
         """`states` (h0[, c0]) each None or (L*D, B, R) / (L*D, B, H) in x's dtype."""
@@ -242,9 +293,10 @@ class Stack:
                 check_shape(name, s, want, form)
                 check_dtype(name, s, x.dtype, "the dtype of x")
 
-    def forward(self, run, x, params, h0=None, c0=None, masks=None):
+    def forward(self, run, x, params, h0=None, c0=None, masks=None, noise=None):
         """x (T, B, I); params: name -> array; h0 (L*D, B, R), c0 (L*D, B, H) or None (zeros);
-        masks: one array (T, B, D*R) per layer but the last, or None (no dropout). Returns
+        masks: one array (T, B, D*R) per layer but the last, or None (no dropout); noise: per
+        layer-direction a dict of regulariser masks (noise_specs, gpurnn.layernorm) or None. Returns
         (y (T, B, D*R), h_n (L*D, B, R), c_n or None, Saved or None); R = state_width."""
         xp, D, H, R = run.xp, self.directions, self.hidden_size, self.state_width
         check_shape("x", x, (x.shape[0], x.shape[1], self.input_size), "(T, B, input_size)")
@@ -252,6 +304,8 @@ class Stack:
             raise ValueError(f"x has shape {tuple(x.shape)}; expected at least one step and one "
                              f"sequence")
         self.check_states(x, (h0, c0), ("h0", "c0"))
+        if noise and any(noise) and not getattr(self.layer, "takes_noise", False):
+            raise ValueError(f"zoneout and recurrent_dropout are not supported for {self.cell}")
         B = x.shape[1]
         has_c = self.layer.cell.has_cell_state
         zeros_h = xp.zeros((B, R), x.dtype) if h0 is None else None
@@ -265,8 +319,9 @@ class Stack:
                 i = layer * D + d
                 h = zeros_h if h0 is None else h0[i]
                 c = None if not has_c else (zeros_c if c0 is None else c0[i])
+                extra = {"noise": noise[i]} if noise and noise[i] else {}
                 y, hn, cn, s = self.layer.forward(run, layer_input, self._of(params, layer, d),
-                                                  h, c, bool(d))
+                                                  h, c, bool(d), **extra)
                 outs.append(y)
                 saved.append(s)
                 h_n.append(hn)
@@ -278,7 +333,7 @@ class Stack:
                     out = out * masks[layer]
                 inputs.append(out)
             layer_input = out
-        keep = Saved(inputs, saved, masks) if run.need_saved else None
+        keep = Saved(inputs, saved, masks, list(noise) if noise else None) if run.need_saved else None
         return layer_input, xp.stack(h_n), xp.stack(c_n) if c_n else None, keep
 
     def backward(self, run, saved, params, dy, dh_n=None, dc_n=None):
@@ -305,10 +360,11 @@ class Stack:
                 dh = zeros_h if dh_n is None else dh_n[i]
                 dc = (zeros_c if dc_n is None else dc_n[i]) if has_c else None
                 gy = grad_out if D == 1 else grad_out[:, :, d * R:(d + 1) * R]
+                extra = {"noise": saved.noise[i]} if saved.noise and saved.noise[i] else {}
                 dx, g_h0, g_c0, g = self.layer.backward(
                     run, saved.inputs[layer], self._of(params, layer, d), saved.saved[i], bool(d),
                     xp.ascontiguousarray(gy), xp.ascontiguousarray(dh),
-                    None if dc is None else xp.ascontiguousarray(dc))
+                    None if dc is None else xp.ascontiguousarray(dc), **extra)
                 grad_in = dx if grad_in is None else grad_in + dx
                 dh0[i], dc0[i] = g_h0, g_c0
                 sfx = self.suffix(layer, d)
@@ -327,8 +383,9 @@ class Stack:
                                                 H, dtype)
         return specs
 
-    def saved_from(self, x, arrays, masks):
-        """The Saved that `Saved.arrays()` flattened (x and the masks given back separately)."""
+    def saved_from(self, x, arrays, masks, noise=None):
+        """The Saved that `Saved.arrays()` flattened (x, the masks and the noise given back
+        separately)."""
         arrays = list(arrays)
         L, D = self.num_layers, self.directions
         inputs = [x] + arrays[:L - 1]
@@ -336,7 +393,27 @@ class Stack:
         per = len(rest) // (L * D) if rest else 0
         saved = [tuple(rest[i * per:(i + 1) * per]) for i in range(L * D)]
         masks = list(masks) if masks else [None] * (L - 1)
-        return Saved(inputs, saved, masks)
+        return Saved(inputs, saved, masks, list(noise) if noise else None)
+
+
+def draw_noise(specs, uniform, fill, cast):
+    """The regularisers' masks of Stack.noise_specs, drawn in order: uniform(shape) gives
+    U[0, 1) values from the skin's generator, fill(shape, p) a constant array, cast(a) the
+    array in the compute dtype on the right device. Works on NumPy arrays and torch tensors."""
+    if specs is None:
+        return None
+    out = []
+    for spec in specs:
+        drawn = {}
+        for key, (shape, rule, p) in spec.items():
+            if rule == "fill":
+                drawn[key] = cast(fill(shape, p))
+            elif rule == "zoneout":
+                drawn[key] = cast((uniform(shape) < p) * 1.0)
+            else:
+                drawn[key] = cast((uniform(shape) >= p) * (1.0 / (1.0 - p)))
+        out.append(drawn)
+    return out
 
 
 def split_states(cell, hx, names=("h0", "c0", "hx")):

@@ -41,10 +41,10 @@ from . import torchops  # noqa: F401  (registers torch.ops.gpurnn.*)
 from .arrays import resolve
 from .backends import BACKENDS
 from .cells import rnn_cell
-from .stack import Stack
+from .stack import Stack, draw_noise
 from .variants import lstm_form as _lstm_form
 
-__all__ = ["LSTM", "GRU", "RNN", "MLSTM"]
+__all__ = ["LSTM", "GRU", "RNN", "MLSTM", "LayerNormLSTM"]
 
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -69,9 +69,10 @@ class RNNBase(nn.Module):
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None,
-                 backend="auto"):
+                 backend="auto", *, zoneout=None, recurrent_dropout=0.0):
         super().__init__()
-        stack = Stack(self.cell, input_size, hidden_size, num_layers, bias, dropout, bidirectional)
+        stack = Stack(self.cell, input_size, hidden_size, num_layers, bias, dropout, bidirectional,
+                      zoneout, recurrent_dropout)
         if proj_size != 0 and stack.state_width != proj_size:
             raise ValueError(f"proj_size is only for LSTM (gpurnn.torch.LSTM); got "
                              f"proj_size={proj_size!r} for {type(self).__name__}")
@@ -94,6 +95,10 @@ class RNNBase(nn.Module):
         self.bias, self.batch_first = stack.bias, bool(batch_first)
         self.dropout, self.bidirectional = stack.dropout, stack.bidirectional
         self.proj_size = proj_size
+        # as given: (p_h, p_c) for the LSTMs, p_h for GRU and RNN
+        self.zoneout = (stack.zoneout if stack.zoneout is None or len(stack.zoneout) == 2
+                        else stack.zoneout[0])
+        self.recurrent_dropout = stack.recurrent_dropout
         self.backend = backend
         factory = {"device": device, "dtype": dtype}
         # torch's registration order (layer, direction, w_ih, w_hh, b_ih, b_hh): with the same
@@ -114,8 +119,13 @@ class RNNBase(nn.Module):
 
     def reset_parameters(self):
         bound = self._stack.layer.init_bound(self.hidden_size)
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -bound, bound)
+        initial = getattr(self._stack.layer, "initial_value", lambda name, shape, dtype: None)
+        for name, weight in self.named_parameters():
+            nn.init.uniform_(weight, -bound, bound)      # every draw, as torch's order
+            fixed = initial(name.rsplit("_l", 1)[0], tuple(weight.shape), "float64")
+            if fixed is not None:
+                with torch.no_grad():
+                    weight.copy_(torch.from_numpy(fixed))
 
     @property
     def all_weights(self):
@@ -132,7 +142,8 @@ class RNNBase(nn.Module):
             s += f", nonlinearity={self.nonlinearity!r}"
         for k, default in (("bias", True), ("batch_first", False), ("dropout", 0.0),
                            ("bidirectional", False), ("proj_size", 0), ("peephole", False),
-                           ("coupled", False), ("backend", "auto")):
+                           ("coupled", False), ("zoneout", None), ("recurrent_dropout", 0.0),
+                           ("backend", "auto")):
             if getattr(self, k, default) != default:
                 s += f", {k}={getattr(self, k)!r}"
         return s
@@ -155,6 +166,19 @@ class RNNBase(nn.Module):
             return []
         return [nn.functional.dropout(x.new_ones(shape), p=self.dropout, training=True)
                 for shape in self._stack.mask_shapes(x.shape[0], x.shape[1])]
+
+    def _noise(self, x):
+        """Zoneout / recurrent-dropout masks (gpurnn.layernorm) drawn from torch's (CPU)
+        generator, in the compute dtype on x's device; (flat list, keys)."""
+        specs = self._stack.noise_specs(x.shape[0], x.shape[1], self.training)
+        if specs is None:
+            return [], ""
+        compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        drawn = draw_noise(specs, lambda shape: torch.rand(shape, dtype=torch.float64),
+                           lambda shape, p: torch.full(shape, p, dtype=torch.float64),
+                           lambda a: a.to(device=x.device, dtype=compute))
+        keys = list(drawn[0])
+        return [d[k] for d in drawn for k in keys], ",".join(keys)
 
     def forward(self, input, hx=None):
         """torch.nn semantics: returns (output, (h_n, c_n)) for LSTM, (output, h_n) otherwise;
@@ -212,10 +236,11 @@ class RNNBase(nn.Module):
             w.requires_grad for w in weights) or any(
             s is not None and s.requires_grad for s in (h0, c0)))
         backend = resolve(self.backend, {"input": x})
+        noise, noise_keys = self._noise(x)
         outs = torch.ops.gpurnn.stack_forward(
             x, None if h0 is None else run_as(h0).contiguous(),
             None if c0 is None else run_as(c0).contiguous(), lengths,
-            [run_as(w) for w in weights], self._masks(x), self.cell, self.input_size,
+            [run_as(w) for w in weights], self._masks(x), noise, noise_keys, self.cell, self.input_size,
             self.hidden_size, self.num_layers,
             self.bias, self.bidirectional, backend, self.training and needs_grad)
         y, h_n = outs[0], outs[1]
@@ -249,12 +274,21 @@ class LSTM(RNNBase):
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None,
-                 backend="auto", *, peephole=False, coupled=False):
+                 backend="auto", *, peephole=False, coupled=False, zoneout=None,
+                 recurrent_dropout=0.0):
         form = _lstm_form(hidden_size, proj_size, peephole=bool(peephole), coupled=bool(coupled))
         self.cell = form.name
         self.peephole, self.coupled = form.peephole, form.coupled
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, form.proj_size, device, dtype, backend)
+                         bidirectional, form.proj_size, device, dtype, backend, zoneout=zoneout,
+                         recurrent_dropout=recurrent_dropout)
+
+
+class LayerNormLSTM(RNNBase):
+    """The layer-normalised LSTM (gpurnn.layernorm) as a torch module: torch.nn.LSTM's
+    parameters plus layernorm_{x,h,c}_{weight,bias}_l{k}; zoneout= and recurrent_dropout=."""
+    cell = "layernorm_lstm"
+    mode = "LSTM"
 
 
 class MLSTM(RNNBase):
@@ -281,8 +315,9 @@ class RNN(RNNBase):
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None,
-                 backend="auto"):
+                 backend="auto", *, zoneout=None, recurrent_dropout=0.0):
         self.cell = rnn_cell(nonlinearity)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, 0, device, dtype, backend)
+                         bidirectional, 0, device, dtype, backend, zoneout=zoneout,
+                         recurrent_dropout=recurrent_dropout)
         self.nonlinearity = nonlinearity

@@ -129,7 +129,7 @@ def test_a_variant_compiles_its_fake_shapes_from_saved_specs():
     st = stack.Stack("scaled_rnn", I, H, 1, True, 0.0, False)
     ws = [torch.randn(s, dtype=torch.float64, requires_grad=True) for _, s in st.param_shapes()]
     opcheck(torch.ops.gpurnn.stack_forward.default,
-            (x, None, None, None, ws, [], "scaled_rnn", I, H, 1, True, False, "numpy", True))
+            (x, None, None, None, ws, [], [], "", "scaled_rnn", I, H, 1, True, False, "numpy", True))
 
 
 # ---- options at the boundary ---------------------------------------------------------------

@@ -88,6 +88,6 @@ def test_opcheck_stack_forward(cell, states, keep):
     c0 = torch.randn(4, 3, H, dtype=torch.float64) if states == 2 else None
     masks = [torch.ones(4, 3, 2 * H, dtype=torch.float64) * 1.25]
     weights = [p if keep else p.detach() for p in m.parameters()]
-    args = (x, h0, c0, torch.tensor([4, 1, 3]), weights, masks, cell, I, H, 2, True,
+    args = (x, h0, c0, torch.tensor([4, 1, 3]), weights, masks, [], "", cell, I, H, 2, True,
             True, "cpu", keep)
     opcheck(torch.ops.gpurnn.stack_forward.default, args)

@@ -221,7 +221,7 @@ def test_opcheck_on_a_projected_peephole_stack():
     h0 = torch.randn(4, 3, P, dtype=torch.float64, requires_grad=True)
     c0 = torch.randn(4, 3, H, dtype=torch.float64, requires_grad=True)
     masks = [torch.ones(4, 3, 2 * P, dtype=torch.float64) * 1.25]
-    args = (x, h0, c0, torch.tensor([4, 1, 3]), list(m.parameters()), masks, m.cell, I, H, 2,
+    args = (x, h0, c0, torch.tensor([4, 1, 3]), list(m.parameters()), masks, [], "", m.cell, I, H, 2,
             True, True, "numpy", True)
     opcheck(torch.ops.gpurnn.stack_forward.default, args)
 
