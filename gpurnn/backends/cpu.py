@@ -397,6 +397,23 @@ def lstm_backward(form, x, params, saved, lengths, reverse, dy, dh_n, dc_n, *, o
     return _reference_lstm.lstm_backward(form, x, params, saved, lengths, reverse, dy, dh_n, dc_n)
 
 
+def layernorm_forward(x, params, h0, c0, lengths, reverse, need_saved, *, noise=None,
+                      options=None):
+    """The LayerNormLSTM (gpurnn.layernorm): no fast-path kernels for it, so after this
+    backend's own option check the NumPy reference runs."""
+    check_options(options)
+    return _reference.layernorm_forward(x, params, h0, c0, lengths, reverse, need_saved,
+                                        noise=noise)
+
+
+def layernorm_backward(x, params, saved, lengths, reverse, dy, dh_n, dc_n, *, noise=None,
+                       options=None):
+    """The backward of layernorm_forward: the NumPy reference too."""
+    check_options(options)
+    return _reference.layernorm_backward(x, params, saved, lengths, reverse, dy, dh_n, dc_n,
+                                         noise=noise)
+
+
 def _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_reserve, options):
     T, B, I = x.shape
     H = w_hh.shape[1]

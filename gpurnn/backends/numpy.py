@@ -455,3 +455,5 @@ def _backward(reserve, dy, dh_n, dc_n):
 
 # the LSTM family (gpurnn.variants); last, as numpy_lstm reads this module's helpers
 from .numpy_lstm import lstm_forward, lstm_backward  # noqa: E402,F401
+# the LayerNormLSTM (gpurnn.layernorm), read from its own module in the same way
+from .numpy_layernorm import layernorm_forward, layernorm_backward  # noqa: E402,F401
