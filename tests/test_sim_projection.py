@@ -89,7 +89,7 @@ CASES = [
     ("lstm", 1, 1, 3, 7, 5, 2, 32, None, None, False, True, np.float64),
     ("lstm_peephole", 3, 3, 5, 7, 3, 4, 32, 2, [3, 1, 2], True, True, np.float64),
     ("lstm_peephole", 2, 3, 4, 33, 3, 5, 64, None, None, False, True, np.float32),
-    ("lstm_peephole", 3, 1, 3, 33, 5, "stepwise", 32, None, None, False, False, np.float32),
+    ("lstm_peephole", 3, 3, 3, 33, 5, "stepwise", 32, None, [3, 1, 2], True, False, np.float32),
     ("cifg", 3, 3, 4, 7, 5, 2, 64, 2, [1, 3, 2], False, True, np.float32),
     ("cifg", 4, 1, 4, 33, 3, 4, 32, None, None, True, False, np.float64),
     ("cifg", 3, 3, 4, 7, 3, "stepwise", 32, None, [3, 0, 2], True, True, np.float64),
