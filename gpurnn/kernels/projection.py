@@ -188,7 +188,8 @@ def make_persistent_fwd(cell: str, dtype: str):
       m        (T+1, B, H)  scratch: o*tanh(c_t) at m[t_out] (fwd_unit's h)
       m_y      (T, B, H)    scratch written by fwd_unit as its y; never read
       lengths  int32 (B,);  reverse, t_begin, t_end, units, feats, save_gates, batch_tile int32
-    Dynamic shared memory: smem_bytes('fwd', G, H, R, batch_tile, P, dtype, threads=...).
+    No argument may alias another. Dynamic shared memory:
+    smem_bytes('fwd', G, H, R, batch_tile, P, dtype, threads=...).
     """
     _check(cell, dtype)
     G = GATES[cell]
@@ -344,7 +345,8 @@ def make_persistent_bwd(cell: str, dtype: str):
       dh_unit    (B, H) scratch: bwd_unit's dh_carry (0 or its dh = 0)
       dc_carry   (B, H) in dL/dc_n, out dL/dc0
       lengths int32 (B,); reverse, k_begin, k_end, units, feats, batch_tile int32
-    Dynamic shared memory: smem_bytes('bwd', G, H, R, batch_tile, P, dtype, threads=...).
+    No argument may alias another. Dynamic shared memory:
+    smem_bytes('bwd', G, H, R, batch_tile, P, dtype, threads=...).
     """
     _check(cell, dtype)
     G = GATES[cell]
@@ -474,7 +476,7 @@ def make_pointwise_fwd(cell: str, dtype: str):
     """The cell of processing step s, one thread per (b, u), on the host's gh = h_in W_hh^T:
     kernel(gx, gh (B, G*H), b_rec, m (T+1, B, H), c, gates, m_y (T, B, H), lengths, reverse, s,
     save_gates). Writes c[t_out], gates[t] (when save_gates) and m[t_out] (0 on masked rows);
-    the host then forms h_out = m W_hr^T and the masked copy."""
+    the host then forms h_out = m W_hr^T and the masked copy. No argument may alias another."""
     _check(cell, dtype)
     G = GATES[cell]
     ZERO = NP_COMPUTE[dtype](0)
@@ -504,7 +506,8 @@ def make_pointwise_fwd(cell: str, dtype: str):
 def make_pointwise_bwd(cell: str, dtype: str):
     """The cell's backward of processing step s, one thread per (b, u), on the host's
     dm[t] = dhp[t] W_hr: kernel(b_rec, h_shape (1, 1, H), c, gates, dm (T, B, H), dgh, dgx,
-    dh_unit (B, H), dc_carry, lengths, reverse, s). Writes dgh[t] and dc_carry."""
+    dh_unit (B, H), dc_carry, lengths, reverse, s). Writes dgh[t] and dc_carry. No argument
+    may alias another."""
     _check(cell, dtype)
     ZERO = NP_COMPUTE[dtype](0)
     _, bwd_unit = cellmath.make(cell, dtype)
