@@ -533,3 +533,20 @@ def lstm_backward(form, x, params, saved, lengths, reverse, dy, dh_n, dc_n, *, o
     """The LSTM family's backward (gpurnn.variants): (dx, dh0, dc0, {param name: gradient})."""
     return run_lstm_backward(_runtime(), form, x, params, saved, lengths, reverse, dy, dh_n,
                              dc_n, options)
+
+
+def layernorm_forward(x, params, h0, c0, lengths, reverse, need_saved, *, noise=None,
+                      options=None):
+    """The LayerNormLSTM's forward (gpurnn.layernorm): (y, h_n, c_n, saved tuple | None); its
+    host code is gpurnn.backends.cuda_layernorm (imported here, lazily)."""
+    from . import cuda_layernorm
+    return cuda_layernorm.run_forward(_runtime(), x, params, h0, c0, lengths, reverse,
+                                      need_saved, noise, options)
+
+
+def layernorm_backward(x, params, saved, lengths, reverse, dy, dh_n, dc_n, *, noise=None,
+                       options=None):
+    """The LayerNormLSTM's backward (gpurnn.layernorm): (dx, dh0, dc0, {param name: gradient})."""
+    from . import cuda_layernorm
+    return cuda_layernorm.run_backward(_runtime(), x, params, saved, lengths, reverse, dy, dh_n,
+                                       dc_n, noise, options)

@@ -165,3 +165,30 @@ def lstm_backward(form, x, params, saved, lengths, reverse, dy, dh_n, dc_n, *, o
         with _STOCK_LOCK:
             return _host.run_lstm_backward(*args)
     return _host.run_lstm_backward(*args)
+
+
+def layernorm_forward(x, params, h0, c0, lengths, reverse, need_saved, *, noise=None,
+                      options=None):
+    """The LayerNormLSTM's forward (gpurnn.layernorm) on the simulator chosen by options; its
+    host code is gpurnn.backends.cuda_layernorm (imported lazily)."""
+    from . import cuda_layernorm
+    rt, options = _split(options)
+    args = (rt, x, params, h0, c0, lengths, reverse, need_saved, noise, options)
+    if rt is STOCK_RUNTIME:
+        enable_stock_simulator()
+        with _STOCK_LOCK:
+            return cuda_layernorm.run_forward(*args)
+    return cuda_layernorm.run_forward(*args)
+
+
+def layernorm_backward(x, params, saved, lengths, reverse, dy, dh_n, dc_n, *, noise=None,
+                       options=None):
+    """The LayerNormLSTM's backward (gpurnn.layernorm) on the simulator chosen by options."""
+    from . import cuda_layernorm
+    rt, options = _split(options)
+    args = (rt, x, params, saved, lengths, reverse, dy, dh_n, dc_n, noise, options)
+    if rt is STOCK_RUNTIME:
+        enable_stock_simulator()
+        with _STOCK_LOCK:
+            return cuda_layernorm.run_backward(*args)
+    return cuda_layernorm.run_backward(*args)
