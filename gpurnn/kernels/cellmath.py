@@ -308,8 +308,9 @@ def make_layernorm(dtype: str):
     out_unit(gates, ctil, h, lnc, zh, lengths, t, ts, t_in, b, u, mean_c, rstd_c, noise) -> h_t
         o * tanh(lnc[0,u] * (c~ - mean_c) * rstd_c + lnc[1,u]) with zoneout_h; h_in on a masked
         step. Writes nothing.
-    bwd_c_unit(gates, c, stats, lnc, zh, dh_carry, dz, dl, lengths, t, t_in, b, u, dH, noise)
-        -> (dchat, chat): dH = dL/dh_t; writes dz[t, b, 3H+u] (o), dl[t, b, u] = dL/dLN(c~)
+    bwd_c_unit(gates, c, stats, lnc, zh, dy, dh_carry, dz, dl, lengths, t, t_in, b, u, dH,
+               noise) -> (dchat, chat): dH = dL/dh_t without dy (added here on an active
+        step); writes dz[t, b, 3H+u] (o), dl[t, b, u] = dL/dLN(c~)
         and dh_carry[b, u] (the direct part: zoneout's d_h*dH, all of dH on a masked step).
     bwd_gates_unit(gates, c, stats, lnh, zc, hhat, dz, dchat, dc_carry, lengths, t, t_in, b,
                    u, m1, m2, noise) -> (sum_g dhhat_g, sum_g dhhat_g * hhat_g)
@@ -373,7 +374,7 @@ def make_layernorm(dtype: str):
         return hn
 
     @cuda.jit(device=True, inline=True)
-    def bwd_c_unit(gates, c, stats, lnc, zh, dh_carry, dz, dl, lengths, t, t_in, b, u, dH,
+    def bwd_c_unit(gates, c, stats, lnc, zh, dy, dh_carry, dz, dl, lengths, t, t_in, b, u, dH,
                    noise):
         H = c.shape[2]
         if t >= lengths[b]:
@@ -381,6 +382,7 @@ def make_layernorm(dtype: str):
             dz[t, b, 3 * H + u] = ZERO
             dl[t, b, u] = ZERO
             return ZERO, ZERO
+        dH += dy[t, b, u]
         i = gates[t, b, u]
         f = gates[t, b, H + u]
         gg = gates[t, b, 2 * H + u]

@@ -1,0 +1,333 @@
+"""The LayerNormLSTM on the kernel backends (cuda, and sim through its Runtime): the host side of
+gpurnn/kernels/layernorm.py, written once against `rt.xp` as gpurnn.backends.cuda is. The math,
+the parameters, the saved layout and the `noise` dict are gpurnn/layernorm.py's.
+
+  forward   xg = x W_ih^T (one GEMM over all T*B rows), its per-row mean and rstd (two-pass),
+            xhat, gx = g_x xhat + b_x + b_ih + b_hh; then the persistent kernel (one launch, two
+            grid barriers a step, 2T+1 half-phases), or per step: GEMM (h_{t-1} * mask) W_hh^T,
+            the host's h-side row statistics, the gate kernel (c~), the host's c~ statistics,
+            the output kernel
+  backward  the persistent kernel (one launch, 2T+1 half-phases), or per step: GEMM
+            (da_next W_hh) * mask, the c-side kernel, the host's row means of dchat and
+            dchat*chat, the gate-side kernel, the host's da (the LN-h backward); then the LN-x
+            backward and dx = dxg W_ih, dW_ih = dxg^T x, dW_hh = da^T (h_{t-1} * mask), the LN
+            parameters' and the biases' gradients as sums, with padded steps' x, xhat and chat
+            zeroed (their gradients are 0, but a NaN in padding must not reach a sum)
+Entry points (the lead's gpurnn.backends.cuda / sim layernorm_forward / layernorm_backward call
+them with their Runtime; returns as gpurnn/layernorm.py documents):
+    run_forward(rt, x, params, h0, c0, lengths, reverse, need_saved, noise, options)
+        -> (y, h_n, c_n, (h, c, gates, xhat, hhat, stats) | None)
+    run_backward(rt, x, params, saved, lengths, reverse, dy, dh_n, dc_n, noise, options)
+        -> (dx, dh0, dc0, {param name: gradient})
+params: {"weight_ih", "weight_hh", ["bias_ih", "bias_hh",] "layernorm_x_weight", ...} without
+the stack's suffix. options: the cuda backend's {"path", "blocks", "threads", "batch_tile"}
+(the sim backend takes its 'simulator' key off first). The saved tuple carries no launch, so
+backward plans again from the same options (the same plan). Uses gpurnn.backends.cuda's
+private _kernel_lengths and _small_grids_allowed: the same host side, split over files.
+"""
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+
+from . import cuda as host
+from .numpy import inputs_seen
+from ..kernels import layout
+from ..kernels import layernorm as kernels
+from ..kernels.cellmath import LN_REC, LN_ZC, LN_ZH
+from ..layernorm import EPS, NOISE_KEYS
+
+_COMPILED = weakref.WeakKeyDictionary()     # Runtime -> {(kind, dtype): (spec, kernel)}
+LN_NAMES = ("layernorm_x_weight", "layernorm_x_bias", "layernorm_h_weight", "layernorm_h_bias",
+            "layernorm_c_weight", "layernorm_c_bias")
+
+
+def _kernel(rt, kind, dtype):
+    cache = _COMPILED.setdefault(rt, {})
+    if (kind, dtype) not in cache:
+        sp = kernels.spec(kind, dtype)
+        cache[kind, dtype] = (sp, rt.compile(sp))
+    return cache[kind, dtype]
+
+
+def choose_launch(input_size, hidden, batch, dtype, device, options, backend=host.NAME):
+    """The launch configuration (gpurnn.backends.cuda.LaunchConfig): options where given, the
+    LayerNormLSTM plan (gpurnn.planning.layernorm) for the rest."""
+    from ..planning import layernorm as planning
+    options = host.check_options(options, backend)
+    blocks, threads, tile = options.get("blocks"), options.get("threads"), options.get("batch_tile")
+    if tile is not None and tile > batch:
+        raise ValueError(f"options['batch_tile'] must be <= the batch ({batch}); got {tile}")
+    p = planning.plan(input_size, hidden, batch, dtype, device,
+                      blocks=None if blocks is None else int(blocks),
+                      threads=None if threads is None else int(threads),
+                      batch_tile=None if tile is None else int(tile))
+    forced = blocks is not None or tile is not None
+    path = options.get("path", "persistent" if forced else p.path)
+    if path == "persistent" and not p.persistent_fits:
+        said = f"options['blocks']={int(blocks)}: " if blocks is not None else ""
+        why = [r for r in p.reasons if "forced by the caller" not in r and "model" not in r]
+        raise ValueError(f"{said}the persistent path cannot run layernorm_lstm H={hidden} "
+                         f"B={batch} {dtype} on {p.device.name}: " + "; ".join(why))
+    P = int(blocks) if blocks is not None else p.blocks
+    return host.LaunchConfig(path=path, blocks=P, threads=p.threads,
+                             units_per_block=layout.units_per_block(hidden, P), plan=p,
+                             batch_tile=p.batch_tile)
+
+
+def _launch_persistent(rt, kind, dtype, cfg, smem, args, q_range):
+    from ..kernels.launch import launch_persistent
+    sp, kern = _kernel(rt, kind, dtype)
+    single = q_range[1] - q_range[0] == 1
+    rt.on_launch(dict(name=sp.name, kind=kind, blocks=cfg.blocks, threads=cfg.threads, smem=smem,
+                      step_range=q_range))
+    with host._small_grids_allowed():
+        launch_persistent(kern, (cfg.blocks, cfg.threads, smem), rt.stream(), args,
+                          direction="fwd" if kind.endswith("fwd") else "bwd",
+                          signature=None if rt.per_step_grid else sp.signature,
+                          single_step=single)
+
+
+def _launch_pointwise(rt, kind, dtype, n, threads, args, step):
+    sp, kern = _kernel(rt, kind, dtype)
+    blocks = -(-n // threads)
+    rt.on_launch(dict(name=sp.name, kind=kind, blocks=blocks, threads=threads, smem=0,
+                      step_range=(step, step + 1)))
+    with host._small_grids_allowed():
+        kern[blocks, threads, rt.stream(), 0](*args)
+
+
+def _phase_ranges(rt, blocks, n):
+    """Half-phase ranges of the persistent launches: all n in one launch, or one per launch
+    where the grid barrier cannot be trusted across blocks (Numba's stock simulator)."""
+    if rt.per_step_grid and blocks > 1:
+        return [(q, q + 1) for q in range(n)]
+    return [(0, n)]
+
+
+def _noise(xp, noise, T, B, H, dt):
+    """(bit mask, rmask (B, H) | (1, 1), zh (T, B, H) | (1, 1, 1), zc likewise) from `noise`."""
+    noise = {} if noise is None else noise
+    unknown = sorted(set(noise) - set(NOISE_KEYS), key=str)
+    if unknown:
+        raise ValueError(f"noise has unknown keys {unknown}; expected a subset of {NOISE_KEYS}")
+    bits = 0
+    out = []
+    for key, bit, shape in (("recurrent", LN_REC, (B, H)), ("zoneout_h", LN_ZH, (T, B, H)),
+                            ("zoneout_c", LN_ZC, (T, B, H))):
+        a = noise.get(key)
+        if a is None:
+            out.append(xp.zeros((1,) * len(shape), dt))
+            continue
+        a = xp.ascontiguousarray(xp.asarray(a, dtype=dt))
+        if a.shape != shape:
+            raise ValueError(f"noise[{key!r}] must have shape {shape}; got {a.shape}")
+        bits |= bit
+        out.append(a)
+    return (bits, *out)
+
+
+def _row_stats(xp, a):
+    """(mean, rstd) over the last axis: two-pass, the biased variance, EPS inside the root."""
+    mean = a.mean(axis=-1)
+    d = a - mean[..., None]
+    return mean, 1.0 / xp.sqrt((d * d).mean(axis=-1) + EPS)
+
+
+def _active(xp, lengths, T, B):
+    """(T, B) bool: t < lengths[b]."""
+    if lengths is None:
+        return xp.ones((T, B), bool)
+    return xp.asarray(np.arange(T)[:, None] < np.asarray(lengths)[None, :])
+
+
+def run_forward(rt, x, params, h0, c0, lengths, reverse, need_saved, noise, options):
+    xp = rt.xp
+    T, B, I = x.shape
+    w_ih, w_hh = params["weight_ih"], params["weight_hh"]
+    b_ih, b_hh = params.get("bias_ih"), params.get("bias_hh")
+    H = w_hh.shape[1]
+    GH = 4 * H
+    dtype = np.dtype(x.dtype).name
+    if dtype not in kernels.DTYPES:
+        raise TypeError(f"x has dtype {dtype}; the LayerNormLSTM kernels run in {kernels.DTYPES}")
+    dt = x.dtype
+    rev = 1 if reverse else 0
+    cfg = choose_launch(I, H, B, dtype, rt.device, options, rt.name)
+    bits, rmask, zh, zc = _noise(xp, noise, T, B, H, dt)
+
+    xg = xp.matmul(x.reshape(T * B, I), w_ih.T).reshape(T, B, GH)
+    mean_x, rstd_x = _row_stats(xp, xg)
+    xhat = (xg - mean_x[..., None]) * rstd_x[..., None]
+    gx = xhat * params["layernorm_x_weight"] + params["layernorm_x_bias"]
+    if b_ih is not None:
+        gx += b_ih + b_hh
+    gx = xp.ascontiguousarray(gx, dtype=dt)
+    lnh = xp.ascontiguousarray(xp.stack([params["layernorm_h_weight"],
+                                         params["layernorm_h_bias"]]), dtype=dt)
+    lnc = xp.ascontiguousarray(xp.stack([params["layernorm_c_weight"],
+                                         params["layernorm_c_bias"]]), dtype=dt)
+    h = xp.empty((T + 1, B, H), dt)
+    c = xp.empty((T + 1, B, H), dt)
+    h[T if rev else 0] = h0
+    c[T if rev else 0] = c0
+    save = 1 if need_saved else 0
+    Tg = T if save else 1
+    gates = xp.empty((Tg, B, GH), dt)
+    hhat = xp.empty((Tg, B, GH), dt)
+    stats = xp.empty((Tg, B, 6), dt)
+    if save:
+        stats[:, :, 0] = mean_x
+        stats[:, :, 1] = rstd_x
+    y = xp.empty((T, B, H), dt)
+    ctil = xp.empty((B, H), dt)
+    lengths_k = host._kernel_lengths(xp, lengths, T, B)
+
+    if cfg.path == "persistent":
+        U, bt = cfg.units_per_block, cfg.batch_tile
+        part = xp.empty((2, cfg.blocks, B, 2), dt)
+        smem = kernels.smem_bytes("fwd", H, bt, U, dtype, threads=cfg.threads)
+        w_hh_c = xp.ascontiguousarray(w_hh)
+        for q_range in _phase_ranges(rt, cfg.blocks, 2 * T + 1):
+            _launch_persistent(rt, "persistent_fwd", dtype, cfg, smem,
+                               (gx, w_hh_c, lnh, lnc, rmask, zh, zc, h, c, gates, hhat, stats, y,
+                                ctil, part, lengths_k, rev, q_range[0], q_range[1], U, save, bt,
+                                bits), q_range)
+    else:
+        w_hh_t = xp.ascontiguousarray(w_hh.T)
+        ah = xp.empty((1, B, GH), dt)
+        rowstat = xp.empty((B, 2), dt)
+        n = B * H
+        for s in range(T):
+            t = T - 1 - s if rev else s
+            h_in = h[t + rev] * rmask if bits & LN_REC else h[t + rev]
+            xp.matmul(h_in, w_hh_t, out=ah[0])
+            mean_h, rstd_h = _row_stats(xp, ah[0])
+            rowstat[:, 0] = mean_h
+            rowstat[:, 1] = rstd_h
+            if save:
+                stats[t, :, 2] = mean_h
+                stats[t, :, 3] = rstd_h
+            _launch_pointwise(rt, "pointwise_fwd_gates", dtype, n, cfg.threads,
+                              (gx, lnh, ah, hhat, gates, c, ctil, zc, rowstat, lengths_k, rev, s,
+                               save, bits), s)
+            mean_c, rstd_c = _row_stats(xp, ctil)
+            rowstat[:, 0] = mean_c
+            rowstat[:, 1] = rstd_c
+            if save:
+                stats[t, :, 4] = mean_c
+                stats[t, :, 5] = rstd_c
+            _launch_pointwise(rt, "pointwise_fwd_out", dtype, n, cfg.threads,
+                              (gates, ctil, h, y, lnc, zh, rowstat, lengths_k, rev, s, save,
+                               bits), s)
+
+    h_n = h[0 if rev else T].copy()
+    c_n = c[0 if rev else T].copy()
+    saved = (h, c, gates, xhat.astype(dt, copy=False), hhat, stats) if need_saved else None
+    return y, h_n, c_n, saved
+
+
+def run_backward(rt, x, params, saved, lengths, reverse, dy, dh_n, dc_n, noise, options):
+    xp = rt.xp
+    T, B, I = x.shape
+    w_ih, w_hh = params["weight_ih"], params["weight_hh"]
+    has_bias = params.get("bias_ih") is not None
+    h, c, gates, xhat, hhat, stats = (xp.ascontiguousarray(a) for a in saved)
+    H = w_hh.shape[1]
+    GH = 4 * H
+    dtype = np.dtype(x.dtype).name
+    if dtype not in kernels.DTYPES:
+        raise TypeError(f"x has dtype {dtype}; the LayerNormLSTM kernels run in {kernels.DTYPES}")
+    dt = x.dtype
+    rev = 1 if reverse else 0
+    cfg = choose_launch(I, H, B, dtype, rt.device, options, rt.name)
+    bits, rmask, zh, zc = _noise(xp, noise, T, B, H, dt)
+    lnh = xp.ascontiguousarray(xp.stack([params["layernorm_h_weight"],
+                                         params["layernorm_h_bias"]]), dtype=dt)
+    lnc = xp.ascontiguousarray(xp.stack([params["layernorm_c_weight"],
+                                         params["layernorm_c_bias"]]), dtype=dt)
+
+    dz = xp.empty((T, B, GH), dt)
+    da = xp.empty((T, B, GH), dt)
+    dl = xp.empty((T, B, H), dt)
+    dchat = xp.empty((B, H), dt)
+    # a cotangent the caller has none for (None) is zero, as in gpurnn.backends.cuda
+    dh_carry = (xp.zeros((B, H), dt) if dh_n is None
+                else xp.array(dh_n, dtype=dt, copy=True, order="C"))
+    dc_carry = (xp.zeros((B, H), dt) if dc_n is None
+                else xp.array(dc_n, dtype=dt, copy=True, order="C"))
+    dy = xp.zeros((T, B, H), dt) if dy is None else xp.ascontiguousarray(dy, dtype=dt)
+    lengths_k = host._kernel_lengths(xp, lengths, T, B)
+    active = _active(xp, lengths, T, B)
+    w_hh_c = xp.ascontiguousarray(w_hh)
+
+    if cfg.path == "persistent":
+        U, bt = cfg.units_per_block, cfg.batch_tile
+        part = xp.empty((2, cfg.blocks, B, 2), dt)
+        smem = kernels.smem_bytes("bwd", H, bt, U, dtype, threads=cfg.threads)
+        for q_range in _phase_ranges(rt, cfg.blocks, 2 * T + 1):
+            _launch_persistent(rt, "persistent_bwd", dtype, cfg, smem,
+                               (w_hh_c, lnh, lnc, rmask, zh, zc, c, gates, hhat, stats, dy, dz,
+                                da, dl, dchat, dh_carry, dc_carry, part, lengths_k, rev,
+                                q_range[0], q_range[1], U, bt, bits), q_range)
+        dh0 = dh_carry
+    else:
+        dhrec = xp.zeros((B, H), dt)
+        cprod = xp.empty((B, H), dt)
+        rowstat = xp.empty((B, 2), dt)
+        n = B * H
+        g_h = lnh[0]
+        for s in range(T - 1, -1, -1):
+            t = T - 1 - s if rev else s
+            if s + 1 < T:
+                xp.matmul(da[t + 1 - 2 * rev], w_hh_c, out=dhrec)
+                if bits & LN_REC:
+                    dhrec *= rmask
+            _launch_pointwise(rt, "pointwise_bwd_c", dtype, n, cfg.threads,
+                              (gates, c, stats, lnc, zh, dy, dhrec, dh_carry, dz, dl, dchat,
+                               cprod, lengths_k, rev, s, bits), s)
+            rowstat[:, 0] = dchat.mean(axis=1)
+            rowstat[:, 1] = cprod.mean(axis=1)
+            _launch_pointwise(rt, "pointwise_bwd_gates", dtype, n, cfg.threads,
+                              (gates, c, stats, lnh, zc, hhat, dz, dchat, dc_carry, rowstat,
+                               lengths_k, rev, s, bits), s)
+            dhh = g_h * dz[t]
+            m1 = dhh.mean(axis=1, keepdims=True)
+            m2 = (dhh * hhat[t]).mean(axis=1, keepdims=True)
+            da_t = stats[t, :, 3:4] * (dhh - m1 - hhat[t] * m2)
+            da[t] = xp.where(active[t][:, None], da_t, 0)
+        t0 = T - 1 if rev else 0
+        rec0 = xp.matmul(da[t0], w_hh_c)
+        dh0 = dh_carry + (rec0 * rmask if bits & LN_REC else rec0)
+
+    TB = T * B
+    seen = active[..., None]
+    dz2, da2 = dz.reshape(TB, GH), da.reshape(TB, GH)
+    xhat_s = xp.where(seen, xhat, 0)
+    rstd_x = xp.where(active, stats[:, :, 1], 0)[..., None]
+    dxhat = dz * params["layernorm_x_weight"]
+    dxg = rstd_x * (dxhat - dxhat.mean(axis=-1, keepdims=True)
+                    - xhat_s * (dxhat * xhat_s).mean(axis=-1, keepdims=True))
+    dxg2 = dxg.reshape(TB, GH)
+    x_seen = inputs_seen(x, lengths, xp).reshape(TB, I)
+    h_in = h[rev: rev + T]
+    if bits & LN_REC:
+        h_in = h_in * rmask
+    ct = gates[:, :, H:2 * H] * c[rev: rev + T] + gates[:, :, :H] * gates[:, :, 2 * H:3 * H]
+    chat = xp.where(seen, (ct - stats[:, :, 4:5]) * stats[:, :, 5:6], 0)
+    dx = xp.matmul(dxg2, w_ih).reshape(T, B, I)
+    grads = {"weight_ih": xp.matmul(dxg2.T, x_seen),
+             "weight_hh": xp.matmul(da2.T, h_in.reshape(TB, H))}
+    if has_bias:
+        db = dz2.sum(axis=0)
+        grads["bias_ih"] = db
+        grads["bias_hh"] = db.copy()
+    grads["layernorm_x_weight"] = (dz * xhat_s).reshape(TB, GH).sum(axis=0)
+    grads["layernorm_x_bias"] = dz2.sum(axis=0)
+    grads["layernorm_h_weight"] = (dz * hhat).reshape(TB, GH).sum(axis=0)
+    grads["layernorm_h_bias"] = dz2.sum(axis=0)
+    grads["layernorm_c_weight"] = (dl * chat).reshape(TB, H).sum(axis=0)
+    grads["layernorm_c_bias"] = dl.reshape(TB, H).sum(axis=0)
+    grads = {k: xp.asarray(v, dtype=dt) for k, v in grads.items()}
+    return dx.astype(dt, copy=False), dh0, dc_carry, grads

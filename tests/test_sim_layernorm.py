@@ -1,0 +1,394 @@
+"""The LayerNormLSTM's kernels (gpurnn/kernels/layernorm.py, host side
+gpurnn/backends/cuda_layernorm.py, plan gpurnn/planning/layernorm.py): static compilation for
+sm_80 and sm_90, the strict simulator against a float64 reference with zero findings, and
+barrier-deletion mutants that must be caught.
+
+The reference is gpurnn.backends.numpy_layernorm where it exists; the test also carries its own
+float64 autograd reference written straight from gpurnn/layernorm.py's equations in torch
+(torch_reference), which every parity case is also checked against, so the kernels are measured
+against two independently written references when both are there.
+The persistent kernels run with P > 1 blocks in ONE launch over all steps (the strict
+simulator's grid barrier is real); sizes are awkward (H 7 and 33, P not dividing H, a block
+that owns no unit, B 1 and 3, a length 0, unsorted lengths, bias=False, batch tiles).
+"""
+import importlib
+import inspect
+import re
+import types
+import zlib
+
+import numpy as np
+import pytest
+
+from gpurnn import planning as lstm_planning
+from gpurnn import sim as strict
+from gpurnn.backends import cuda_layernorm
+from gpurnn.backends import sim
+from gpurnn.backends.sim import SimRuntime
+from gpurnn.kernels import compile as kcompile
+from gpurnn.kernels import layernorm as kernels
+from gpurnn.kernels.layout import KERNEL_REGS_MAX, lanes_per_output, units_per_block
+from gpurnn.layernorm import EPS, LayerNormLSTMLayer
+from gpurnn.planning import layernorm as planning
+from gpurnn.testing import GRAD_TOL, TOL, assert_close
+
+ARCHS = ("sm_80", "sm_90")
+PROFILE = {"sm_80": "A100", "sm_90": "H100"}
+LAYER = LayerNormLSTMLayer()
+SAVED = ("h", "c", "gates", "xhat", "hhat", "stats")
+PARAMS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "layernorm_x_weight",
+          "layernorm_x_bias", "layernorm_h_weight", "layernorm_h_bias", "layernorm_c_weight",
+          "layernorm_c_bias")
+
+needs_ptxas = pytest.mark.skipif(
+    kcompile.find_toolkit() is None,
+    reason="ptxas from the nvidia-cuda-nvcc wheel is not installed "
+           "(pip install 'cuda-toolkit[nvcc]==13.*')")
+
+
+def _numpy_reference():
+    try:
+        return importlib.import_module("gpurnn.backends.numpy_layernorm")
+    except ImportError:
+        return None
+
+
+NUMPY_REF = _numpy_reference()
+
+
+# ---------------------------------------------------------------- static compilation
+
+@pytest.fixture(scope="module")
+def rows():
+    return kcompile.check_kernels(ARCHS, "gpurnn.kernels.layernorm:specializations")
+
+
+@needs_ptxas
+def test_every_layernorm_kernel_compiles_for_every_arch_without_spills(rows):
+    names = {sp.name for sp in kernels.specializations()}
+    assert len(names) == 12
+    assert {(r.kernel, r.arch) for r in rows} == {(n, a) for n in names for a in ARCHS}
+    assert [(r.kernel, r.arch, r.error) for r in rows if r.error] == []
+    assert [(r.kernel, r.arch) for r in rows if r.spill_bytes or r.local_bytes] == []
+    for r in rows:
+        assert r.linked_cudadevrt == r.grid_sync == r.kind.startswith("persistent"), r.kernel
+
+
+@needs_ptxas
+def test_registers_within_the_plans_budget(rows):
+    for r in rows:
+        p = planning.plan(64, 512, 8, r.dtype, PROFILE[r.arch])
+        assert r.registers is not None and 0 < r.registers <= p.regs_per_thread, (r.kernel, r.arch)
+        assert r.registers <= KERNEL_REGS_MAX, (r.kernel, r.arch, r.registers)
+
+
+@needs_ptxas
+def test_static_plus_planned_dynamic_smem_fits_at_capacity(rows):
+    for r in rows:
+        if not r.kind.startswith("persistent"):
+            continue
+        dev = lstm_planning.device_profile(PROFILE[r.arch])
+        for batch in (1, 8):
+            h = planning.capacity(r.dtype, dev, batch=batch)
+            p = planning.plan(64, h, batch, r.dtype, dev)
+            assert p.persistent_fits
+            dyn = p.smem_bytes_fwd if r.kind == "persistent_fwd" else p.smem_bytes_bwd
+            assert r.static_smem + dyn <= dev.smem_per_block_optin, (r.kernel, r.arch, h, batch)
+
+
+# ---------------------------------------------------------------- the plan
+
+@pytest.mark.parametrize("device", ["H100", "A100"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_capacity_is_at_most_the_plain_lstms_and_is_an_edge(device, dtype):
+    for batch in (1, 8):
+        h = planning.capacity(dtype, device, batch)
+        lstm = lstm_planning.capacity("lstm", dtype, device, batch)
+        # the same weight slice; a few more elements per block (row statistics, cp)
+        assert 0.95 * lstm <= h <= lstm, (h, lstm)
+        assert planning.plan(64, h, batch, dtype, device).persistent_fits
+        assert not planning.plan(64, h + 1, batch, dtype, device).persistent_fits
+
+
+def test_plan_paths_reasons_and_traffic():
+    p = planning.plan(256, 512, 8, "float32", "H100")
+    assert p.persistent_fits and p.blocks <= p.max_cooperative_blocks
+    assert p.units_per_block == units_per_block(512, p.blocks)
+    assert p.smem_bytes_fwd == kernels.smem_bytes("fwd", 512, p.batch_tile, p.units_per_block,
+                                                  "float32", threads=p.threads)
+    assert p.smem_bytes_bwd == kernels.smem_bytes("bwd", 512, p.batch_tile, p.units_per_block,
+                                                  "float32", threads=p.threads)
+    assert any("two grid barriers per step" in r for r in p.reasons)
+    big = planning.plan(256, 4096, 8, "float32", "H100")
+    assert big.path == "stepwise" and not big.persistent_fits
+    assert any("opt-in limit" in r for r in big.reasons)
+    pers = planning.step_traffic(p, "persistent")
+    step = planning.step_traffic(p, "stepwise")
+    assert step["bytes"]["gemm read w_hh"] == 4 * 512 * 512 * 4
+    assert pers["dram_bytes"] < step["dram_bytes"] and pers["launches"] == 1
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        planning.plan(8, 8, 1, "float16", "H100")
+
+
+def test_step_model_counts_the_second_grid_barrier():
+    from gpurnn.planning import cost
+    p = planning.plan(256, 512, 8, "float32", "H100")
+    timing = cost.timing_for(p.device)
+    f = planning.search(512, 8, "float32", p.blocks_per_sm, p.device, p.threads)
+    for d in ("fwd", "bwd"):
+        ln = planning.persistent_step(d, 512, 8, 4, f, p.device, timing)
+        plain = cost.persistent_step(d, 4, 512, 8, 4, f.blocks, f.units, f.tile, 4, p.device,
+                                     timing)
+        assert ln.parts["barriers"] - plain.parts["barriers"] >= timing.grid_sync_s
+        assert ln.total > plain.total
+
+
+def test_smem_model():
+    for H, bt, U, threads in ((7, 3, 3, 32), (33, 2, 17, 64), (512, 8, 4, 256)):
+        wf, rest_f = kernels.smem_regions("fwd", H, bt, U, threads)
+        wb, rest_b = kernels.smem_regions("bwd", H, bt, U, threads)
+        assert 4 * U * H <= wf < 4 * U * (H + 32) and U * 4 * H <= wb < U * (4 * H + 32)
+        assert rest_f == bt * H + bt * 4 * U + threads + 2 * bt
+        assert rest_b == bt * 4 * H + threads + 2 * bt * U + 2 * bt
+
+
+# ---------------------------------------------------------------- the references
+
+def torch_reference(args, lengths, reverse, noise, cot, bias):
+    """Forward (y, h_n, c_n, saved) and backward (dx, dh0, dc0, grads) in float64 autograd,
+    written from gpurnn/layernorm.py's equations (not from the kernels)."""
+    import torch
+    f64 = torch.float64
+    P = {k: torch.tensor(np.asarray(v, np.float64), dtype=f64, requires_grad=True)
+         for k, v in args["params"].items()}
+    x = torch.tensor(np.asarray(args["x"], np.float64), requires_grad=True)
+    h0 = torch.tensor(np.asarray(args["h0"], np.float64), requires_grad=True)
+    c0 = torch.tensor(np.asarray(args["c0"], np.float64), requires_grad=True)
+    T, B, _ = x.shape
+    H = h0.shape[1]
+    L = [T] * B if lengths is None else list(lengths)
+    noise = noise or {}
+    nz = {k: torch.tensor(np.asarray(v, np.float64)) for k, v in noise.items()}
+
+    def ln(v, w, b):
+        m = v.mean(-1, keepdim=True)
+        r = 1.0 / torch.sqrt(((v - m) ** 2).mean(-1, keepdim=True) + EPS)
+        vh = (v - m) * r
+        return vh * w + b, vh, m[..., 0], r[..., 0]
+
+    h, c = h0, c0
+    hs = [None] * (T + 1)
+    cs = [None] * (T + 1)
+    hs[T if reverse else 0], cs[T if reverse else 0] = h0, c0
+    ys, gates, xhats, hhats, stats = [None] * T, [None] * T, [None] * T, [None] * T, [None] * T
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        act = torch.tensor([t < n for n in L])[:, None]
+        xl, xh, mx, rx = ln(x[t] @ P["weight_ih"].T, P["layernorm_x_weight"],
+                            P["layernorm_x_bias"])
+        hm = h * nz["recurrent"] if "recurrent" in nz else h
+        hl, hh, mh, rh = ln(hm @ P["weight_hh"].T, P["layernorm_h_weight"],
+                            P["layernorm_h_bias"])
+        z = xl + hl
+        if bias:
+            z = z + P["bias_ih"] + P["bias_hh"]
+        i, f = torch.sigmoid(z[:, :H]), torch.sigmoid(z[:, H:2 * H])
+        g, o = torch.tanh(z[:, 2 * H:3 * H]), torch.sigmoid(z[:, 3 * H:])
+        ct = f * c + i * g
+        cl, _, mc, rc = ln(ct, P["layernorm_c_weight"], P["layernorm_c_bias"])
+        hn = o * torch.tanh(cl)
+        if "zoneout_c" in nz:
+            ct = nz["zoneout_c"][t] * c + (1 - nz["zoneout_c"][t]) * ct
+        if "zoneout_h" in nz:
+            hn = nz["zoneout_h"][t] * h + (1 - nz["zoneout_h"][t]) * hn
+        c = torch.where(act, ct, c)
+        h = torch.where(act, hn, h)
+        ys[t] = torch.where(act, h, torch.zeros_like(h))
+        hs[t if reverse else t + 1], cs[t if reverse else t + 1] = h, c
+        gates[t] = torch.cat([i, f, g, o], 1)
+        xhats[t], hhats[t] = xh, hh
+        stats[t] = torch.stack([mx, rx, mh, rh, mc, rc], 1)
+    y = torch.stack(ys)
+    loss = ((y * torch.tensor(np.asarray(cot["dy"], np.float64))).sum()
+            + (h * torch.tensor(np.asarray(cot["dh_n"], np.float64))).sum()
+            + (c * torch.tensor(np.asarray(cot["dc_n"], np.float64))).sum())
+    loss.backward()
+    saved = tuple(torch.stack(a).detach().numpy() for a in (hs, cs, gates, xhats, hhats, stats))
+    out = (y.detach().numpy(), h.detach().numpy(), c.detach().numpy(), saved)
+    grads = (x.grad.numpy(), h0.grad.numpy(), c0.grad.numpy(),
+             {k: v.grad.numpy() for k, v in P.items()})
+    return out, grads
+
+
+def make_case(T, B, I, H, dtype, bias, seed, noise_kinds=()):
+    rng = np.random.default_rng(seed)
+
+    def rand(*shape):
+        return (0.5 * rng.standard_normal(shape)).astype(dtype)
+    params = {name: rand(*shape) for name, shape in LAYER.param_shapes(I, H, bias)}
+    for name in params:
+        if name.startswith("layernorm_") and name.endswith("_weight"):
+            params[name] = (1 + 0.3 * rng.standard_normal(params[name].shape)).astype(dtype)
+    args = dict(x=rand(T, B, I), params=params, h0=rand(B, H), c0=rand(B, H))
+    cot = dict(dy=rand(T, B, H), dh_n=rand(B, H), dc_n=rand(B, H))
+    noise = {}
+    if "recurrent" in noise_kinds:
+        noise["recurrent"] = (rng.random((B, H)) < 0.7).astype(dtype) / dtype(0.7)
+    if "zoneout_h" in noise_kinds:
+        noise["zoneout_h"] = (rng.random((T, B, H)) < 0.3).astype(dtype)
+    if "zoneout_c" in noise_kinds:
+        noise["zoneout_c"] = (rng.random((T, B, H)) < 0.4).astype(dtype)
+    if "eval" in noise_kinds:       # evaluation: both zoneout masks filled with p
+        noise["zoneout_h"] = np.full((T, B, H), 0.3, dtype)
+        noise["zoneout_c"] = np.full((T, B, H), 0.4, dtype)
+    return args, cot, noise or None
+
+
+def forward(rt, args, lengths, reverse, noise, options, need_saved=True):
+    return cuda_layernorm.run_forward(rt, args["x"], args["params"], args["h0"], args["c0"],
+                                      lengths, reverse, need_saved, noise, options)
+
+
+def backward(rt, args, saved, lengths, reverse, cot, noise, options):
+    return cuda_layernorm.run_backward(rt, args["x"], args["params"], saved, lengths, reverse,
+                                       cot["dy"], cot["dh_n"], cot["dc_n"], noise, options)
+
+
+def numpy_reference(args, lengths, reverse, noise, cot):
+    a = (args["x"], args["params"])
+    out = NUMPY_REF.layernorm_forward(*a, args["h0"], args["c0"], lengths, reverse, True,
+                                      noise=noise)
+    grads = NUMPY_REF.layernorm_backward(*a, out[3], lengths, reverse, cot["dy"], cot["dh_n"],
+                                         cot["dc_n"], noise=noise)
+    return out, grads
+
+
+def _active_mask(lengths, T, B):
+    if lengths is None:
+        return np.ones((T, B), bool)
+    return np.arange(T)[:, None] < np.asarray(lengths)[None, :]
+
+
+def assert_matches(out, grads, want, want_grads, dtype, lengths, what=""):
+    tol, gtol = TOL[dtype], GRAD_TOL[dtype]
+    for name, a, b in zip(("y", "h_n", "c_n"), out[:3], want[:3]):
+        assert a.dtype == np.dtype(dtype), name
+        assert_close(a, b, tol, what + name)
+    if out[3] is not None and want[3] is not None:
+        T, B = out[0].shape[:2]
+        act = _active_mask(lengths, T, B)
+        assert len(out[3]) == len(want[3]) == 6
+        for name, a, b in zip(SAVED, out[3], want[3]):
+            assert a.shape == b.shape, name
+            if name in ("h", "c"):
+                assert_close(a, b, tol, f"{what}saved {name}")
+            else:               # per-step values: compared where the step ran
+                assert_close(a[act], np.asarray(b)[act], tol, f"{what}saved {name}")
+    for name, a, b in zip(("dx", "dh0", "dc0"), grads[:3], want_grads[:3]):
+        assert a.dtype == np.dtype(dtype), name
+        assert_close(a, b, gtol, what + name)
+    assert set(grads[3]) == set(want_grads[3])
+    for name in want_grads[3]:
+        assert grads[3][name].shape == want_grads[3][name].shape, name
+        assert grads[3][name].dtype == np.dtype(dtype), name
+        assert_close(grads[3][name], want_grads[3][name], gtol, what + name)
+    if lengths is not None:
+        assert np.all(out[0][~_active_mask(lengths, *out[0].shape[:2])] == 0), "y at masked"
+
+
+# ---------------------------------------------------------------- parity
+
+# (T, B, I, H, P or "stepwise", lengths, reverse, bias, dtype, noise, threads, batch_tile)
+CASES = [
+    (3, 3, 4, 7, 3, [3, 1, 2], False, True, np.float32, (), None, None),          # U 3, 3, 1
+    (3, 1, 5, 33, 2, None, True, False, np.float64, ("zoneout_h", "zoneout_c"), None, None),
+    (2, 3, 3, 7, 6, [2, 0, 1], True, True, np.float64, ("recurrent",), None, None),  # idle
+    (3, 3, 4, 7, 2, [1, 3, 2], False, True, np.float32,
+     ("recurrent", "zoneout_h", "zoneout_c"), None, 2),                          # tiles 2+1
+    (1, 3, 3, 7, 2, [1, 0, 1], False, False, np.float32, ("eval",), None, None),  # T 1
+    (3, 1, 3, 7, 7, None, False, True, np.float64, ("zoneout_c",), 64, None),     # L 32/16
+    (3, 3, 4, 33, "stepwise", [3, 1, 2], True, True, np.float32,
+     ("recurrent", "zoneout_h"), None, None),
+    (2, 1, 3, 7, "stepwise", None, False, False, np.float64, (), None, None),
+    (3, 3, 3, 7, "stepwise", [2, 0, 3], False, True, np.float64,
+     ("recurrent", "zoneout_h", "zoneout_c"), None, None),
+]
+
+
+def _case_id(c):
+    T, B, I, H, P, lengths, reverse, bias, dtype, noise, threads, bt = c
+    return (f"T{T}-B{B}-H{H}-{'P%d' % P if P != 'stepwise' else 'stepwise'}"
+            f"{'-len' if lengths else ''}{'-rev' if reverse else ''}{'' if bias else '-nobias'}"
+            f"{''.join('-' + n for n in noise)}"
+            f"{'-threads%d' % threads if threads else ''}{'-tile%d' % bt if bt else ''}"
+            f"-{np.dtype(dtype).name}")
+
+
+def _options(P, threads=None, batch_tile=None):
+    opts = {"path": "stepwise"} if P == "stepwise" else {"path": "persistent", "blocks": P}
+    if threads:
+        opts["threads"] = threads
+    if batch_tile:
+        opts["batch_tile"] = batch_tile
+    return opts
+
+
+def test_cases_cover_paths_noise_lanes_tiles_and_idle_blocks():
+    seen = set()
+    for T, B, I, H, P, lengths, reverse, bias, dtype, noise, threads, bt in CASES:
+        path = "stepwise" if P == "stepwise" else ("P>1" if P > 1 else "P=1")
+        seen |= {(path, "len", bool(lengths)), (path, "rev", reverse), (path, "bias", bias),
+                 (path, np.dtype(dtype).name)}
+        seen |= {(path, n) for n in noise} | {(path, "noise", bool(noise))}
+        seen |= {("H", H), ("B", B)}
+        if P != "stepwise":
+            U, n, tile = units_per_block(H, P), threads or 32, bt or B
+            seen.add(("lanes fwd", lanes_per_output(tile * 4 * U, n) > 1))
+            seen.add(("lanes bwd", lanes_per_output(tile * U, n) > 1))
+            seen.add(("P divides H", H % P == 0))
+            if bt and B % bt:
+                seen.add("uneven tiles")
+            if P * U - H >= U:
+                seen.add("idle block")
+    for path in ("P>1", "stepwise"):
+        for key in ("len", "rev", "bias", "noise"):
+            assert {(path, key, True), (path, key, False)} <= seen, (path, key)
+        for dt in ("float32", "float64"):
+            assert (path, dt) in seen
+        for n in ("recurrent", "zoneout_h", "zoneout_c"):
+            assert (path, n) in seen
+    assert {("H", 7), ("H", 33), ("B", 1), ("B", 3), ("P divides H", False)} <= seen
+    assert {("lanes fwd", True), ("lanes fwd", False), ("lanes bwd", True),
+            ("lanes bwd", False), "uneven tiles", "idle block"} <= seen
+
+
+@pytest.mark.parametrize("T,B,I,H,P,lengths,reverse,bias,dtype,noise_kinds,threads,bt", CASES,
+                         ids=[_case_id(c) for c in CASES])
+def test_matches_the_reference(request, T, B, I, H, P, lengths, reverse, bias, dtype,
+                               noise_kinds, threads, bt):
+    seed = zlib.crc32(request.node.callspec.id.encode())
+    args, cot, noise = make_case(T, B, I, H, dtype, bias, seed, noise_kinds)
+    lengths = None if lengths is None else np.asarray(lengths, np.int64)
+    options = _options(P, threads, bt)
+    launches = []
+    sim.RUNTIME.launch_hook = launches.append
+    try:
+        with strict.record() as reports:
+            out = forward(sim.RUNTIME, args, lengths, reverse, noise, options)
+            grads = backward(sim.RUNTIME, args, out[3], lengths, reverse, cot, noise, options)
+    finally:
+        sim.RUNTIME.launch_hook = None
+    assert all(r.findings == [] for r in reports)
+    want, want_grads = torch_reference(args, lengths, reverse, noise, cot, bias)
+    assert_matches(out, grads, want, want_grads, dtype, lengths, "torch reference: ")
+    if NUMPY_REF is not None:
+        want, want_grads = numpy_reference(args, lengths, reverse, noise, cot)
+        assert_matches(out, grads, want, want_grads, dtype, lengths, "numpy_layernorm: ")
+    kinds = [d["kind"] for d in launches]
+    if P == "stepwise":
+        assert kinds == (["pointwise_fwd_gates", "pointwise_fwd_out"] * T
+                         + ["pointwise_bwd_c", "pointwise_bwd_gates"] * T)
+    else:
+        # one launch each way, P blocks, two grid barriers a step (2T+1 half-phases each way)
+        assert kinds == ["persistent_fwd", "persistent_bwd"]
+        assert [(d["blocks"], d["step_range"]) for d in launches] == [(P, (0, 2 * T + 1))] * 2
+        assert [(r.grid[0], r.grid_barriers) for r in reports] == [(P, 2 * T), (P, 2 * T)]
