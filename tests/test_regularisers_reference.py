@@ -13,6 +13,8 @@ LayerNormLSTM (gpurnn/backends/numpy_layernorm.py), checked against what they mu
 Objective of the gradient checks: L = sum(dy*y) + sum(dh*h_n) + sum(dc*c_n) with random dy, dh,
 dc, so the analytic gradient is the backward of (dy, dh, dc).
 """
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -451,6 +453,12 @@ def test_bad_options_and_noise_keys_are_value_errors(rng, cell):
     if not _has_c(cell):
         with pytest.raises(ValueError, match="zoneout_c"):
             _forward(cell, params, d, None, False, {"zoneout_c": np.zeros((T, B, H))})
+    bad = {**noise, "zoneout_x": noise["zoneout_h"]}
+    with pytest.raises(ValueError, match="zoneout_x"):
+        if cell == LN:
+            _backward(cell, params, d, saved, None, False, bad)
+        else:               # backward reads the noise the Reserve carries
+            _backward(cell, params, d, dataclasses.replace(saved, noise=bad), None, False, None)
     # {} is no options, as everywhere
     assert _forward(cell, params, d, None, False, noise, options={})[3] is not None
 

@@ -157,6 +157,7 @@ def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_rese
 
 def backward(reserve, dy, dh_n, dc_n, *, options=None):
     check_options(options)
+    check_noise(reserve.cell, getattr(reserve, "noise", None))
     if reserve.storage is None:
         return _backward(reserve, dy, dh_n, dc_n)
     grads = _backward(reserve, _widen(dy), _widen(dh_n), _widen(dc_n))
