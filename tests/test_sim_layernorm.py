@@ -392,3 +392,214 @@ def test_matches_the_reference(request, T, B, I, H, P, lengths, reverse, bias, d
         assert kinds == ["persistent_fwd", "persistent_bwd"]
         assert [(d["blocks"], d["step_range"]) for d in launches] == [(P, (0, 2 * T + 1))] * 2
         assert [(r.grid[0], r.grid_barriers) for r in reports] == [(P, 2 * T), (P, 2 * T)]
+
+
+@pytest.mark.parametrize("P", [3, "stepwise"])
+def test_nan_in_padded_inputs_reaches_no_gradient(P):
+    T, B, I, H = 3, 3, 4, 7
+    args, cot, noise = make_case(T, B, I, H, np.float32, True, 31, ("zoneout_h", "recurrent"))
+    lengths = np.array([3, 1, 0], np.int64)
+    clean = {**args, "x": args["x"].copy()}
+    for b, n in enumerate(lengths):
+        clean["x"][n:, b] = 0
+        args["x"][n:, b] = np.nan
+    options = _options(P)
+    with strict.record() as reports:
+        out = forward(sim.RUNTIME, args, lengths, False, noise, options)
+        grads = backward(sim.RUNTIME, args, out[3], lengths, False, cot, noise, options)
+    assert all(r.findings == [] for r in reports)
+    want, want_grads = torch_reference(clean, lengths, False, noise, cot, True)
+    for name, a, b in zip(("y", "h_n", "c_n"), out[:3], want[:3]):
+        assert_close(a, b, TOL[np.float32], name)
+    for name, a, b in zip(("dx", "dh0", "dc0"), grads[:3], want_grads[:3]):
+        assert_close(a, b, GRAD_TOL[np.float32], name)
+    for name, g in want_grads[3].items():
+        assert np.all(np.isfinite(grads[3][name])), name
+        assert_close(grads[3][name], g, GRAD_TOL[np.float32], name)
+
+
+@pytest.mark.parametrize("P", [2, "stepwise"])
+def test_inference_forward_keeps_nothing_and_matches(P):
+    args, cot, noise = make_case(3, 2, 3, 7, np.float32, True, 32, ("eval",))
+    lengths = np.array([3, 2], np.int64)
+    y, h_n, c_n, saved = forward(sim.RUNTIME, args, lengths, True, noise, _options(P),
+                                 need_saved=False)
+    want, _ = torch_reference(args, lengths, True, noise, cot, True)
+    assert saved is None
+    for name, a, b in zip(("y", "h_n", "c_n"), (y, h_n, c_n), want[:3]):
+        assert_close(a, b, TOL[np.float32], name)
+
+
+@pytest.mark.parametrize("P", [3, "stepwise"])
+def test_results_are_deterministic(P):
+    args, cot, noise = make_case(3, 3, 4, 7, np.float32, True, 33, ("zoneout_c",))
+    lengths = np.array([3, 1, 2], np.int64)
+    options = _options(P)
+    out = forward(sim.RUNTIME, args, lengths, False, noise, options)
+    again = forward(sim.RUNTIME, args, lengths, False, noise, options)
+    for a, b in zip(out[:3] + out[3], again[:3] + again[3]):
+        assert np.array_equal(a, b)
+    first = backward(sim.RUNTIME, args, out[3], lengths, False, cot, noise, options)
+    second = backward(sim.RUNTIME, args, out[3], lengths, False, cot, noise, options)
+    for a, b in zip(first[:3], second[:3]):
+        assert np.array_equal(a, b)
+    for name in first[3]:
+        assert np.array_equal(first[3][name], second[3][name]), name
+
+
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+def test_persistent_kernels_read_w_hh_once_per_launch(direction):
+    # persistence, measured: every element of W_hh is loaded from global memory once per
+    # launch, however many steps it runs; nothing writes it
+    for T in (2, 5):
+        args, cot, noise = make_case(T, 2, 3, 7, np.float32, True, 36)
+        opts = {"path": "persistent", "blocks": 3}
+        with strict.record() as reports:
+            out = forward(sim.RUNTIME, args, None, False, noise, opts)
+            if direction == "bwd":
+                backward(sim.RUNTIME, args, out[3], None, False, cot, noise, opts)
+        report = [r for r in reports if r.kernel == f"layernorm_lstm_persistent_{direction}_f32"]
+        assert len(report) == 1 and report[0].grid == (3, 1, 1)
+        reads = report[0].traffic["w_hh"].reads
+        assert reads.shape == args["params"]["weight_hh"].shape
+        assert (reads == 1).all(), reads
+        assert report[0].traffic["w_hh"].total_writes == 0
+
+
+def test_the_saved_tuple_of_either_path_feeds_the_other():
+    args, cot, noise = make_case(3, 3, 4, 7, np.float64, True, 37, ("recurrent", "zoneout_c"))
+    lengths = np.array([2, 3, 1], np.int64)
+    pers = forward(sim.RUNTIME, args, lengths, True, noise, _options(2))
+    step = forward(sim.RUNTIME, args, lengths, True, noise, _options("stepwise"))
+    g1 = backward(sim.RUNTIME, args, step[3], lengths, True, cot, noise, _options(3))
+    g2 = backward(sim.RUNTIME, args, pers[3], lengths, True, cot, noise, _options("stepwise"))
+    for a, b in zip(g1[:3], g2[:3]):
+        assert_close(a, b, GRAD_TOL[np.float64])
+    for name in g1[3]:
+        assert_close(g1[3][name], g2[3][name], GRAD_TOL[np.float64], name)
+
+
+def test_bad_noise_and_a_grid_the_plan_cannot_run_are_refused_before_launch():
+    args, _, _ = make_case(2, 1, 3, 7, np.float32, True, 35)
+    with pytest.raises(ValueError, match=r"options\['blocks'\]=100000: the persistent path cannot "
+                                         r"run layernorm_lstm .*cannot be co-resident"):
+        forward(sim.RUNTIME, args, None, False, None, {"path": "persistent", "blocks": 100000})
+    with pytest.raises(ValueError, match="unknown keys"):
+        forward(sim.RUNTIME, args, None, False, {"zoneout": np.zeros((2, 1, 7), np.float32)},
+                _options(2))
+    with pytest.raises(ValueError, match=r"noise\['recurrent'\] must have shape \(1, 7\)"):
+        forward(sim.RUNTIME, args, None, False, {"recurrent": np.ones((2, 7), np.float32)},
+                _options(2))
+
+
+# ---------------------------------------------------------------- mutants
+
+SOURCE = inspect.getsource(kernels)
+LINES = SOURCE.splitlines()
+BARRIER = re.compile(r"^\s*(cuda\.syncthreads\(\)|_grid_group_sync\(grid\))\s*(#.*)?$")
+BARRIER_LINES = [i for i, line in enumerate(LINES) if BARRIER.match(line)]
+# (T, B, H, P, threads, batch_tile): tiles with L = 1 and L > 1 forward and backward, one-unit
+# blocks at 16-32 lanes, idle blocks
+MUTANT_CASES = [
+    (3, 3, 7, 2, 32, 2),       # U 4, tiles 2+1: forward L 1, backward L 4
+    (3, 3, 33, 1, 32, 2),      # tiles with L 1 everywhere
+    (3, 3, 7, 7, 64, 2),       # U 1, tiles 2+1: forward L 8, backward L 32
+    (3, 1, 7, 7, 64, None),    # U 1: forward L 16, backward L 32
+    (2, 3, 7, 6, 32, None),    # blocks 4 and 5 own no unit
+]
+
+
+def test_the_source_has_the_barriers_the_docstring_promises():
+    kinds = [BARRIER.match(LINES[i]).group(1) for i in BARRIER_LINES]
+    assert kinds.count("_grid_group_sync(grid)") == 2          # one per persistent kernel
+    bwd_start = next(i for i, line in enumerate(LINES) if line.startswith("def make_bwd"))
+    in_fwd = [i for i in BARRIER_LINES if i < bwd_start]
+    # forward: phase 1 tail between tiles, row stats, staging, scratch, pre; phase 2 row stats,
+    # c~; grid. backward: phase A between tiles, row means, staging, scratch, cp; phase B row
+    # means, cp; grid.
+    assert len(in_fwd) == 7 + 1 and len(BARRIER_LINES) - len(in_fwd) == 7 + 1
+
+
+class MutantRuntime(SimRuntime):
+    """The strict sim backend with the LayerNormLSTM kernels taken from a rebuilt module."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def compile(self, spec):
+        if spec.cell != kernels.CELL:
+            return super().compile(spec)
+        factory = self.module._FACTORIES[spec.kind]
+        return strict.jit(factory(spec.dtype), name=spec.name)
+
+
+def _module(source, tag):
+    mod = types.ModuleType(f"gpurnn.kernels._layernorm_mutant_{tag}")
+    mod.__package__ = "gpurnn.kernels"
+    mod.__file__ = kernels.__file__
+    exec(compile(source, f"<layernorm.py {tag}>", "exec"), mod.__dict__)
+    return mod
+
+
+def _run_mutant_case(rt, case, seed):
+    T, B, H, P, threads, bt = case
+    args, cot, noise = make_case(T, B, 3, H, np.float32, True, seed,
+                                 ("recurrent", "zoneout_h", "zoneout_c") if seed % 2 else ())
+    lengths = np.arange(B, dtype=np.int64) % T + 1 if B > 1 else None
+    options = _options(P, threads, bt)
+    out = forward(rt, args, lengths, False, noise, options)
+    grads = backward(rt, args, out[3], lengths, False, cot, noise, options)
+    want, want_grads = torch_reference(args, lengths, False, noise, cot, True)
+    pairs = [("y", out[0], want[0]), ("c_n", out[2], want[2]), ("dx", grads[0], want_grads[0]),
+             ("dh0", grads[1], want_grads[1]), ("dc0", grads[2], want_grads[2])]
+    pairs += [(n, grads[3][n], want_grads[3][n]) for n in PARAMS]
+    for name, a, b in pairs:
+        if not np.allclose(a, b, rtol=1e-4, atol=1e-5):
+            return f"{name} differs from the reference"
+    return None
+
+
+def caught_by(source, tag):
+    rt = MutantRuntime(_module(source, tag))
+    for n, case in enumerate(MUTANT_CASES):
+        try:
+            wrong = _run_mutant_case(rt, case, seed=n)
+        except strict.SimulatorError as err:
+            return f"{case}: {type(err).__name__}: {str(err).splitlines()[0]}"
+        if wrong:
+            return f"{case}: {wrong}"
+    return None
+
+
+def test_unmutated_source_passes_every_mutant_case():
+    assert caught_by(SOURCE, "original") is None
+
+
+def _delete(line_no):
+    lines = list(LINES)
+    indent = lines[line_no][: len(lines[line_no]) - len(lines[line_no].lstrip())]
+    lines[line_no] = indent + "pass  # mutant: barrier deleted"
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("line_no", BARRIER_LINES,
+                         ids=[f"L{i + 1}-{LINES[i].split('#')[0].strip()}" for i in BARRIER_LINES])
+def test_deleting_any_barrier_is_caught(line_no):
+    found = caught_by(_delete(line_no), f"L{line_no + 1}")
+    assert found is not None, (f"deleting line {line_no + 1} ({LINES[line_no].strip()}) of "
+                               f"layernorm.py went unnoticed: redundant, or a gap in the checks")
+
+
+@pytest.mark.parametrize("kernel", ["fwd", "bwd"])
+def test_idle_blocks_returning_early_is_caught(kernel):
+    # `if nu == 0: return` after the unit slice of the chosen kernel: a GPU would hang at the
+    # next grid barrier, which the other blocks still reach
+    anchor = "u0, nu = _owned_units(units, H)"
+    hits = [i for i, line in enumerate(LINES) if line.strip() == anchor]
+    assert len(hits) == 2
+    i = hits[0 if kernel == "fwd" else 1]
+    indent = LINES[i][: len(LINES[i]) - len(LINES[i].lstrip())]
+    lines = LINES[: i + 1] + [indent + "if nu == 0:", indent + "    return"] + LINES[i + 1:]
+    found = caught_by("\n".join(lines) + "\n", f"early-return-{kernel}")
+    assert found is not None and "a GPU would hang here" in found, found

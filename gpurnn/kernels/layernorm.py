@@ -30,9 +30,10 @@ barriers per step (2T in a launch of all steps):
                     recurrent pre-activations of U_j's 4 gates (W_hh rows of U_j in shared
                     memory), kept in `pre` and written to hhat[t] -> block barrier -> one thread
                     per row: (S, M2) of its 4*|U_j| values -> part[0] -> GRID BARRIER
-  phase 2 (q odd)   one thread per batch row: mean_h, rstd_h from all of part[0]; for each unit
-                    of U_j: hhat, the gates, c~ (global buffer ctil), c_t with zoneout; (S, M2)
-                    of its |U_j| c~ -> part[1] -> GRID BARRIER
+  phase 2 (q odd)   per tile: one thread per row: mean_h, rstd_h from all of part[0] -> block
+                    barrier -> one thread per (b, u) of U_j: hhat, the gates, c~ (into `pre`
+                    and the global ctil), c_t with zoneout -> block barrier -> one thread per
+                    row: (S, M2) of its |U_j| c~ -> part[1] -> GRID BARRIER
   The tail q = 2T (phase 1 of s = T) only forms and writes the last step's h and y.
   Why two, not three: the h output of step t needs the c statistics of every block (barrier 2),
   and the next step's products need all of h_t; instead of a third barrier after h_t, every
@@ -50,9 +51,11 @@ barriers per step, the same idea turned round:
                     (cellmath bwd_c_unit: dz_o, dl, dchat, the zoneout-h direct carry) with
                     (dchat, dchat*chat) into `cp` -> block barrier -> one thread per row: its
                     sums -> part[1] (tail: dh0 = carry + mask * dh_rec only) -> GRID BARRIER
-  phase B (q odd)   one thread per row: m1, m2 of the c side from all of part[1]; for each
-                    unit: dc~ (LN-c backward), dz of i, f, g, dc carry (zoneout-c); the sums of
-                    dhhat = g_h dz and dhhat*hhat -> part[0] -> GRID BARRIER
+  phase B (q odd)   per tile: one thread per row: m1, m2 of the c side from all of part[1]
+                    -> block barrier -> one thread per (b, u): dc~ (LN-c backward), dz of i, f,
+                    g, the dc carry (zoneout-c), dhhat = g_h dz and dhhat*hhat of its 4
+                    features into `cp` -> block barrier -> one thread per row: the sums ->
+                    part[0] -> GRID BARRIER
 Weight and LN-parameter gradients, dx and the LN-x backward are the host's afterwards.
 
 Shared memory (smem_bytes, the one model the plan sizes by; all in the compute dtype):
@@ -65,12 +68,17 @@ and are added by lane 0 in lane order (deterministic, no atomics, no shuffles).
 Block barriers (per tile; every one reached by every thread of a block, loop bounds uniform
 per block): forward phase 1: after the row statistics (s > 0), after the staging, one in the
 dot product when L > 1, one before the row sums read `pre`, and in the tail one between tiles
-(the next tile's row statistics overwrite what this tile's outputs read); phase 2 none.
-Backward phase A: after the row means (has_next), after the staging, one in the dot product
-when L > 1 (has_next), one before the row sums read `cp` (s >= 0), and one between tiles
-where no staging barrier orders the next tile's `cp` writes after this tile's row sums (the
-first step taken, which stages nothing); phase B none. tests/test_sim_layernorm.py deletes
-each barrier in turn.
+(the next tile's row statistics overwrite what this tile's outputs read); phase 2: after the
+row statistics, before the row sums read `pre`. Backward phase A: after the row means
+(has_next), after the staging, one in the dot product when L > 1 (has_next), one before the
+row sums read `cp` (s >= 0), and one between tiles where no staging barrier orders the next
+tile's `cp` writes after this tile's row sums (the first step taken, which stages nothing);
+phase B: after the row means, before the row sums read `cp`. No other barrier is needed
+between tiles: each tile's first writes to a region come after a barrier that every reader of
+the previous tile's values has passed. tests/test_sim_layernorm.py deletes each barrier in
+turn.
+Registers: each phase recomputes its lane split and offsets (as the mLSTM kernels do); the
+per-unit math runs one thread per (b, u), not in a per-row loop.
 Stepwise path: the host's GEMM and h-side statistics per step and the pointwise kernels below
 (gates + c~; host c statistics; output h), backward the mirror (pointwise c-side; host c means;
 pointwise gate side; host da).
@@ -178,13 +186,7 @@ def make_fwd(dtype: str):
         j = cuda.blockIdx.x
         u0, nu = _owned_units(units, H)
         gu = 4 * units
-        lanes, groups = _lane_split(batch_tile * gu, stride)
-        lane = tid % lanes
-        row = _padded_row(H, lanes)
-        st_off = gu * row
-        pre_off = st_off + batch_tile * H
-        scr_off = pre_off + batch_tile * gu
-        rs_off = scr_off + stride
+        row = _padded_row(H, _lane_split(batch_tile * gu, stride)[0])
 
         for idx in range(tid, 4 * nu * H, stride):       # coalesced over the columns
             col = idx % H
@@ -202,6 +204,13 @@ def make_fwd(dtype: str):
                 # phase 1: h_{t-1} (the previous step's output) staged, the raw products
                 tp, tp_in, tp_out = step_times(T, s - 1, reverse)
                 tsp = tp * save
+                lanes, groups = _lane_split(batch_tile * gu, stride)
+                lane = tid % lanes
+                row = _padded_row(H, lanes)
+                st_off = gu * row
+                pre_off = st_off + batch_tile * H
+                scr_off = pre_off + batch_tile * gu
+                rs_off = scr_off + stride
                 for b0 in range(0, B, batch_tile):
                     nb = min(batch_tile, B - b0)
                     if s > 0:
@@ -276,23 +285,40 @@ def make_fwd(dtype: str):
                             part[0, j, b0 + tid, 1] = m2
             else:
                 # phase 2: LN of the products, the gates, c~ and c_t of the block's units
-                for b in range(tid, B, stride):
-                    mh, rh = row_stats(part, 0, b, units, 4, H)
-                    if j == 0 and save:
-                        stats[t, b, 2] = mh
-                        stats[t, b, 3] = rh
-                    tot = ZERO
-                    for k in range(nu):
-                        tot += gates_unit(gx, lnh, hhat, hhat, gates, c, ctil, zc, lengths, t,
-                                          ts, ts, t_in, t_out, b, u0 + k, mh, rh, noise, save)
-                    m2 = ZERO
-                    if nu > 0:
-                        mean = tot / DT(nu)
+                pre_off = 4 * units * _padded_row(H, _lane_split(batch_tile * 4 * units,
+                                                                 stride)[0]) + batch_tile * H
+                rs_off = pre_off + batch_tile * 4 * units + stride
+                for b0 in range(0, B, batch_tile):
+                    nb = min(batch_tile, B - b0)
+                    if tid < nb:
+                        mh, rh = row_stats(part, 0, b0 + tid, units, 4, H)
+                        smem[rs_off + 2 * tid] = mh
+                        smem[rs_off + 2 * tid + 1] = rh
+                        if j == 0 and save:
+                            stats[t, b0 + tid, 2] = mh
+                            stats[t, b0 + tid, 3] = rh
+                    cuda.syncthreads()
+                    for idx in range(tid, nb * nu, stride):
+                        bl = idx // nu
+                        k = idx % nu
+                        smem[pre_off + bl * units + k] = gates_unit(
+                            gx, lnh, hhat, hhat, gates, c, ctil, zc, lengths, t, ts, ts, t_in,
+                            t_out, b0 + bl, u0 + k, smem[rs_off + 2 * bl],
+                            smem[rs_off + 2 * bl + 1], noise, save)
+                    cuda.syncthreads()          # c~ of the tile complete before the row sums
+                    if tid < nb:
+                        p_at = pre_off + tid * units
+                        tot = ZERO
                         for k in range(nu):
-                            d = ctil[b, u0 + k] - mean
-                            m2 += d * d
-                    part[1, j, b, 0] = tot
-                    part[1, j, b, 1] = m2
+                            tot += smem[p_at + k]
+                        m2 = ZERO
+                        if nu > 0:
+                            mean = tot / DT(nu)
+                            for k in range(nu):
+                                d = smem[p_at + k] - mean
+                                m2 += d * d
+                        part[1, j, b0 + tid, 0] = tot
+                        part[1, j, b0 + tid, 1] = m2
             if q + 1 < q_end:
                 _grid_group_sync(grid)
 
@@ -429,24 +455,35 @@ def make_bwd(dtype: str):
                             part[1, j, b0 + tid, 1] = s2
             else:
                 # phase B: the LN-c backward, dz of i, f, g, the h-side sums
-                for b in range(tid, B, stride):
-                    s1 = ZERO
-                    s2 = ZERO
-                    for jj in range(P):                     # fixed block order
-                        s1 += part[1, jj, b, 0]
-                        s2 += part[1, jj, b, 1]
-                    m1 = s1 / DT(H)
-                    m2 = s2 / DT(H)
-                    r1 = ZERO
-                    r2 = ZERO
-                    for k in range(nu):
+                for b0 in range(0, B, batch_tile):
+                    nb = min(batch_tile, B - b0)
+                    if tid < nb:
+                        s1 = ZERO
+                        s2 = ZERO
+                        for jj in range(P):                 # fixed block order
+                            s1 += part[1, jj, b0 + tid, 0]
+                            s2 += part[1, jj, b0 + tid, 1]
+                        smem[rs_off + 2 * tid] = s1 / DT(H)
+                        smem[rs_off + 2 * tid + 1] = s2 / DT(H)
+                    cuda.syncthreads()
+                    for idx in range(tid, nb * nu, stride):
+                        bl = idx // nu
+                        k = idx % nu
                         e1, e2 = bwd_gates_unit(gates, c, stats, lnh, zc, hhat, dz, dchat,
-                                                dc_carry, lengths, t, t_in, b, u0 + k, m1, m2,
+                                                dc_carry, lengths, t, t_in, b0 + bl, u0 + k,
+                                                smem[rs_off + 2 * bl], smem[rs_off + 2 * bl + 1],
                                                 noise)
-                        r1 += e1
-                        r2 += e2
-                    part[0, j, b, 0] = r1
-                    part[0, j, b, 1] = r2
+                        smem[cp_off + 2 * (bl * units + k)] = e1
+                        smem[cp_off + 2 * (bl * units + k) + 1] = e2
+                    cuda.syncthreads()          # `cp` complete before the row sums read it
+                    if tid < nb:
+                        s1 = ZERO
+                        s2 = ZERO
+                        for k in range(nu):
+                            s1 += smem[cp_off + 2 * (tid * units + k)]
+                            s2 += smem[cp_off + 2 * (tid * units + k) + 1]
+                        part[0, j, b0 + tid, 0] = s1
+                        part[0, j, b0 + tid, 1] = s2
             if q + 1 < q_end:
                 _grid_group_sync(grid)
 
