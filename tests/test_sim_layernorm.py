@@ -3,10 +3,11 @@ gpurnn/backends/cuda_layernorm.py, plan gpurnn/planning/layernorm.py): static co
 sm_80 and sm_90, the strict simulator against a float64 reference with zero findings, and
 barrier-deletion mutants that must be caught.
 
-The reference is gpurnn.backends.numpy_layernorm where it exists; the test also carries its own
-float64 autograd reference written straight from gpurnn/layernorm.py's equations in torch
-(torch_reference), which every parity case is also checked against, so the kernels are measured
-against two independently written references when both are there.
+Two references, written independently of the kernels and of each other: the NumPy oracle
+gpurnn.backends.numpy_layernorm (the whole saved tuple, masked steps included, compared too) and
+a float64 torch autograd reference written here straight from gpurnn/layernorm.py's equations
+(torch_reference; the saved per-step values compared where the step ran). Every parity case is
+checked against both.
 The persistent kernels run with P > 1 blocks in ONE launch over all steps (the strict
 simulator's grid barrier is real); sizes are awkward (H 7 and 33, P not dividing H, a block
 that owns no unit, B 1 and 3, a length 0, unsorted lengths, bias=False, batch tiles).
@@ -268,7 +269,7 @@ def _active_mask(lengths, T, B):
     return np.arange(T)[:, None] < np.asarray(lengths)[None, :]
 
 
-def assert_matches(out, grads, want, want_grads, dtype, lengths, what=""):
+def assert_matches(out, grads, want, want_grads, dtype, lengths, what="", whole_saved=False):
     tol, gtol = TOL[dtype], GRAD_TOL[dtype]
     for name, a, b in zip(("y", "h_n", "c_n"), out[:3], want[:3]):
         assert a.dtype == np.dtype(dtype), name
@@ -279,7 +280,7 @@ def assert_matches(out, grads, want, want_grads, dtype, lengths, what=""):
         assert len(out[3]) == len(want[3]) == 6
         for name, a, b in zip(SAVED, out[3], want[3]):
             assert a.shape == b.shape, name
-            if name in ("h", "c"):
+            if name in ("h", "c") or whole_saved:
                 assert_close(a, b, tol, f"{what}saved {name}")
             else:               # per-step values: compared where the step ran
                 assert_close(a[act], np.asarray(b)[act], tol, f"{what}saved {name}")
@@ -382,7 +383,9 @@ def test_matches_the_reference(request, T, B, I, H, P, lengths, reverse, bias, d
     assert_matches(out, grads, want, want_grads, dtype, lengths, "torch reference: ")
     if NUMPY_REF is not None:
         want, want_grads = numpy_reference(args, lengths, reverse, noise, cot)
-        assert_matches(out, grads, want, want_grads, dtype, lengths, "numpy_layernorm: ")
+        # the same saved values at every step, masked ones included
+        assert_matches(out, grads, want, want_grads, dtype, lengths, "numpy_layernorm: ",
+                       whole_saved=True)
     kinds = [d["kind"] for d in launches]
     if P == "stepwise":
         assert kinds == (["pointwise_fwd_gates", "pointwise_fwd_out"] * T
@@ -409,6 +412,10 @@ def test_nan_in_padded_inputs_reaches_no_gradient(P):
         grads = backward(sim.RUNTIME, args, out[3], lengths, False, cot, noise, options)
     assert all(r.findings == [] for r in reports)
     want, want_grads = torch_reference(clean, lengths, False, noise, cot, True)
+    if NUMPY_REF is not None:       # the reference keeps padding's NaN out too
+        ref_out, ref_grads = numpy_reference(args, lengths, False, noise, cot)
+        for a, b in zip(ref_out[:3] + ref_grads[:3], want[:3] + want_grads[:3]):
+            assert_close(a, b, TOL[np.float32])
     for name, a, b in zip(("y", "h_n", "c_n"), out[:3], want[:3]):
         assert_close(a, b, TOL[np.float32], name)
     for name, a, b in zip(("dx", "dh0", "dc0"), grads[:3], want_grads[:3]):
@@ -477,6 +484,22 @@ def test_the_saved_tuple_of_either_path_feeds_the_other():
         assert_close(a, b, GRAD_TOL[np.float64])
     for name in g1[3]:
         assert_close(g1[3][name], g2[3][name], GRAD_TOL[np.float64], name)
+
+
+@pytest.mark.skipif(NUMPY_REF is None, reason="gpurnn.backends.numpy_layernorm not there yet")
+@pytest.mark.parametrize("P", [3, "stepwise"])
+def test_the_numpy_references_saved_tuple_feeds_the_kernels_backward(P):
+    args, cot, noise = make_case(3, 3, 4, 7, np.float64, False, 38, ("recurrent", "zoneout_h"))
+    lengths = np.array([3, 0, 2], np.int64)
+    want, want_grads = numpy_reference(args, lengths, True, noise, cot)
+    with strict.record() as reports:
+        grads = backward(sim.RUNTIME, args, want[3], lengths, True, cot, noise, _options(P))
+    assert all(r.findings == [] for r in reports)
+    for name, a, b in zip(("dx", "dh0", "dc0"), grads[:3], want_grads[:3]):
+        assert_close(a, b, GRAD_TOL[np.float64], name)
+    assert set(grads[3]) == set(want_grads[3])
+    for name in want_grads[3]:
+        assert_close(grads[3][name], want_grads[3][name], GRAD_TOL[np.float64], name)
 
 
 def test_bad_noise_and_a_grid_the_plan_cannot_run_are_refused_before_launch():
