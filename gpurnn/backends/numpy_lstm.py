@@ -251,7 +251,6 @@ def _backward(form, x, params, saved, lengths, reverse, dy, dh_n, dc_n):
     if mlstm:
         mx, mh = saved[3:5]
         w_mh = params["weight_mh"]
-        dm = np.empty((T, B, H), dtype)         # gradient of m_t
         dmh = np.empty((T, B, H), dtype)
     w_hh = params["weight_hh"]
     peep = _peepholes(form, params, H)
@@ -263,8 +262,14 @@ def _backward(form, x, params, saved, lengths, reverse, dy, dh_n, dc_n):
     else:
         dh_t = np.empty((B, R), dtype)
 
-    dgates = np.empty((T, B, GH), dtype)
+    # The gradients of x's projections side by side, [dgates | dmx] (mlstm: x W_ih^T and
+    # x W_mx^T), so that dx is one GEMM. dmx's columns hold dm (the gradient of m_t) until the
+    # loop is done.
+    dxw = np.empty((T, B, GH + (H if mlstm else 0)), dtype)
+    dgates = dxw[..., :GH]
     dg4 = dgates.reshape(T, B, G, H)
+    if mlstm:
+        dm = dxw[..., GH:]
     dh = np.array(dh_n, dtype=dtype, copy=True)
     dc = np.array(dc_n, dtype=dtype, copy=True)
     tmp = np.empty((B, H), dtype)
@@ -312,24 +317,31 @@ def _backward(form, x, params, saved, lengths, reverse, dy, dh_n, dc_n):
                 np.matmul(dgates[t], w_hh, out=dh)
             if idle is not None:
                 # masked steps copied the state through and output zeros
-                dgates[t, idle] = 0
+                dxw[t, idle] = 0
                 if mlstm:
-                    dm[t, idle] = 0
                     dmh[t, idle] = 0
                 if proj:
                     dh_all[t, idle] = 0
                 dh[idle] = carried_h
                 dc[idle] = carried_c
 
-    seen = _seen(lengths, T)
+    padded = None if lengths is None else np.arange(T)[:, None] >= lengths[None, :]   # (T, B)
     dg2 = dgates.reshape(TB, GH)
     x_seen = inputs_seen(x, lengths, np).reshape(TB, I)
-    dx = np.matmul(dg2, params["weight_ih"]).reshape(T, B, I)
+    if mlstm:
+        dmx = np.multiply(dm, mh, out=dm)              # mh (from h) is finite where dm = 0
+        dx = np.matmul(dxw.reshape(TB, GH + H),
+                       np.concatenate([params["weight_ih"], params["weight_mx"]]))
+    else:
+        dx = np.matmul(dg2, params["weight_ih"])
+    dx = dx.reshape(T, B, I)
     grads = {"weight_ih": np.matmul(dg2.T, x_seen)}
     if mlstm:
-        m_all = np.multiply(mx, mh)
-        if seen is not None:
-            m_all = np.where(seen, m_all, 0)         # padded x reached mx
+        grads["weight_mx"] = np.matmul(dmx.reshape(TB, H).T, x_seen)
+        grads["weight_mh"] = np.matmul(dmh.reshape(TB, H).T, h_in_all.reshape(TB, H))
+        m_all = np.multiply(mx, mh, out=dmh)           # dmh is spent: m_t, recomputed
+        if padded is not None:
+            m_all[padded] = 0                          # padded x reached mx
         grads["weight_hh"] = np.matmul(dg2.T, m_all.reshape(TB, H))
     else:
         grads["weight_hh"] = np.matmul(dg2.T, h_in_all.reshape(TB, R))
@@ -343,14 +355,9 @@ def _backward(form, x, params, saved, lengths, reverse, dy, dh_n, dc_n):
         dw.append(np.einsum("tbh,tbh->h", dg4[:, :, G - 1], c_out_all))
         grads["weight_ch"] = np.concatenate(dw)
     if proj:
-        if seen is not None:
-            h_raw_all = np.where(seen, h_raw_all, 0)   # padded x reached o
+        if padded is not None:
+            h_raw_all[padded] = 0                      # padded x reached o
         grads["weight_hr"] = np.matmul(dh_all.reshape(TB, R).T, h_raw_all.reshape(TB, H))
-    if mlstm:
-        dmx2 = np.multiply(dm, mh).reshape(TB, H)      # mh (from h) is finite where dm = 0
-        dx += np.matmul(dmx2, params["weight_mx"]).reshape(T, B, I)
-        grads["weight_mx"] = np.matmul(dmx2.T, x_seen)
-        grads["weight_mh"] = np.matmul(dmh.reshape(TB, H).T, h_in_all.reshape(TB, H))
     return dx, dh, dc, grads
 
 
