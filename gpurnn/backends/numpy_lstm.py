@@ -94,10 +94,13 @@ def _forward(form, x, params, h0, c0, lengths, reverse, need_saved):
     scale, shift = _gate_affine(form, H, dtype)
     x2 = x.reshape(T * B, I)
 
-    gx = np.matmul(x2, params["weight_ih"].T).reshape(T, B, GH)
+    # The input projection, with the halved sigmoid columns folded into W_ih and the bias
+    # (exact), lands in `gates` itself: each step adds its recurrent part and activates it in
+    # place (no second (T, B, G*H) array: fresh pages are slow to fault in).
+    gates = np.empty((T, B, GH), dtype)
+    np.matmul(x2, (params["weight_ih"] * scale[:, None]).T, out=gates.reshape(T * B, GH))
     if "bias_ih" in params:
-        gx += params["bias_ih"] + params["bias_hh"]
-    gx *= scale
+        gates += (params["bias_ih"] + params["bias_hh"]) * scale
     # (R or H, G*H), halved sigmoid columns; a new array, never a view of the caller's weights
     w_hh_t = np.multiply(params["weight_hh"].T, scale, out=np.empty((R, GH), dtype))
     peep = _peepholes(form, params, H, factor=0.5)
@@ -119,8 +122,6 @@ def _forward(form, x, params, h0, c0, lengths, reverse, need_saved):
     c = np.empty((T + 1, B, H), dtype)
     h[T if rev else 0] = h0
     c[T if rev else 0] = c0
-    gates = np.empty((T, B, GH), dtype) if need_saved else None
-    step_gates = np.empty((B, GH), dtype)
     rec = np.empty((B, GH), dtype)
     tmp = np.empty((B, H), dtype)
     tmp2 = np.empty((B, 2, H), dtype)
@@ -139,8 +140,8 @@ def _forward(form, x, params, h0, c0, lengths, reverse, need_saved):
             np.matmul(m, w_hh_t, out=rec)
         else:
             np.matmul(h_in, w_hh_t, out=rec)
-        a = gates[t] if gates is not None else step_gates
-        np.add(rec, gx[t], out=a)
+        a = gates[t]
+        np.add(a, rec, out=a)
         a3 = a.reshape(B, G, H)
         i, g, o = a3[:, gi], a3[:, gg], a3[:, G - 1]
         if peep is None:
