@@ -230,6 +230,10 @@ class FeedbackStack:
         if np.dtype(x.dtype).name not in DTYPES:
             raise TypeError(f"x has dtype {x.dtype}; the gated-feedback cells run in {DTYPES}")
 
+    def _own(self, params):
+        """This stack's parameters out of `params` (the reference names any that are missing)."""
+        return {n: params[n] for n, _ in self.param_shapes() if n in params}
+
     def _masks(self, masks):
         masks = list(masks) if masks else []
         return masks if any(m is not None for m in masks) else None
@@ -246,7 +250,7 @@ class FeedbackStack:
         mod = _backend(run)
         masks = self._masks(masks)
         y, h_n, c_n, saved = mod.feedback_forward(
-            self.cell, x, {n: params[n] for n, _ in self.param_shapes()}, h0, c0, run.lengths,
+            self.cell, x, self._own(params), h0, c0, run.lengths,
             masks, run.need_saved, options=run.options if run.backend == "numpy" else None)
         keep = None
         if run.need_saved:
@@ -263,7 +267,7 @@ class FeedbackStack:
         self.check_states(x, (dh_n, dc_n), ("dh_n", "dc_n"))
         mod = _backend(run)
         return mod.feedback_backward(
-            self.cell, x, {n: params[n] for n, _ in self.param_shapes()}, saved.saved[0],
+            self.cell, x, self._own(params), saved.saved[0],
             run.lengths, self._masks(saved.masks), dy, dh_n, dc_n,
             options=run.options if run.backend == "numpy" else None)
 

@@ -550,6 +550,8 @@ def test_the_stack_checks_its_arguments(rng):
         st.forward(run, d["x"], params, d["h0"][:1])
     with pytest.raises(TypeError, match="c0 has dtype"):
         st.forward(run, d["x"], params, d["h0"], d["c0"].astype(np.float32))
+    with pytest.raises(ValueError, match="missing.*weight_gx_l1"):
+        st.forward(run, d["x"], {k: v for k, v in params.items() if k != "weight_gx_l1"})
     saved = st.forward(run, d["x"], params)[3]
     with pytest.raises(ValueError, match="dy has shape"):
         st.backward(run, saved, params, d["dy"][:, :, :2])
