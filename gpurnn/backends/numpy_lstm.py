@@ -22,8 +22,12 @@ Masked steps (t >= lengths[b]) copy h and c through and output exact zeros; what
 holds (NaN) stays out of every gradient (the weight GEMMs read zeroed copies of padded x, mx*mh
 and o*tanh(c)). Nothing given is written into: backward can be re-run on the same saved tuple.
 
-Import through gpurnn.backends.numpy (which re-exports lstm_forward and lstm_backward); this
-module reads that one's helpers at its end, so either may be imported first.
+Few big arrays: fresh pages are slow to fault in, at these sizes as slow as the extra FLOPs of
+a variant, so the input projection is formed in the saved gates and activated there, and
+backward keeps the gradients of x's projections side by side in one buffer.
+
+gpurnn.backends.numpy re-exports lstm_forward and lstm_backward; this module reads that one's
+helpers at its end, so either may be imported first.
 """
 from __future__ import annotations
 
