@@ -2,6 +2,7 @@
 of gpurnn/feedback.py) and FeedbackStack, checked against what they must agree with:
   - float64 central finite differences of every gradient (every parameter, x, h0, c0) of every
     GF cell, L = 1, 2, 3, with lengths (a full-length and a 0-length row) and dropout masks;
+  - the forward against the paper's formulas written out one sequence, step and gate at a time;
   - the reduction: only U^{j->j} on, weight_gx = weight_gh = 0 and beta = 50 (every gate 1) is
     the plain stacked cell of gpurnn.stack.Stack (outputs and gradients, to 1e-12);
   - NaN in padded steps, read-only arguments, backward twice on one saved tuple, the saved
@@ -138,6 +139,76 @@ def test_a_zero_length_row_passes_its_states_through(rng, cell):
         assert np.array_equal(r["dc0"][:, 1], d["dc"][:, 1])
     assert not r["dx"][:, 1].any() and not r["dx"][2:, 2].any()
     assert r["dx"][:, 0].any() and r["dx"][:2, 2].all()
+
+
+# ---- the forward, written out as the paper's formulas ------------------------------------------
+def _sig(a):
+    return 1 / (1 + np.exp(-a))
+
+
+def _naive_forward(cell, params, d, lengths, L):
+    """y, h_n, c_n one sequence, one step, one layer and one gate pair at a time, every gate
+    and sum spelled out (gpurnn/feedback.py's formulas), nothing shared with the reference."""
+    x, masks = d["x"], d["masks"]
+    h = [[d["h0"][j, b].copy() for j in range(L)] for b in range(B)]
+    c = [[d["c0"][j, b].copy() for j in range(L)] for b in range(B)] if cell == "gf_lstm" else None
+    y = np.zeros((T, B, H))
+    p = lambda n, j: params[f"{n}_l{j}"]  # noqa: E731
+    for b in range(B):
+        for t in range(T if lengths is None else lengths[b]):
+            prev = [v.copy() for v in h[b]]
+            h_star = np.concatenate(prev)
+            below = x[t, b]
+            for j in range(L):
+                if j > 0 and masks is not None:
+                    below = below * masks[j - 1][t, b]
+                fb = np.zeros(H)
+                for i in range(L):
+                    g = _sig(p("weight_gx", j)[i] @ below + p("weight_gh", j)[i] @ h_star
+                             + p("bias_g", j)[i])
+                    fb += g * (p("weight_fb", j)[:, i * H:(i + 1) * H] @ prev[i])
+                W, bi, bh = p("weight_ih", j), p("bias_ih", j), p("bias_hh", j)
+                rows = lambda a, q: a[q * H:(q + 1) * H]  # noqa: E731
+                pre = lambda q: rows(W, q) @ below + rows(bi, q)  # noqa: E731
+                if cell == "gf_rnn_tanh":
+                    new = np.tanh(pre(0) + bh + fb)
+                elif cell == "gf_rnn_relu":
+                    new = np.maximum(pre(0) + bh + fb, 0)
+                elif cell == "gf_gru":
+                    U = p("weight_hh", j)
+                    r = _sig(pre(0) + rows(bh, 0) + rows(U, 0) @ prev[j])
+                    z = _sig(pre(1) + rows(bh, 1) + rows(U, 1) @ prev[j])
+                    n = np.tanh(pre(2) + r * (fb + rows(bh, 2)))
+                    new = (1 - z) * n + z * prev[j]
+                else:
+                    U = p("weight_hh", j)                           # rows i, f, o
+                    i_ = _sig(pre(0) + rows(bh, 0) + rows(U, 0) @ prev[j])
+                    f_ = _sig(pre(1) + rows(bh, 1) + rows(U, 1) @ prev[j])
+                    g_ = np.tanh(pre(2) + rows(bh, 2) + fb)
+                    o_ = _sig(pre(3) + rows(bh, 3) + rows(U, 2) @ prev[j])
+                    c[b][j] = f_ * c[b][j] + i_ * g_
+                    new = o_ * np.tanh(c[b][j])
+                h[b][j] = new
+                below = new
+            y[t, b] = h[b][L - 1]
+    h_n = np.array([[h[b][j] for b in range(B)] for j in range(L)])
+    c_n = None if c is None else np.array([[c[b][j] for b in range(B)] for j in range(L)])
+    return y, h_n, c_n
+
+
+@pytest.mark.parametrize("L", [1, 2, 3])
+@pytest.mark.parametrize("cell", CELLS)
+def test_the_forward_is_the_papers_formulas(rng, cell, L):
+    lengths = np.array([T, 0, 2], np.int64)
+    params, d = _draw(rng, cell, L)
+    y, h_n, c_n, _ = _forward(cell, params, d, lengths)
+    want = _naive_forward(cell, params, d, lengths, L)
+    for what, got, expected in zip(STATES, (y, h_n, c_n), want):
+        if expected is None:
+            assert got is None
+            continue
+        err = rel_err(got, expected)
+        assert err <= 1e-12, f"{cell} L={L}: {what} differs from the formulas by {err:.2e}"
 
 
 # ---- the reduction to the plain stacked cell ----------------------------------------------------
