@@ -23,7 +23,7 @@ from .arrays import Call, check_dtype, cupy, host_copy, kind_of, lengths_array
 from .backends import BACKENDS, check_options
 from .cells import rnn_cell
 from .kernels.dtypes import numpy_dtype
-from .stack import Run, Stack, draw_noise, split_states
+from .stack import Run, draw_noise, make_stack, split_states
 from .variants import lstm_form
 
 _SEED_TYPES = (np.random.Generator, np.random.BitGenerator, np.random.SeedSequence)
@@ -46,8 +46,8 @@ class RNNBase:
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, *, dtype="float32", backend="auto", seed=None,
                  device="cpu", zoneout=None, recurrent_dropout=0.0):
-        self._stack = Stack(self.cell, input_size, hidden_size, num_layers, bias, dropout,
-                            bidirectional, zoneout, recurrent_dropout)
+        self._stack = make_stack(self.cell, input_size, hidden_size, num_layers, bias, dropout,
+                                 bidirectional, zoneout, recurrent_dropout)
         dtype = numpy_dtype(dtype)      # float32, float64, float16 or bfloat16 (ml_dtypes)
         if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
             raise ValueError(f"backend must be one of {('auto',) + BACKENDS}; got {backend!r}")
@@ -211,7 +211,7 @@ class RNNBase:
         if len(x.shape) != 3:
             raise ValueError(f"x must have 3 dimensions ({'(B, T, I)' if self.batch_first else '(T, B, I)'}); "
                              f"got shape {tuple(x.shape)}")
-        h0, c0 = split_states(self.cell, hx)
+        h0, c0 = split_states(self._stack.layer.cell, hx)
         names = ("h0", "c0") if self._stack.layer.cell.has_cell_state else ("hx",)
         call = self._call({"x": x, names[0]: h0, **({names[1]: c0} if len(names) > 1 else {})},
                           self.backend)
@@ -273,7 +273,7 @@ class RNNBase:
         if dy is None:
             raise TypeError(f"dy must be an array of the shape of y = {want}; got None (pass "
                             f"zeros where the loss does not depend on y)")
-        dh, dc = split_states(self.cell, dhx, names=("dh_n", "dc_n", "dhx"))
+        dh, dc = split_states(self._stack.layer.cell, dhx, names=("dh_n", "dc_n", "dhx"))
         names = ("dh_n", "dc_n") if self._stack.layer.cell.has_cell_state else ("dhx",)
         call = self._call({"dy": dy, names[0]: dh, **({names[1]: dc} if len(names) > 1 else {})},
                           run.backend)
@@ -320,6 +320,29 @@ class LayerNormLSTM(RNNBase):
     torch.nn.LSTM's parameters plus layernorm_{x,h,c}_{weight,bias}_l{k} (LN weights start
     at 1, biases at 0); float32 and float64. Takes zoneout= and recurrent_dropout= as LSTM."""
     cell = "layernorm_lstm"
+
+
+class GFLSTM(RNNBase):
+    """The gated-feedback LSTM (Chung et al. 2015; gpurnn.feedback): every layer's candidate
+    sees every layer's previous state through learned global reset gates. Unidirectional;
+    returns y of the top layer, (h_n, c_n) (L, B, H); float32 and float64."""
+    cell = "gf_lstm"
+
+
+class GFGRU(RNNBase):
+    """The gated-feedback GRU (gpurnn.feedback); returns y of the top layer and h_n (L, B, H)."""
+    cell = "gf_gru"
+
+
+class GFRNN(RNNBase):
+    """The gated-feedback Elman RNN (gpurnn.feedback), nonlinearity 'tanh' or 'relu'."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+                 batch_first=False, dropout=0.0, bidirectional=False, **kwargs):
+        self.cell = "gf_" + rnn_cell(nonlinearity)
+        self.nonlinearity = nonlinearity
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, **kwargs)
 
 
 class MLSTM(RNNBase):

@@ -30,7 +30,7 @@ from .arrays import check_dtype, check_shape
 from .backends import Reserve, get_backend, reserve_dtypes
 
 __all__ = ["Stack", "Run", "Saved", "Layer", "KernelLayer", "register", "layer_of", "LAYERS",
-           "split_states", "draw_noise"]
+           "split_states", "draw_noise", "make_stack"]
 
 
 @dataclass
@@ -416,13 +416,25 @@ def draw_noise(specs, uniform, fill, cast):
     return out
 
 
-def split_states(cell, hx, names=("h0", "c0", "hx")):
+def make_stack(cell, input_size, hidden_size, num_layers=1, bias=True, dropout=0.0,
+                bidirectional=False, zoneout=None, recurrent_dropout=0.0):
+    """The stack core of `cell`: a Stack of layers, or, for the gated-feedback cells whose
+    layers cannot run one at a time (gpurnn.feedback), a FeedbackStack with the same interface."""
+    if isinstance(cell, str) and cell.startswith("gf_"):
+        from .feedback import FeedbackStack
+        return FeedbackStack(cell, input_size, hidden_size, num_layers, bias, dropout,
+                             bidirectional, zoneout, recurrent_dropout)
+    return Stack(cell, input_size, hidden_size, num_layers, bias, dropout, bidirectional,
+                 zoneout, recurrent_dropout)
+
+
+def split_states(facts, hx, names=("h0", "c0", "hx")):
     """(h, c) from torch.nn's hx: a tuple (h, c) for cells with a cell state, else one array.
-    `names` are what the messages call the arguments (backward passes its own). Shapes are
-    checked by the stack; this only checks the form."""
+    `facts` is the cell's gpurnn.cells.Cell (a stack's `layer.cell`); `names` are what the
+    messages call the arguments (backward passes its own). Shapes are checked by the stack;
+    this only checks the form."""
     if hx is None:
         return None, None
-    facts = layer_of(cell).cell
     if facts.has_cell_state:
         if not isinstance(hx, (tuple, list)) or len(hx) != 2:
             raise TypeError(f"{names[2]} for {facts.torch_class} must be a tuple ({names[0]}, "

@@ -41,10 +41,10 @@ from . import torchops  # noqa: F401  (registers torch.ops.gpurnn.*)
 from .arrays import resolve
 from .backends import BACKENDS
 from .cells import rnn_cell
-from .stack import Stack, draw_noise
+from .stack import draw_noise, make_stack
 from .variants import lstm_form as _lstm_form
 
-__all__ = ["LSTM", "GRU", "RNN", "MLSTM", "LayerNormLSTM"]
+__all__ = ["LSTM", "GRU", "RNN", "MLSTM", "LayerNormLSTM", "GFLSTM", "GFGRU", "GFRNN"]
 
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -71,8 +71,8 @@ class RNNBase(nn.Module):
                  dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None,
                  backend="auto", *, zoneout=None, recurrent_dropout=0.0):
         super().__init__()
-        stack = Stack(self.cell, input_size, hidden_size, num_layers, bias, dropout, bidirectional,
-                      zoneout, recurrent_dropout)
+        stack = make_stack(self.cell, input_size, hidden_size, num_layers, bias, dropout,
+                           bidirectional, zoneout, recurrent_dropout)
         if proj_size != 0 and stack.state_width != proj_size:
             raise ValueError(f"proj_size is only for LSTM (gpurnn.torch.LSTM); got "
                              f"proj_size={proj_size!r} for {type(self).__name__}")
@@ -289,6 +289,32 @@ class LayerNormLSTM(RNNBase):
     parameters plus layernorm_{x,h,c}_{weight,bias}_l{k}; zoneout= and recurrent_dropout=."""
     cell = "layernorm_lstm"
     mode = "LSTM"
+
+
+class GFLSTM(RNNBase):
+    """The gated-feedback LSTM (gpurnn.feedback) as a torch module; unidirectional; returns the
+    top layer's output and (h_n, c_n) of every layer."""
+    cell = "gf_lstm"
+    mode = "LSTM"
+
+
+class GFGRU(RNNBase):
+    """The gated-feedback GRU (gpurnn.feedback) as a torch module."""
+    cell = "gf_gru"
+    mode = "GRU"
+
+
+class GFRNN(RNNBase):
+    """The gated-feedback Elman RNN (gpurnn.feedback), nonlinearity 'tanh' or 'relu'."""
+    mode = "RNN"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+                 batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None,
+                 backend="auto"):
+        self.cell = "gf_" + rnn_cell(nonlinearity)
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, 0, device, dtype, backend)
+        self.nonlinearity = nonlinearity
 
 
 class MLSTM(RNNBase):

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .arrays import Call, lengths_array, torch_stream
-from .stack import Run, Stack, layer_of
+from .stack import Run, make_stack
 
 __all__ = ["stack_forward", "stack_backward"]
 
@@ -37,7 +37,7 @@ __all__ = ["stack_forward", "stack_backward"]
 @functools.lru_cache(maxsize=256)
 def _stack(cell, input_size, hidden_size, num_layers, bias, bidirectional):
     # dropout arrives as masks, so the stack itself runs with dropout 0
-    return Stack(cell, input_size, hidden_size, num_layers, bias, 0.0, bidirectional)
+    return make_stack(cell, input_size, hidden_size, num_layers, bias, 0.0, bidirectional)
 
 
 def _torch_dtype(dt):
@@ -164,7 +164,7 @@ def _setup_context(ctx, inputs, output):
     ctx.noise_keys = noise_keys
     ctx.has_states = (h0 is not None, c0 is not None)
     ctx.counts = (len(weights), len(masks), len(noise))
-    ctx.has_c = layer_of(static[0]).cell.has_cell_state
+    ctx.has_c = _stack(*ctx.static[:6]).layer.cell.has_cell_state
     saved = output[3:] if ctx.keep else []
     ctx.save_for_backward(x, lengths, *weights, *masks, *noise, *saved)
 
