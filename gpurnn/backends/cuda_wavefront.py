@@ -186,10 +186,13 @@ def _rows(xp, a, l, B):
 
 
 def run_stack_forward(rt, cell, x, layers, h0, c0, lengths, need_saved, options):
-    xp = rt.xp
-    T, B, _ = x.shape
-    L = len(layers)
     st = _stack_forward(rt, cell, x, layers, h0, c0, lengths, need_saved, options)
+    return _forward_results(rt.xp, cell, st, x, len(layers), need_saved)
+
+
+def _forward_results(xp, cell, st, x, L, need_saved):
+    """run_stack_forward's results from the stacked arrays of the launch."""
+    T, B, _ = x.shape
     sdt = x.dtype
     outputs = [_rows(xp, st.y, l, B) for l in range(L)]
     h_n = st.h[T].reshape(L, B, -1).copy()
@@ -266,12 +269,15 @@ def _stack_backward(rt, cell, x, layers, saved, lengths, dy, dh_n, dc_n, options
 
 
 def run_stack_backward(rt, cell, x, layers, saved, lengths, dy, dh_n, dc_n, options):
-    xp = rt.xp
+    st = _stack_backward(rt, cell, x, layers, saved, lengths, dy, dh_n, dc_n, options)
+    return _backward_results(rt.xp, cell, st, x, layers, saved, lengths)
+
+
+def _backward_results(xp, cell, st, x, layers, saved, lengths):
+    """run_stack_backward's results: the weight-gradient GEMMs after the launch."""
     T, B, I = x.shape
-    L = len(layers)
     dtype = np.dtype(x.dtype).name
     sdt, cdt = x.dtype, np.dtype(COMPUTE[dtype])
-    st = _stack_backward(rt, cell, x, layers, saved, lengths, dy, dh_n, dc_n, options)
     reserves, outputs = saved
     grads = []
     dx = None
