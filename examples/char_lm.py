@@ -16,7 +16,8 @@ are random windows of the rest, drawn from a generator seeded by (seed, step), s
 sees exactly the batches an uninterrupted one would.
 
 `--cell` picks gpurnn's recurrent cell (lstm, layernorm_lstm, mlstm, lstm_peephole, cifg,
-cifg_peephole); `--zoneout P_H P_C` and `--recurrent-dropout P` its regularisers (gpurnn.layernorm).
+cifg_peephole, and the gated-feedback gf_lstm, gf_gru); `--zoneout P_H P_C` and
+`--recurrent-dropout P` its regularisers (gpurnn.layernorm).
 
 The pieces (`load_text`, `Corpus`, `build_model`, `batch_at`, `train`, checkpoints, `sample`)
 are importable; tests/test_char_lm.py trains both implementations side by side.
@@ -96,7 +97,8 @@ def batch_at(ids, step, seq_len, batch, seed):
 
 
 # ---- model -----------------------------------------------------------------------------------
-CELLS = ("lstm", "layernorm_lstm", "mlstm", "lstm_peephole", "cifg", "cifg_peephole")
+CELLS = ("lstm", "layernorm_lstm", "mlstm", "lstm_peephole", "cifg", "cifg_peephole", "gf_lstm",
+         "gf_gru")
 
 
 def _recurrent(impl, cell, zoneout, recurrent_dropout):
@@ -115,7 +117,8 @@ def _recurrent(impl, cell, zoneout, recurrent_dropout):
                "mlstm": (gpurnn.torch.MLSTM, {}),
                "lstm_peephole": (gpurnn.torch.LSTM, {"peephole": True}),
                "cifg": (gpurnn.torch.LSTM, {"coupled": True}),
-               "cifg_peephole": (gpurnn.torch.LSTM, {"coupled": True, "peephole": True})}
+               "cifg_peephole": (gpurnn.torch.LSTM, {"coupled": True, "peephole": True}),
+               "gf_lstm": (gpurnn.torch.GFLSTM, {}), "gf_gru": (gpurnn.torch.GFGRU, {})}
     if cell not in classes:
         raise ValueError(f"cell must be one of {CELLS}; got {cell!r}")
     rnn, kw = classes[cell]
