@@ -324,6 +324,16 @@ def test_backward_is_deterministic_and_none_cotangents_are_zero():
     assert not zeros[0].any() and not zeros[1].any()
 
 
+def test_none_initial_states_are_zeros():
+    args, _ = make_case("lstm", 3, 1, 4, 7, 2, np.float32, True, 9)
+    opts = _options(2, 32, None)
+    a = (RT, "lstm", args["x"], args["layers"])
+    got = wf.run_stack_forward(*a, None, None, None, False, opts)
+    z = np.zeros_like(args["h0"])
+    want = wf.run_stack_forward(*a, z, z, None, False, opts)
+    assert all(np.array_equal(g, w) for g, w in zip(got[:3], want[:3]))
+
+
 def test_weights_are_read_once_per_launch():
     # persistence, measured: every element of the stacked W_hh and W_ih is loaded from global
     # memory once per launch (per layer that holds it), whatever T is
@@ -449,8 +459,10 @@ def test_choose_says_which_and_why():
     assert s.choice == "wavefront" and s.wavefront_s is None
 
 
-def test_the_table_has_every_row():
-    text = planning.table()
+def test_the_table_has_every_row(capsys):
+    planning.print_table()
+    text = capsys.readouterr().out.strip()
+    assert text == planning.table()
     rows = [line.split() for line in text.splitlines()[2:]]
     assert len(rows) == 2 * 2 * 3
     assert {(r[0], r[1], r[2]) for r in rows} == {

@@ -23,6 +23,7 @@ Entry points:
         -> (dx, dh0 (L, B, H), dc0 | None, [per-layer grads {weight_ih, weight_hh, bias_ih,
         bias_hh}]); saved = (reserves, outputs) of the forward
 layers: per layer a dict {weight_ih, weight_hh, bias_ih?, bias_hh?} (torch's names, no suffix).
+h0, c0 (L, B, H) or None (zeros); dy, dh_n, dc_n may be None (zeros).
 options: {"blocks": P per layer, "threads", "batch_tile"} (and "path": "persistent" only);
 the rest from gpurnn.planning.wavefront.fit. Backward plans again from the same options.
 _stack_forward / _stack_backward return everything the kernels wrote (the stacked gx, dy, dgh,
@@ -160,11 +161,11 @@ def _stack_forward(rt, cell, x, layers, h0, c0, lengths, need_saved, options):
     # fwd_unit adds b_rec[2H+u] to GRU's n gate: the kernel adds each layer's b_hn itself
     b_rec = xp.zeros(GH if cell == "gru" else 1, cdt)
     h = xp.empty((T + 1, L * B, H), sdt)
-    h[0] = xp.asarray(h0).reshape(L * B, H)
+    h[0] = 0 if h0 is None else xp.asarray(h0).reshape(L * B, H)
     c = xp.zeros((1, 1, 1), cdt)
     if has_cell_state(cell):
         c = xp.empty((T + 1, L * B, H), cdt)
-        c[0] = xp.asarray(c0).reshape(L * B, H).astype(cdt, copy=False)
+        c[0] = 0 if c0 is None else xp.asarray(c0).reshape(L * B, H).astype(cdt, copy=False)
     save = 1 if (S and need_saved) else 0
     gates = xp.empty((T, L * B, S * H), sdt) if save else xp.zeros((1, 1, 1), sdt)
     y = xp.empty((T, L * B, H), sdt)

@@ -75,12 +75,15 @@ from numba import cuda, int32, void
 from . import cellmath
 from ..cells import CELLS, GATES
 from .cellmath import NUMBA_COMPUTE, NUMBA_STORAGE, codec
-from .dtypes import ITEMSIZE, NP_COMPUTE, SHORT, STORAGE
+from .dtypes import ITEMSIZE, NP_COMPUTE, SHORT
 from .layout import KernelSpec, lanes_per_output, padded_row
 from .persistent import _grid_group_sync, _lane_split, _padded_row, _this_grid
 
 KINDS = ("wavefront_fwd", "wavefront_bwd")
-DTYPES = STORAGE
+# float32 / float64 only. The kernels are written for 16-bit storage too (LOAD / STORE of
+# cellmath.codec), but untested in the simulator, and GRU's 16-bit forward needs 191 (sm_80) /
+# 199 (sm_90) registers, over layout.KERNEL_REGS_MAX: not offered until both are addressed.
+DTYPES = ("float32", "float64")
 WAVEFRONT_CELLS = CELLS          # lstm, gru, rnn_tanh, rnn_relu
 
 

@@ -269,7 +269,7 @@ def table(device="H100", steps=128, cell="lstm", dtype="float32", layers=(2, 4),
           hiddens=(256, 512), batches=(1, 8, 64), input_size=None) -> str:
     """The predicted microseconds per sequence (T = steps, forward + backward, and forward)
     of the wavefront and of per-layer launches on `device`:
-    `python -c "from gpurnn.planning import wavefront; print(wavefront.table())"`."""
+    `python -c "from gpurnn.planning import wavefront; wavefront.print_table()"`."""
     lines = [f"{cell} {dtype} on {device}, T={steps}, predicted us per sequence "
              f"(model, unmeasured): fwd+bwd (fwd)",
              f"{'L':>2} {'H':>5} {'B':>4} {'P/layer':>8} {'wavefront':>20} {'per-layer':>20} "
@@ -286,5 +286,10 @@ def table(device="H100", steps=128, cell="lstm", dtype="float32", layers=(2, 4),
     return "\n".join(lines)
 
 
+def print_table(device="H100", steps=128, **kwargs) -> None:
+    """Print table(): LSTM L = 2/4, H = 256/512, B = 1/8/64 on the H100 profile by default."""
+    print(table(device, steps, **kwargs))
+
+
 __all__ = ["WavefrontFit", "fit", "capacity", "stage_time", "predict", "choose", "Choice",
-           "table"]
+           "table", "print_table"]
