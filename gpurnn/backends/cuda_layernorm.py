@@ -107,25 +107,39 @@ def _phase_ranges(rt, blocks, n):
 
 
 def _noise(xp, noise, T, B, H, dt):
-    """(bit mask, rmask (B, H) | (1, 1), zh (T, B, H) | (1, 1, 1), zc likewise) from `noise`."""
+    """(bit mask, rmask (B, H) | (1, 1), zone (2, T, B, H) [zoneout_h; zoneout_c] | (2, 1, 1, 1))
+    from `noise` (an absent zoneout mask's half of zone is zeros and its bit is off)."""
     noise = {} if noise is None else noise
     unknown = sorted(set(noise) - set(NOISE_KEYS), key=str)
     if unknown:
         raise ValueError(f"noise has unknown keys {unknown}; expected a subset of {NOISE_KEYS}")
-    bits = 0
-    out = []
-    for key, bit, shape in (("recurrent", LN_REC, (B, H)), ("zoneout_h", LN_ZH, (T, B, H)),
-                            ("zoneout_c", LN_ZC, (T, B, H))):
+    masks = {}
+    for key, shape in (("recurrent", (B, H)), ("zoneout_h", (T, B, H)), ("zoneout_c", (T, B, H))):
         a = noise.get(key)
-        if a is None:
-            out.append(xp.zeros((1,) * len(shape), dt))
-            continue
-        a = xp.ascontiguousarray(xp.asarray(a, dtype=dt))
-        if a.shape != shape:
-            raise ValueError(f"noise[{key!r}] must have shape {shape}; got {a.shape}")
-        bits |= bit
-        out.append(a)
-    return (bits, *out)
+        if a is not None:
+            a = xp.asarray(a, dtype=dt)
+            if a.shape != shape:
+                raise ValueError(f"noise[{key!r}] must have shape {shape}; got {a.shape}")
+            masks[key] = a
+    bits = ((LN_REC if "recurrent" in masks else 0) | (LN_ZH if "zoneout_h" in masks else 0)
+            | (LN_ZC if "zoneout_c" in masks else 0))
+    rmask = (xp.ascontiguousarray(masks["recurrent"]) if "recurrent" in masks
+             else xp.zeros((1, 1), dt))
+    if bits & (LN_ZH | LN_ZC):
+        zone = xp.zeros((2, T, B, H), dt)
+        for i, key in enumerate(("zoneout_h", "zoneout_c")):
+            if key in masks:
+                zone[i] = masks[key]
+    else:
+        zone = xp.zeros((2, 1, 1, 1), dt)
+    return bits, rmask, zone
+
+
+def _ln_params(xp, params, dt):
+    """lnp (2, 5H): [layernorm_h_weight, layernorm_c_weight; layernorm_h_bias, layernorm_c_bias]."""
+    return xp.ascontiguousarray(xp.stack([
+        xp.concatenate([params["layernorm_h_weight"], params["layernorm_c_weight"]]),
+        xp.concatenate([params["layernorm_h_bias"], params["layernorm_c_bias"]])]), dtype=dt)
 
 
 def _row_stats(xp, a):
@@ -155,7 +169,7 @@ def run_forward(rt, x, params, h0, c0, lengths, reverse, need_saved, noise, opti
     dt = x.dtype
     rev = 1 if reverse else 0
     cfg = choose_launch(I, H, B, dtype, rt.device, options, rt.name)
-    bits, rmask, zh, zc = _noise(xp, noise, T, B, H, dt)
+    bits, rmask, zone = _noise(xp, noise, T, B, H, dt)
 
     xg = xp.matmul(x.reshape(T * B, I), w_ih.T).reshape(T, B, GH)
     mean_x, rstd_x = _row_stats(xp, xg)
@@ -164,10 +178,7 @@ def run_forward(rt, x, params, h0, c0, lengths, reverse, need_saved, noise, opti
     if b_ih is not None:
         gx += b_ih + b_hh
     gx = xp.ascontiguousarray(gx, dtype=dt)
-    lnh = xp.ascontiguousarray(xp.stack([params["layernorm_h_weight"],
-                                         params["layernorm_h_bias"]]), dtype=dt)
-    lnc = xp.ascontiguousarray(xp.stack([params["layernorm_c_weight"],
-                                         params["layernorm_c_bias"]]), dtype=dt)
+    lnp = _ln_params(xp, params, dt)
     h = xp.empty((T + 1, B, H), dt)
     c = xp.empty((T + 1, B, H), dt)
     h[T if rev else 0] = h0
@@ -191,8 +202,8 @@ def run_forward(rt, x, params, h0, c0, lengths, reverse, need_saved, noise, opti
         w_hh_c = xp.ascontiguousarray(w_hh)
         for q_range in _phase_ranges(rt, cfg.blocks, 2 * T + 1):
             _launch_persistent(rt, "persistent_fwd", dtype, cfg, smem,
-                               (gx, w_hh_c, lnh, lnc, rmask, zh, zc, h, c, gates, hhat, stats, y,
-                                ctil, part, lengths_k, rev, q_range[0], q_range[1], U, save, bt,
+                               (gx, w_hh_c, lnp, rmask, zone, h, c, gates, hhat, stats, y, ctil,
+                                part, lengths_k, rev, q_range[0], q_range[1], U, save, bt,
                                 bits), q_range)
     else:
         w_hh_t = xp.ascontiguousarray(w_hh.T)
@@ -210,7 +221,7 @@ def run_forward(rt, x, params, h0, c0, lengths, reverse, need_saved, noise, opti
                 stats[t, :, 2] = mean_h
                 stats[t, :, 3] = rstd_h
             _launch_pointwise(rt, "pointwise_fwd_gates", dtype, n, cfg.threads,
-                              (gx, lnh, ah, hhat, gates, c, ctil, zc, rowstat, lengths_k, rev, s,
+                              (gx, lnp, ah, hhat, gates, c, ctil, zone, rowstat, lengths_k, rev, s,
                                save, bits), s)
             mean_c, rstd_c = _row_stats(xp, ctil)
             rowstat[:, 0] = mean_c
@@ -219,7 +230,7 @@ def run_forward(rt, x, params, h0, c0, lengths, reverse, need_saved, noise, opti
                 stats[t, :, 4] = mean_c
                 stats[t, :, 5] = rstd_c
             _launch_pointwise(rt, "pointwise_fwd_out", dtype, n, cfg.threads,
-                              (gates, ctil, h, y, lnc, zh, rowstat, lengths_k, rev, s, save,
+                              (gates, ctil, h, y, lnp, zone, rowstat, lengths_k, rev, s, save,
                                bits), s)
 
     h_n = h[0 if rev else T].copy()
@@ -242,11 +253,8 @@ def run_backward(rt, x, params, saved, lengths, reverse, dy, dh_n, dc_n, noise, 
     dt = x.dtype
     rev = 1 if reverse else 0
     cfg = choose_launch(I, H, B, dtype, rt.device, options, rt.name)
-    bits, rmask, zh, zc = _noise(xp, noise, T, B, H, dt)
-    lnh = xp.ascontiguousarray(xp.stack([params["layernorm_h_weight"],
-                                         params["layernorm_h_bias"]]), dtype=dt)
-    lnc = xp.ascontiguousarray(xp.stack([params["layernorm_c_weight"],
-                                         params["layernorm_c_bias"]]), dtype=dt)
+    bits, rmask, zone = _noise(xp, noise, T, B, H, dt)
+    lnp = _ln_params(xp, params, dt)
 
     dz = xp.empty((T, B, GH), dt)
     da = xp.empty((T, B, GH), dt)
@@ -268,8 +276,8 @@ def run_backward(rt, x, params, saved, lengths, reverse, dy, dh_n, dc_n, noise, 
         smem = kernels.smem_bytes("bwd", H, bt, U, dtype, threads=cfg.threads)
         for q_range in _phase_ranges(rt, cfg.blocks, 2 * T + 1):
             _launch_persistent(rt, "persistent_bwd", dtype, cfg, smem,
-                               (w_hh_c, lnh, lnc, rmask, zh, zc, c, gates, hhat, stats, dy, dz,
-                                da, dl, dchat, dh_carry, dc_carry, part, lengths_k, rev,
+                               (w_hh_c, lnp, rmask, zone, c, gates, hhat, stats, dy, dz, da,
+                                dl, dchat, dh_carry, dc_carry, part, lengths_k, rev,
                                 q_range[0], q_range[1], U, bt, bits), q_range)
         dh0 = dh_carry
     else:
@@ -277,7 +285,7 @@ def run_backward(rt, x, params, saved, lengths, reverse, dy, dh_n, dc_n, noise, 
         cprod = xp.empty((B, H), dt)
         rowstat = xp.empty((B, 2), dt)
         n = B * H
-        g_h = lnh[0]
+        g_h = params["layernorm_h_weight"]
         for s in range(T - 1, -1, -1):
             t = T - 1 - s if rev else s
             if s + 1 < T:
@@ -285,12 +293,12 @@ def run_backward(rt, x, params, saved, lengths, reverse, dy, dh_n, dc_n, noise, 
                 if bits & LN_REC:
                     dhrec *= rmask
             _launch_pointwise(rt, "pointwise_bwd_c", dtype, n, cfg.threads,
-                              (gates, c, stats, lnc, zh, dy, dhrec, dh_carry, dz, dl, dchat,
+                              (gates, c, stats, lnp, zone, dy, dhrec, dh_carry, dz, dl, dchat,
                                cprod, lengths_k, rev, s, bits), s)
             rowstat[:, 0] = dchat.mean(axis=1)
             rowstat[:, 1] = cprod.mean(axis=1)
             _launch_pointwise(rt, "pointwise_bwd_gates", dtype, n, cfg.threads,
-                              (gates, c, stats, lnh, zc, hhat, dz, dchat, dc_carry, rowstat,
+                              (gates, c, stats, lnp, zone, hhat, dz, dchat, dc_carry, rowstat,
                                lengths_k, rev, s, bits), s)
             dhh = g_h * dz[t]
             m1 = dhh.mean(axis=1, keepdims=True)

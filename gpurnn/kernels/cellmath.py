@@ -299,32 +299,32 @@ LN_REC, LN_ZH, LN_ZC = 1, 2, 4
 def make_layernorm(dtype: str):
     """(gates_unit, out_unit, bwd_c_unit, bwd_gates_unit, stage_da) for dtype (float32/64).
 
-    gates_unit(gx, lnh, ah, hhat, gates, c, ctil, zc, lengths, t, ta, ts, t_in, t_out, b, u,
-               mean_h, rstd_h, noise, save) -> c~
+    gates_unit(gx, lnp, ah, hhat, gates, c, ctil, zone, lengths, t, ta, ts, t_in, t_out, b,
+               u, mean_h, rstd_h, noise, save) -> c~
         hhat_g = (ah[ta, b, g*H+u] - mean_h) * rstd_h (stored at hhat[ts] when save);
-        z_g = gx[t, b, g*H+u] + lnh[0, g*H+u] * hhat_g + lnh[1, g*H+u]; writes the activated
+        z_g = gx[t, b, g*H+u] + lnp[0, g*H+u] * hhat_g + lnp[1, g*H+u]; writes the activated
         gates at gates[ts], c~ = f*c_in + i*g at ctil[b, u] and c[t_out, b, u] (zoneout_c
         applied; c_in on a masked step).
-    out_unit(gates, ctil, h, lnc, zh, lengths, t, ts, t_in, b, u, mean_c, rstd_c, noise) -> h_t
-        o * tanh(lnc[0,u] * (c~ - mean_c) * rstd_c + lnc[1,u]) with zoneout_h; h_in on a masked
+    out_unit(gates, ctil, h, lnp, zone, lengths, t, ts, t_in, b, u, mean_c, rstd_c, noise) -> h_t
+        o * tanh(g_c[u] * (c~ - mean_c) * rstd_c + b_c[u]) with zoneout_h; h_in on a masked
         step. Writes nothing.
-    bwd_c_unit(gates, c, stats, lnc, zh, dy, dh_carry, dz, dl, lengths, t, t_in, b, u, dH,
+    bwd_c_unit(gates, c, stats, lnp, zone, dy, dh_carry, dz, dl, lengths, t, t_in, b, u, dH,
                noise) -> (dchat, chat): dH = dL/dh_t without dy (added here on an active
         step); writes dz[t, b, 3H+u] (o), dl[t, b, u] = dL/dLN(c~)
         and dh_carry[b, u] (the direct part: zoneout's d_h*dH, all of dH on a masked step).
-    bwd_gates_unit(gates, c, stats, lnh, zc, hhat, dz, dchat, dc_carry, lengths, t, t_in, b,
+    bwd_gates_unit(gates, c, stats, lnp, zone, hhat, dz, dchat, dc_carry, lengths, t, t_in, b,
                    u, m1, m2, noise) -> (sum_g dhhat_g, sum_g dhhat_g * hhat_g)
         the c-side LN backward dc~ = rstd_c * (dchat - m1 - chat*m2) (m1, m2: the row means of
         dchat and dchat*chat over H) plus the carried dc; writes dz[t, b, g*H+u] of i, f, g
-        (o read back), dc_carry[b, u]; dhhat = lnh[0] * dz.
-    stage_da(dz, hhat, lnh, stats, lengths, t, b, f, m1, m2) -> dL/d(h W_hh^T)[b, f]
-        rstd_h * (lnh[0,f]*dz - m1 - hhat*m2) (m1, m2: the row means over 4H); 0 if masked.
+        (o read back), dc_carry[b, u]; dhhat = lnp[0] * dz.
+    stage_da(dz, hhat, lnp, stats, lengths, t, b, f, m1, m2) -> dL/d(h W_hh^T)[b, f]
+        rstd_h * (lnp[0,f]*dz - m1 - hhat*m2) (m1, m2: the row means over 4H); 0 if masked.
     """
     DT = NP_COMPUTE[dtype]
     ZERO, HALF, ONE = DT(0), DT(0.5), DT(1)
 
     @cuda.jit(device=True, inline=True)
-    def gates_unit(gx, lnh, ah, hhat, gates, c, ctil, zc, lengths, t, ta, ts, t_in, t_out, b,
+    def gates_unit(gx, lnp, ah, hhat, gates, c, ctil, zone, lengths, t, ta, ts, t_in, t_out, b,
                    u, mean_h, rstd_h, noise, save):
         H = c.shape[2]
         n0 = (ah[ta, b, u] - mean_h) * rstd_h
@@ -336,10 +336,10 @@ def make_layernorm(dtype: str):
             hhat[ts, b, H + u] = n1
             hhat[ts, b, 2 * H + u] = n2
             hhat[ts, b, 3 * H + u] = n3
-        z0 = gx[t, b, u] + lnh[0, u] * n0 + lnh[1, u]
-        z1 = gx[t, b, H + u] + lnh[0, H + u] * n1 + lnh[1, H + u]
-        z2 = gx[t, b, 2 * H + u] + lnh[0, 2 * H + u] * n2 + lnh[1, 2 * H + u]
-        z3 = gx[t, b, 3 * H + u] + lnh[0, 3 * H + u] * n3 + lnh[1, 3 * H + u]
+        z0 = gx[t, b, u] + lnp[0, u] * n0 + lnp[1, u]
+        z1 = gx[t, b, H + u] + lnp[0, H + u] * n1 + lnp[1, H + u]
+        z2 = gx[t, b, 2 * H + u] + lnp[0, 2 * H + u] * n2 + lnp[1, 2 * H + u]
+        z3 = gx[t, b, 3 * H + u] + lnp[0, 3 * H + u] * n3 + lnp[1, 3 * H + u]
         i = HALF * math.tanh(HALF * z0) + HALF
         f = HALF * math.tanh(HALF * z1) + HALF
         gg = math.tanh(z2)
@@ -355,26 +355,26 @@ def make_layernorm(dtype: str):
         if t < lengths[b]:
             c_out = ct
             if noise & LN_ZC:
-                d = zc[t, b, u]
+                d = zone[1, t, b, u]
                 c_out = d * c_in + (ONE - d) * ct
         c[t_out, b, u] = c_out
         return ct
 
     @cuda.jit(device=True, inline=True)
-    def out_unit(gates, ctil, h, lnc, zh, lengths, t, ts, t_in, b, u, mean_c, rstd_c, noise):
+    def out_unit(gates, ctil, h, lnp, zone, lengths, t, ts, t_in, b, u, mean_c, rstd_c, noise):
         H = h.shape[2]
         h_in = h[t_in, b, u]
         if t >= lengths[b]:
             return h_in
-        v = lnc[0, u] * ((ctil[b, u] - mean_c) * rstd_c) + lnc[1, u]
+        v = lnp[0, 4 * H + u] * ((ctil[b, u] - mean_c) * rstd_c) + lnp[1, 4 * H + u]
         hn = gates[ts, b, 3 * H + u] * math.tanh(v)
         if noise & LN_ZH:
-            d = zh[t, b, u]
+            d = zone[0, t, b, u]
             hn = d * h_in + (ONE - d) * hn
         return hn
 
     @cuda.jit(device=True, inline=True)
-    def bwd_c_unit(gates, c, stats, lnc, zh, dy, dh_carry, dz, dl, lengths, t, t_in, b, u, dH,
+    def bwd_c_unit(gates, c, stats, lnp, zone, dy, dh_carry, dz, dl, lengths, t, t_in, b, u, dH,
                    noise):
         H = c.shape[2]
         if t >= lengths[b]:
@@ -388,21 +388,21 @@ def make_layernorm(dtype: str):
         gg = gates[t, b, 2 * H + u]
         o = gates[t, b, 3 * H + u]
         chat = (f * c[t_in, b, u] + i * gg - stats[t, b, 4]) * stats[t, b, 5]
-        th = math.tanh(lnc[0, u] * chat + lnc[1, u])
+        th = math.tanh(lnp[0, 4 * H + u] * chat + lnp[1, 4 * H + u])
         dhn = dH
         direct = ZERO
         if noise & LN_ZH:
-            d = zh[t, b, u]
+            d = zone[0, t, b, u]
             dhn = (ONE - d) * dH
             direct = d * dH
         dh_carry[b, u] = direct
         dz[t, b, 3 * H + u] = dhn * th * (o * (ONE - o))
         dlv = dhn * o * (ONE - th * th)
         dl[t, b, u] = dlv
-        return dlv * lnc[0, u], chat
+        return dlv * lnp[0, 4 * H + u], chat
 
     @cuda.jit(device=True, inline=True)
-    def bwd_gates_unit(gates, c, stats, lnh, zc, hhat, dz, dchat, dc_carry, lengths, t, t_in, b,
+    def bwd_gates_unit(gates, c, stats, lnp, zone, hhat, dz, dchat, dc_carry, lengths, t, t_in, b,
                        u, m1, m2, noise):
         H = c.shape[2]
         if t >= lengths[b]:
@@ -419,7 +419,7 @@ def make_layernorm(dtype: str):
         dC = dc_carry[b, u]
         dct = rstd_c * (dchat[b, u] - m1 - chat * m2)
         if noise & LN_ZC:
-            d = zc[t, b, u]
+            d = zone[1, t, b, u]
             dct += (ONE - d) * dC
             dc_carry[b, u] = d * dC + f * dct
         else:
@@ -432,18 +432,18 @@ def make_layernorm(dtype: str):
         dz[t, b, u] = d0
         dz[t, b, H + u] = d1
         dz[t, b, 2 * H + u] = d2
-        e0 = lnh[0, u] * d0
-        e1 = lnh[0, H + u] * d1
-        e2 = lnh[0, 2 * H + u] * d2
-        e3 = lnh[0, 3 * H + u] * d3
+        e0 = lnp[0, u] * d0
+        e1 = lnp[0, H + u] * d1
+        e2 = lnp[0, 2 * H + u] * d2
+        e3 = lnp[0, 3 * H + u] * d3
         s2 = (e0 * hhat[t, b, u] + e1 * hhat[t, b, H + u] + e2 * hhat[t, b, 2 * H + u]
               + e3 * hhat[t, b, 3 * H + u])
         return e0 + e1 + e2 + e3, s2
 
     @cuda.jit(device=True, inline=True)
-    def stage_da(dz, hhat, lnh, stats, lengths, t, b, f, m1, m2):
+    def stage_da(dz, hhat, lnp, stats, lengths, t, b, f, m1, m2):
         if t >= lengths[b]:
             return ZERO
-        return stats[t, b, 3] * (lnh[0, f] * dz[t, b, f] - m1 - hhat[t, b, f] * m2)
+        return stats[t, b, 3] * (lnp[0, f] * dz[t, b, f] - m1 - hhat[t, b, f] * m2)
 
     return gates_unit, out_unit, bwd_c_unit, bwd_gates_unit, stage_da

@@ -154,9 +154,11 @@ def make_fwd(dtype: str):
     Arguments (C-contiguous compute-dtype arrays, none aliasing another):
       gx      (T, B, 4H)  g_x*xhat + b_x (+ b_ih + b_hh); read only
       w_hh    (4H, H)     read only, rows of U_j once per launch
-      lnh     (2, 4H)     [layernorm_h_weight; layernorm_h_bias]; lnc (2, H) the c side's
+      lnp     (2, 5H)     [layernorm_h_weight, layernorm_c_weight; the two biases] (one array:
+                          fewer kernel parameters held in registers)
       rmask   (B, H)      recurrent-dropout mask (noise & LN_REC), else a (1, 1) placeholder
-      zh, zc  (T, B, H)   zoneout masks (noise & LN_ZH / LN_ZC), else (1, 1, 1) placeholders
+      zone    (2, T, B, H) the zoneout masks [zoneout_h; zoneout_c] (read where noise & LN_ZH /
+                          LN_ZC), else a (2, 1, 1, 1) placeholder
       h, c    (T+1, B, H) h0, c0 at [0] (forward) / [T] (reverse) on entry; written
       gates, hhat (Tg, B, 4H), stats (Tg, B, 6)  Tg = T when save (the saved arrays; stats
                           [:, :, 0:2] are the host's), else 1: one step's working copy
@@ -174,8 +176,8 @@ def make_fwd(dtype: str):
     gates_unit, out_unit, _, _, _ = make_layernorm(dtype)
     row_stats = _row_stats_fn(dtype)
 
-    def kernel(gx, w_hh, lnh, lnc, rmask, zh, zc, h, c, gates, hhat, stats, y, ctil, part,
-               lengths, reverse, q_begin, q_end, units, save, batch_tile, noise):
+    def kernel(gx, w_hh, lnp, rmask, zone, h, c, gates, hhat, stats, y, ctil, part, lengths,
+               reverse, q_begin, q_end, units, save, batch_tile, noise):
         grid = _this_grid()
         smem = cuda.shared.array(0, dtype=SMEM_TYPE)
         T = gx.shape[0]
@@ -229,7 +231,7 @@ def make_fwd(dtype: str):
                         u = idx % H
                         b = b0 + bl
                         if s > 0:
-                            hv = out_unit(gates, ctil, h, lnc, zh, lengths, tp, tsp, tp_in, b, u,
+                            hv = out_unit(gates, ctil, h, lnp, zone, lengths, tp, tsp, tp_in, b, u,
                                           smem[rs_off + 2 * bl], smem[rs_off + 2 * bl + 1],
                                           noise)
                             if u >= u0 and u < u0 + nu:
@@ -268,19 +270,25 @@ def make_fwd(dtype: str):
                                         acc += smem[scr_off + tid + jl]
                             if lane == 0 and oi < n_out:
                                 smem[pre_off + (bl * 4 + g) * units + k] = acc
-                                hhat[ts, b0 + bl, g * H + u0 + k] = acc
                         cuda.syncthreads()      # `pre` complete before the row sums read it
+                        for idx in range(tid, nb * 4 * nu, stride):
+                            k = idx % nu
+                            bg = idx // nu
+                            hhat[ts, b0 + bg // 4, (bg % 4) * H + u0 + k] = smem[
+                                pre_off + bg * units + k]
                         if tid < nb:
                             p_at = pre_off + tid * gu
                             tot = ZERO
-                            for e in range(4 * nu):
-                                tot += smem[p_at + (e // nu) * units + e % nu]
+                            for g in range(4):
+                                for k in range(nu):
+                                    tot += smem[p_at + g * units + k]
                             m2 = ZERO
                             if nu > 0:
                                 mean = tot / DT(4 * nu)
-                                for e in range(4 * nu):
-                                    d = smem[p_at + (e // nu) * units + e % nu] - mean
-                                    m2 += d * d
+                                for g in range(4):
+                                    for k in range(nu):
+                                        d = smem[p_at + g * units + k] - mean
+                                        m2 += d * d
                             part[0, j, b0 + tid, 0] = tot
                             part[0, j, b0 + tid, 1] = m2
             else:
@@ -302,7 +310,7 @@ def make_fwd(dtype: str):
                         bl = idx // nu
                         k = idx % nu
                         smem[pre_off + bl * units + k] = gates_unit(
-                            gx, lnh, hhat, hhat, gates, c, ctil, zc, lengths, t, ts, ts, t_in,
+                            gx, lnp, hhat, hhat, gates, c, ctil, zone, lengths, t, ts, ts, t_in,
                             t_out, b0 + bl, u0 + k, smem[rs_off + 2 * bl],
                             smem[rs_off + 2 * bl + 1], noise, save)
                     cuda.syncthreads()          # c~ of the tile complete before the row sums
@@ -333,7 +341,7 @@ def make_bwd(dtype: str):
 
     Arguments (C-contiguous compute-dtype arrays, none aliasing another):
       w_hh    (4H, H)     read only, columns of U_j once per launch
-      lnh (2, 4H), lnc (2, H), rmask, zh, zc: as make_fwd's
+      lnp (2, 5H), rmask, zone: as make_fwd's
       c (T+1, B, H), gates, hhat (T, B, 4H), stats (T, B, 6): the forward's saved; read only
       dy      (T, B, H)   read only
       dz      (T, B, 4H)  written: dL/d(gate pre-activations) (0 on masked steps)
@@ -350,8 +358,8 @@ def make_bwd(dtype: str):
     ZERO = DT(0)
     _, _, bwd_c_unit, bwd_gates_unit, stage_da = make_layernorm(dtype)
 
-    def kernel(w_hh, lnh, lnc, rmask, zh, zc, c, gates, hhat, stats, dy, dz, da, dl, dchat,
-               dh_carry, dc_carry, part, lengths, reverse, q_begin, q_end, units, batch_tile,
+    def kernel(w_hh, lnp, rmask, zone, c, gates, hhat, stats, dy, dz, da, dl, dchat, dh_carry,
+               dc_carry, part, lengths, reverse, q_begin, q_end, units, batch_tile,
                noise):
         grid = _this_grid()
         smem = cuda.shared.array(0, dtype=SMEM_TYPE)
@@ -404,7 +412,7 @@ def make_bwd(dtype: str):
                         for idx in range(tid, nb * GH, stride):
                             bl = idx // GH
                             f = idx % GH
-                            v = stage_da(dz, hhat, lnh, stats, lengths, t_next, b0 + bl, f,
+                            v = stage_da(dz, hhat, lnp, stats, lengths, t_next, b0 + bl, f,
                                          smem[rs_off + 2 * bl], smem[rs_off + 2 * bl + 1])
                             smem[st_off + idx] = v
                             uf = f % H
@@ -438,7 +446,7 @@ def make_bwd(dtype: str):
                             if s < 0:
                                 dh_carry[b, u] = dH
                             else:
-                                dch, ch = bwd_c_unit(gates, c, stats, lnc, zh, dy, dh_carry, dz,
+                                dch, ch = bwd_c_unit(gates, c, stats, lnp, zone, dy, dh_carry, dz,
                                                      dl, lengths, t, t_in, b, u, dH, noise)
                                 dchat[b, u] = dch
                                 smem[cp_off + 2 * (bl * units + k)] = dch
@@ -469,7 +477,7 @@ def make_bwd(dtype: str):
                     for idx in range(tid, nb * nu, stride):
                         bl = idx // nu
                         k = idx % nu
-                        e1, e2 = bwd_gates_unit(gates, c, stats, lnh, zc, hhat, dz, dchat,
+                        e1, e2 = bwd_gates_unit(gates, c, stats, lnp, zone, hhat, dz, dchat,
                                                 dc_carry, lengths, t, t_in, b0 + bl, u0 + k,
                                                 smem[rs_off + 2 * bl], smem[rs_off + 2 * bl + 1],
                                                 noise)
@@ -496,13 +504,14 @@ def make_bwd(dtype: str):
 def make_pointwise_fwd_gates(dtype: str):
     """Stepwise forward, first kernel of processing step s: one thread per (b, u).
 
-    gx (T, B, 4H); lnh (2, 4H); ah (1, B, 4H) the host's h_{t-1} W_hh^T (masked h); hhat,
+    gx (T, B, 4H); lnp (2, 5H); ah (1, B, 4H) the host's h_{t-1} W_hh^T (masked h); hhat,
     gates (Tg, B, 4H) (Tg = T when save, else 1); c (T+1, B, H); ctil (B, H) written (c~);
-    zc; rowstat (B, 2) the host's (mean_h, rstd_h); lengths; reverse, s, save, noise int32.
+    zone; rowstat (B, 2) the host's (mean_h, rstd_h); lengths; reverse, s, save, noise int32.
     """
     gates_unit, _, _, _, _ = make_layernorm(dtype)
 
-    def kernel(gx, lnh, ah, hhat, gates, c, ctil, zc, rowstat, lengths, reverse, s, save, noise):
+    def kernel(gx, lnp, ah, hhat, gates, c, ctil, zone, rowstat, lengths, reverse, s, save,
+               noise):
         idx = cuda.grid(1)
         T = gx.shape[0]
         B = c.shape[1]
@@ -511,7 +520,7 @@ def make_pointwise_fwd_gates(dtype: str):
             b = idx // H
             u = idx % H
             t, t_in, t_out = step_times(T, s, reverse)
-            gates_unit(gx, lnh, ah, hhat, gates, c, ctil, zc, lengths, t, 0, t * save, t_in,
+            gates_unit(gx, lnp, ah, hhat, gates, c, ctil, zone, lengths, t, 0, t * save, t_in,
                        t_out, b, u, rowstat[b, 0], rowstat[b, 1], noise, save)
 
     kernel.__name__ = f"{CELL}_pointwise_fwd_gates_{SHORT[dtype]}"
@@ -526,7 +535,7 @@ def make_pointwise_fwd_out(dtype: str):
     _, out_unit, _, _, _ = make_layernorm(dtype)
     ZERO = NP_COMPUTE[dtype](0)
 
-    def kernel(gates, ctil, h, y, lnc, zh, rowstat, lengths, reverse, s, save, noise):
+    def kernel(gates, ctil, h, y, lnp, zone, rowstat, lengths, reverse, s, save, noise):
         idx = cuda.grid(1)
         T = y.shape[0]
         B = h.shape[1]
@@ -535,7 +544,7 @@ def make_pointwise_fwd_out(dtype: str):
             b = idx // H
             u = idx % H
             t, t_in, t_out = step_times(T, s, reverse)
-            hv = out_unit(gates, ctil, h, lnc, zh, lengths, t, t * save, t_in, b, u,
+            hv = out_unit(gates, ctil, h, lnp, zone, lengths, t, t * save, t_in, b, u,
                           rowstat[b, 0], rowstat[b, 1], noise)
             h[t_out, b, u] = hv
             y[t, b, u] = hv if t < lengths[b] else ZERO
@@ -552,7 +561,7 @@ def make_pointwise_bwd_c(dtype: str):
     dchat, cprod = dchat*chat (B, H) for the host's row means."""
     _, _, bwd_c_unit, _, _ = make_layernorm(dtype)
 
-    def kernel(gates, c, stats, lnc, zh, dy, dhrec, dh_carry, dz, dl, dchat, cprod, lengths,
+    def kernel(gates, c, stats, lnp, zone, dy, dhrec, dh_carry, dz, dl, dchat, cprod, lengths,
                reverse, s, noise):
         idx = cuda.grid(1)
         T = dy.shape[0]
@@ -562,7 +571,7 @@ def make_pointwise_bwd_c(dtype: str):
             b = idx // H
             u = idx % H
             t, t_in, _ = step_times(T, s, reverse)
-            dch, ch = bwd_c_unit(gates, c, stats, lnc, zh, dy, dh_carry, dz, dl, lengths, t,
+            dch, ch = bwd_c_unit(gates, c, stats, lnp, zone, dy, dh_carry, dz, dl, lengths, t,
                                  t_in, b, u, dh_carry[b, u] + dhrec[b, u], noise)
             dchat[b, u] = dch
             cprod[b, u] = dch * ch
@@ -578,7 +587,7 @@ def make_pointwise_bwd_gates(dtype: str):
     in rowstat (B, 2); writes dz[t, :, i f g] and dc_carry."""
     _, _, _, bwd_gates_unit, _ = make_layernorm(dtype)
 
-    def kernel(gates, c, stats, lnh, zc, hhat, dz, dchat, dc_carry, rowstat, lengths, reverse, s,
+    def kernel(gates, c, stats, lnp, zone, hhat, dz, dchat, dc_carry, rowstat, lengths, reverse, s,
                noise):
         idx = cuda.grid(1)
         T = dz.shape[0]
@@ -588,7 +597,7 @@ def make_pointwise_bwd_gates(dtype: str):
             b = idx // H
             u = idx % H
             t, t_in, _ = step_times(T, s, reverse)
-            bwd_gates_unit(gates, c, stats, lnh, zc, hhat, dz, dchat, dc_carry, lengths, t, t_in,
+            bwd_gates_unit(gates, c, stats, lnp, zone, hhat, dz, dchat, dc_carry, lengths, t, t_in,
                            b, u, rowstat[b, 0], rowstat[b, 1], noise)
 
     kernel.__name__ = f"{CELL}_pointwise_bwd_gates_{SHORT[dtype]}"
@@ -602,31 +611,30 @@ def signature(kind: str, dtype: str):
     c2, c3, c4 = c[:, ::1], c[:, :, ::1], c[:, :, :, ::1]
     i1 = int32[::1]
     if kind == "persistent_fwd":
-        # gx, w_hh, lnh, lnc, rmask, zh, zc, h, c, gates, hhat, stats, y, ctil, part, lengths,
+        # gx, w_hh, lnp, rmask, zone, h, c, gates, hhat, stats, y, ctil, part, lengths,
         # reverse, q_begin, q_end, units, save, batch_tile, noise
-        return void(c3, c2, c2, c2, c2, c3, c3, c3, c3, c3, c3, c3, c3, c2, c4, i1, int32, int32,
-                    int32, int32, int32, int32, int32)
+        return void(c3, c2, c2, c2, c4, c3, c3, c3, c3, c3, c3, c2, c4, i1, int32, int32, int32,
+                    int32, int32, int32, int32)
     if kind == "persistent_bwd":
-        # w_hh, lnh, lnc, rmask, zh, zc, c, gates, hhat, stats, dy, dz, da, dl, dchat,
-        # dh_carry, dc_carry, part, lengths, reverse, q_begin, q_end, units, batch_tile, noise
-        return void(c2, c2, c2, c2, c3, c3, c3, c3, c3, c3, c3, c3, c3, c3, c2, c2, c2, c4, i1,
-                    int32, int32, int32, int32, int32, int32)
+        # w_hh, lnp, rmask, zone, c, gates, hhat, stats, dy, dz, da, dl, dchat, dh_carry,
+        # dc_carry, part, lengths, reverse, q_begin, q_end, units, batch_tile, noise
+        return void(c2, c2, c2, c4, c3, c3, c3, c3, c3, c3, c3, c3, c2, c2, c2, c4, i1, int32,
+                    int32, int32, int32, int32, int32)
     if kind == "pointwise_fwd_gates":
-        # gx, lnh, ah, hhat, gates, c, ctil, zc, rowstat, lengths, reverse, s, save, noise
-        return void(c3, c2, c3, c3, c3, c3, c2, c3, c2, i1, int32, int32, int32, int32)
+        # gx, lnp, ah, hhat, gates, c, ctil, zone, rowstat, lengths, reverse, s, save, noise
+        return void(c3, c2, c3, c3, c3, c3, c2, c4, c2, i1, int32, int32, int32, int32)
     if kind == "pointwise_fwd_out":
-        # gates, ctil, h, y, lnc, zh, rowstat, lengths, reverse, s, save, noise
-        return void(c3, c2, c3, c3, c2, c3, c2, i1, int32, int32, int32, int32)
+        # gates, ctil, h, y, lnp, zone, rowstat, lengths, reverse, s, save, noise
+        return void(c3, c2, c3, c3, c2, c4, c2, i1, int32, int32, int32, int32)
     if kind == "pointwise_bwd_c":
-        # gates, c, stats, lnc, zh, dy, dhrec, dh_carry, dz, dl, dchat, cprod, lengths,
+        # gates, c, stats, lnp, zone, dy, dhrec, dh_carry, dz, dl, dchat, cprod, lengths,
         # reverse, s, noise
-        return void(c3, c3, c3, c2, c3, c3, c2, c2, c3, c3, c2, c2, i1, int32, int32, int32)
+        return void(c3, c3, c3, c2, c4, c3, c2, c2, c3, c3, c2, c2, i1, int32, int32, int32)
     if kind == "pointwise_bwd_gates":
-        # gates, c, stats, lnh, zc, hhat, dz, dchat, dc_carry, rowstat, lengths, reverse, s,
+        # gates, c, stats, lnp, zone, hhat, dz, dchat, dc_carry, rowstat, lengths, reverse, s,
         # noise
-        return void(c3, c3, c3, c2, c3, c3, c3, c2, c2, c2, i1, int32, int32, int32)
+        return void(c3, c3, c3, c2, c4, c3, c3, c2, c2, c2, i1, int32, int32, int32)
     raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
-
 
 _FACTORIES = {"persistent_fwd": make_fwd, "persistent_bwd": make_bwd,
               "pointwise_fwd_gates": make_pointwise_fwd_gates,

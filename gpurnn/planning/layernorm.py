@@ -30,6 +30,7 @@ from typing import Optional
 
 from ..kernels import layernorm as kernels
 from ..kernels.dtypes import ITEMSIZE
+from ..kernels.layout import KERNEL_REGS_MAX as KERNEL_REGS_MAX_PLAIN
 from ..kernels.layout import units_per_block
 from . import cost
 from .capacity import Fit, check_int, kb, persistent_failures, resident_limit, resolve
@@ -38,6 +39,11 @@ from .profiles import KB, DeviceProfile
 DTYPES = kernels.DTYPES
 GATES = kernels.GATES
 GRID_BARRIERS_PER_STEP = 2
+# Registers per thread the persistent LayerNormLSTM kernels are held to (ptxas, sm_80/sm_90,
+# tests/test_sim_layernorm.py): above the plain kernels' layout.KERNEL_REGS_MAX (192), as the
+# layer norm's statistics, staging and row sums add to the plain step's working set. A block
+# size that leaves a thread fewer is refused (at most 288 threads per block).
+KERNEL_REGS = 224
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,15 @@ def _resolve(batch, dtype, device, threads, regs_per_thread):
     return resolve("lstm", batch, name, device, threads, regs_per_thread)
 
 
+def _failures(f, cap, threads, regs, dev):
+    """planning.capacity.persistent_failures plus this kernel's own register need."""
+    out = persistent_failures(f, cap, threads, regs, dev)
+    if 1 <= cap and KERNEL_REGS_MAX_PLAIN <= regs < KERNEL_REGS:
+        out.append(f"{threads} threads per block leave {regs} registers per thread; the "
+                   f"persistent LayerNormLSTM kernels use up to {KERNEL_REGS}")
+    return out
+
+
 def persistent_step(direction, hidden, batch, itemsize, f, dev, timing):
     """The plain 4-gate persistent step plus the layer norm's: one more grid barrier (two a
     step), every block's reads of the P row partials (2 x B x 2P values a step) and its
@@ -188,7 +203,7 @@ def plan(input_size, hidden_size, batch, dtype="float32", device=None, *, blocks
         reasons.append(f"blocks={blocks} forced by the caller")
     if batch_tile is not None:
         reasons.append(f"batch_tile={batch_tile} forced by the caller")
-    failures = persistent_failures(f, cap, threads, regs, dev)
+    failures = _failures(f, cap, threads, regs, dev)
     timing = cost.timing_for(dev)
     predicted = None
     if timing is not None:
@@ -242,8 +257,7 @@ def capacity(dtype="float32", device="H100", batch=1, *, threads=None,
     cap = resident_limit(threads, regs, dev)
 
     def fits(h):
-        return not persistent_failures(search(h, batch, dtype, cap, dev, threads), cap, threads,
-                                       regs, dev)
+        return not _failures(search(h, batch, dtype, cap, dev, threads), cap, threads, regs, dev)
 
     if not fits(1):
         return 0
@@ -311,4 +325,4 @@ def step_traffic(p: LayerNormPlan, path: Optional[str] = None, *, training: bool
 
 
 __all__ = ["LayerNormPlan", "plan", "capacity", "capacity_table", "step_traffic",
-           "GRID_BARRIERS_PER_STEP"]
+           "GRID_BARRIERS_PER_STEP", "KERNEL_REGS"]
