@@ -329,3 +329,17 @@ def test_options_are_refused_naming_the_keys(rng, options):
     # None and {} are both fine
     for ok in (None, {}):
         ref.lstm_forward(form, d["x"], params, d["h0"], d["c0"], None, False, False, options=ok)
+
+
+@pytest.mark.parametrize("first", ["gpurnn.backends.numpy_lstm", "gpurnn.backends.numpy"])
+def test_either_module_may_be_imported_first(first):
+    # backends.numpy re-exports the entry points from its last line and numpy_lstm reads
+    # numpy's helpers from its own: a fresh interpreter importing either one first must work
+    import subprocess
+    import sys
+    script = (f"import sys, importlib; importlib.import_module({first!r}); "
+              "from gpurnn.backends import numpy, numpy_lstm; "
+              "assert numpy.lstm_forward is numpy_lstm.lstm_forward; "
+              "assert numpy_lstm.check_options is numpy.check_options; print('ok')")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
