@@ -104,6 +104,20 @@ def test_every_gradient_matches_finite_differences(rng, name, run):
         assert err <= FD_TOL, f"{name} {run}: {what} off finite differences by {err:.2e}"
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("name", FORMS)
+def test_gradients_at_one_step_and_one_sequence(rng, name, reverse):
+    # T = 1, B = 1 and sizes that are not those of the cases above (I 2, H 5)
+    form = form_of(name)
+    params, d = _draw(rng, form, T=1, B=1, I=2, H=5)
+    lengths = np.array([1], np.int64)
+    got = _results(form, params, d, lengths, reverse)
+    checked = {**params, "dx": d["x"], "dh0": d["h0"], "dc0": d["c0"]}
+    for what, arr in checked.items():
+        err = rel_err(got[what], _numeric(form, params, d, lengths, reverse, arr))
+        assert err <= FD_TOL, f"{name}: {what} off finite differences by {err:.2e}"
+
+
 @pytest.mark.parametrize("name", FORMS)
 def test_a_zero_length_row_passes_its_states_through(rng, name):
     form = form_of(name)
