@@ -96,6 +96,8 @@ CASES = [
     ("lstm", 5, 1, 2, 7, 2, 7, 32, None, None, True, np.float32),          # U 1: lanes 8/16
     ("rnn_relu", 3, 3, 4, 7, 2, 2, 32, None, [3, 0, 2], True, np.float32),
     ("lstm", 3, 3, 4, 17, 2, 2, 32, 2, [3, 0, 1], True, np.float32),       # U 9: bwd lanes 1
+    ("gru", 1, 3, 4, 7, 3, 2, 32, None, [1, 0, 1], True, np.float32),      # edges: T 1
+    ("lstm", 4, 3, 4, 7, 1, 2, 32, None, [4, 2, 0], True, np.float64),     # L 1
 ]
 
 
@@ -114,7 +116,7 @@ def test_cases_cover_what_the_docstring_promises():
         lanes_b.add(lanes_per_output(tile * U, threads))
         idle |= P * U - H >= U
         tiles |= tile < B
-        assert P > 1 and 3 <= T <= 5 and L in (2, 3) and H in (7, 9, 17) and B in (1, 3)
+        assert P > 1 and 1 <= T <= 5 and 1 <= L <= 3 and H in (7, 9, 17) and B in (1, 3)
         if lengths:
             zero += 0 in lengths
             full += T in lengths
