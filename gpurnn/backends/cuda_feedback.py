@@ -264,11 +264,11 @@ def run_backward(rt, cell, x, params, saved, lengths, masks, dy, dh_n, dc_n, opt
     dfb = xp.empty((L, T, B, H), dt)
     ds = xp.empty((L, T, B, L), dt)
     carry_h = (xp.zeros((B, LH), dt) if dh_n is None
-               else xp.ascontiguousarray(dh_n.transpose(1, 0, 2).reshape(B, LH)))
+               else dh_n.transpose(1, 0, 2).reshape(B, LH).copy())    # written: never a view
     carry_c = xp.zeros((1, 1), dt)
     if lstm:
         carry_c = (xp.zeros((B, LH), dt) if dc_n is None
-                   else xp.ascontiguousarray(dc_n.transpose(1, 0, 2).reshape(B, LH)))
+                   else dc_n.transpose(1, 0, 2).reshape(B, LH).copy())
 
     if path == "persistent":
         smem = kernels.smem_bytes("bwd", cell, H, L, B, U, P, dtype)
