@@ -26,7 +26,7 @@ from typing import Optional
 from ..kernels import mlstm as kernels
 from ..kernels.dtypes import ITEMSIZE
 from ..kernels.layout import units_per_block
-from . import cost
+from . import cost, grid
 from .capacity import Fit, check_int, kb, persistent_failures, resident_limit, resolve
 from .profiles import KB, DeviceProfile
 
@@ -75,44 +75,17 @@ def _fit_tile(hidden, dtype, blocks, cap, dev, threads, tile):
     return Fit(blocks, units, fwd, bwd, per_sm, per_sm * dev.sm_count, tile)
 
 
-def _fits(f, dev):
-    return f.smem <= dev.smem_per_block_optin and 1 <= f.blocks <= f.coop
-
-
 def fit_at(hidden, batch, dtype, blocks, cap, dev, threads, tile=None):
     """The fit of a P = blocks grid: with `tile` if given, else the largest tile that fits (the
     whole batch first), else the one-row attempt (which says why nothing fits)."""
-    if tile is not None:
-        return _fit_tile(hidden, dtype, blocks, cap, dev, threads, tile)
-    whole = _fit_tile(hidden, dtype, blocks, cap, dev, threads, batch)
-    if _fits(whole, dev) or batch == 1:
-        return whole
-    lo_fit = _fit_tile(hidden, dtype, blocks, cap, dev, threads, 1)
-    if not _fits(lo_fit, dev):
-        return lo_fit
-    lo, hi = 1, batch          # fits at lo, not at hi: shared memory grows with the tile
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if _fits(_fit_tile(hidden, dtype, blocks, cap, dev, threads, mid), dev):
-            lo = mid
-        else:
-            hi = mid
-    return _fit_tile(hidden, dtype, blocks, cap, dev, threads, lo)
+    return grid.best_tile(lambda t: _fit_tile(hidden, dtype, blocks, cap, dev, threads, t),
+                          batch, dev, tile)
 
 
 def search(hidden, batch, dtype, cap, dev, threads, tile=None):
-    """planning.capacity.search's grid (smallest slice per block that fits) for the mLSTM."""
-    tries = (tile,) if tile is not None else (batch, None)
-    first = None
-    for t in tries:
-        for k in range(max(cap, 1), 0, -1):
-            units = units_per_block(hidden, min(hidden, dev.sm_count * k))
-            f = fit_at(hidden, batch, dtype, -(-hidden // units), cap, dev, threads, t)
-            if _fits(f, dev):
-                return f
-            if k == 1:
-                first = f
-    return first
+    """planning.grid.search's grid (smallest slice per block that fits) for the mLSTM."""
+    return grid.search(lambda blocks, t: fit_at(hidden, batch, dtype, blocks, cap, dev, threads, t),
+                       hidden, batch, cap, dev, tile)
 
 
 def _resolve(batch, dtype, device, threads, regs_per_thread):

@@ -29,7 +29,7 @@ from typing import Optional
 from ..kernels import projection as kproj
 from ..kernels.dtypes import ITEMSIZE
 from ..kernels.layout import batch_tiles
-from . import cost
+from . import cost, grid
 from .capacity import check_int, kb, resident_limit, resolve
 from .profiles import KB, DeviceProfile
 
@@ -61,43 +61,18 @@ def _fit_tile(G, H, R, dtype, blocks, cap, dev, threads, tile):
     return Fit(blocks, units, feats, tile, fwd, bwd, per_sm, per_sm * dev.sm_count)
 
 
-def _fits(f, dev):
-    return f.smem <= dev.smem_per_block_optin and 1 <= f.blocks <= f.coop
-
-
 def fit_at(G, H, R, B, dtype, blocks, cap, dev, threads, tile=None):
     """The fit of a P = blocks grid, with `tile` if given, else the largest batch tile that fits
     (the whole batch first); else the one-row attempt, which says why nothing does."""
-    if tile is not None:
-        return _fit_tile(G, H, R, dtype, blocks, cap, dev, threads, tile)
-    whole = _fit_tile(G, H, R, dtype, blocks, cap, dev, threads, B)
-    if _fits(whole, dev) or B == 1:
-        return whole
-    one = _fit_tile(G, H, R, dtype, blocks, cap, dev, threads, 1)
-    if not _fits(one, dev):
-        return one
-    lo, hi = 1, B
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if _fits(_fit_tile(G, H, R, dtype, blocks, cap, dev, threads, mid),
-                                    dev) else (lo, mid)
-    return _fit_tile(G, H, R, dtype, blocks, cap, dev, threads, lo)
+    return grid.best_tile(lambda t: _fit_tile(G, H, R, dtype, blocks, cap, dev, threads, t),
+                          B, dev, tile)
 
 
 def search(G, H, R, B, dtype, cap, dev, threads, tile=None):
-    """The grid with the smallest slices that fits (capacity.search's order), or the k = 1
+    """The grid with the smallest slices that fits (planning.grid.search), or the k = 1
     attempt, which explains the failure."""
-    first = None
-    for t in ((tile,) if tile is not None else (B, None)):
-        for k in range(max(cap, 1), 0, -1):
-            blocks = min(H, dev.sm_count * k)
-            blocks = -(-H // -(-H // blocks))
-            f = fit_at(G, H, R, B, dtype, blocks, cap, dev, threads, t)
-            if _fits(f, dev):
-                return f
-            if k == 1 and first is None:
-                first = f
-    return first
+    return grid.search(lambda blocks, t: fit_at(G, H, R, B, dtype, blocks, cap, dev, threads, t),
+                       H, B, cap, dev, tile)
 
 
 def failures(f, cap, threads, regs, dev):
