@@ -519,6 +519,29 @@ def test_the_numpy_references_saved_tuple_feeds_the_kernels_backward(P):
         assert_close(grads[3][name], want_grads[3][name], GRAD_TOL[np.float64], name)
 
 
+@pytest.mark.skipif(not hasattr(sim, "layernorm_forward"),
+                    reason="gpurnn.backends.sim.layernorm_forward not there yet")
+def test_the_sim_backends_entry_points_dispatch_here():
+    # gpurnn.backends.sim.layernorm_forward / layernorm_backward (the contract's entry points)
+    # reach cuda_layernorm's kernels with the options split as the sim backend splits them
+    args, cot, noise = make_case(2, 2, 3, 7, np.float64, True, 34, ("zoneout_h", "recurrent"))
+    opts = {"simulator": "strict", "path": "persistent", "blocks": 2}
+    launches = []
+    sim.RUNTIME.launch_hook = launches.append
+    try:
+        out = sim.layernorm_forward(args["x"], args["params"], args["h0"], args["c0"], None,
+                                    False, True, noise=noise, options=opts)
+        grads = sim.layernorm_backward(args["x"], args["params"], out[3], None, False,
+                                       cot["dy"], cot["dh_n"], cot["dc_n"], noise=noise,
+                                       options=opts)
+    finally:
+        sim.RUNTIME.launch_hook = None
+    assert [d["name"] for d in launches] == ["layernorm_lstm_persistent_fwd_f64",
+                                             "layernorm_lstm_persistent_bwd_f64"]
+    want, want_grads = torch_reference(args, None, False, noise, cot, True)
+    assert_matches(out, grads, want, want_grads, np.float64, None)
+
+
 def test_bad_noise_and_a_grid_the_plan_cannot_run_are_refused_before_launch():
     args, _, _ = make_case(2, 1, 3, 7, np.float32, True, 35)
     with pytest.raises(ValueError, match=r"options\['blocks'\]=100000: the persistent path cannot "
