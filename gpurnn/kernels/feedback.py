@@ -39,6 +39,10 @@ Backward (BPTT, the mirror), per step t from T-1 down: the layers L..1, then pha
   So a step costs L grid barriers (phase Z needs every layer's dgx, dfb and ds, which the
   barrier after layer 1 provides; nothing of phase Z is read by another block before the next
   grid barrier: every array it reads is indexed by t), T*L a launch.
+Block barriers: forward one after the weights load (phase 0 reads them at once) and one per
+layer phase (the reset gates); backward one per phase but the top layer's (ds) and one after
+phase Z; none after the backward's weight load (no phase reads the columns before its ds
+barrier). tests/test_sim_feedback.py deletes each barrier in turn.
 Padded steps (t >= lengths[b]): forward copies h (and c) through but still saves the gates and
 reset gates (the reference's values on the zeroed input); backward writes exact zeros for the
 step's gate gradients and leaves the carries alone.
@@ -606,7 +610,8 @@ def make_bwd(cell: str, dtype: str):
             k = rest % nu
             l = rest // nu
             wsm[off_gx + (l * units + k) * L + i] = w_gx[l, i, u0 + k]
-        cuda.syncthreads()          # the weights, before the first phase reads them
+        # no barrier here: every phase that reads the columns does so after its ds barrier
+        # (the top layer's phase reads none), whichever phase a launch starts at
 
         for q in range(q_begin, q_end):
             t = T - 1 - q // (L + 1)
