@@ -49,7 +49,9 @@ def test_check_numpy_passes(capsys):
     rows = [line for line in out.splitlines() if line.startswith("numpy ")]
     cells = {line.split()[1] for line in rows}
     assert cells == {"lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_peephole", "cifg",
-                     "cifg_peephole", "mlstm", "lstm_proj3", "lstm_peephole_proj3"}
+                     "cifg_peephole", "mlstm", "lstm_proj3", "lstm_peephole_proj3",
+                     "layernorm_lstm", "lstm+zoneout+recdrop", "gru+zoneout+recdrop",
+                     "layernorm_lstm+zoneout", "gf_lstm", "gf_gru", "gf_rnn_tanh"}
     assert all(" PASS " in line for line in rows)
     # the projection is also checked against torch.nn.LSTM(proj_size), when torch is there
     against = {(line.split()[1], line.split("vs ")[1].split(" (")[0]) for line in rows}
