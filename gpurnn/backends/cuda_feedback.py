@@ -187,11 +187,12 @@ def run_forward(rt, cell, x, params, h0, c0, lengths, masks, need_saved, options
         pfb = xp.empty((L, L, B, H), dt)
         rec = xp.empty((L, B, max(HH, 1) * H), dt)
         sh = xp.empty((B, L * L), dt)
+        gxl = xp.empty((B, G * H), dt)
         smem = kernels.smem_bytes("fwd", cell, H, L, B, U, P, dtype)
         for q_range in _phase_ranges(rt, P, T * (L + 1)):
             _launch_persistent(rt, "persistent_fwd", cell, dtype, P, threads, smem,
                                (gx0, gs0, st.w_ih, st.w_hh, st.w_fb, st.w_gx, st.w_gh, st.b_in,
-                                st.b_hn, st.b_g, mask_arr, h, c, gates, fbgate, pfb, rec, sh,
+                                st.b_hn, st.b_g, mask_arr, h, c, gates, fbgate, pfb, rec, sh, gxl,
                                 lengths_k, q_range[0], q_range[1], U, save, use_mask), q_range)
     else:
         rec = xp.zeros((B, max(HH, 1) * H), dt)

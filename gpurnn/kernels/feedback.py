@@ -17,11 +17,13 @@ Forward, per step: phase 0, then the layers 1..L, each phase behind a GRID barri
              W_hh^j[q*H + u, :] . h^j_{t-1}; the owned gate rows sh[b, r] = u_g^r . h*_{t-1}
              -> grid barrier (every layer phase reads all of sh)
   layer j    its input x_j = h_t^{j-1} * mask (j > 1; the host's x W_ih^T, x W_gx^T for j = 1):
-             every block forms all L reset gates g^{i->j} of every row into shared memory
-             (redundantly: B*L dot products of length H, cheaper than a barrier) -> block
-             barrier -> one thread per (b, own u): the G input pre-activations (W_ih^j rows of
-             U_p), fb = sum_i g^{i->j} pfb[j, i, b, u], the cell update -> grid barrier (layer
-             j+1 needs all of h_t^j; after the last layer, the next step's phase 0 needs h*_t)
+             in one pass every block forms all L reset gates g^{i->j} of every row into shared
+             memory (redundantly: B*L dot products of length H, cheaper than a barrier) and
+             the G input pre-activations of its units (W_ih^j rows of U_p) into the buffer gxl
+             (a thread per output, not per unit: ~30 fewer registers on sm_80) -> block
+             barrier -> one thread per (b, own u): fb = sum_i g^{i->j} pfb[j, i, b, u], the
+             cell update -> grid barrier (layer j+1 needs all of h_t^j; after the last layer,
+             the next step's phase 0 needs h*_t)
   So a step costs 1 + L grid barriers (the phase-0 barrier, because every gate needs every
   block's sh, and one per layer, because layer j+1 reads all of h_t^j), T*(1+L) - 1 a launch.
 Backward (BPTT, the mirror), per step t from T-1 down: the layers L..1, then phase Z:
@@ -40,7 +42,7 @@ Backward (BPTT, the mirror), per step t from T-1 down: the layers L..1, then pha
   barrier after layer 1 provides; nothing of phase Z is read by another block before the next
   grid barrier: every array it reads is indexed by t), T*L a launch.
 Block barriers: forward one after the weights load (phase 0 reads them at once) and one per
-layer phase (the reset gates); backward one per phase but the top layer's (ds) and one after
+layer phase (the reset gates and gxl); backward one per phase but the top layer's (ds) and one after
 phase Z; none after the backward's weight load (no phase reads the columns before its ds
 barrier). tests/test_sim_feedback.py deletes each barrier in turn.
 Padded steps (t >= lengths[b]): forward copies h (and c) through but still saves the gates and
@@ -331,6 +333,7 @@ def make_fwd(cell: str, dtype: str):
       gates   (T, B, L*4H) written when save (GRU, LSTM); else (1,1,1)
       fbgate  (T, B, L*L)  written when save; else (1,1,1)
       pfb     (L, L, B, H), rec (L, B, R), sh (B, L*L): buffers, written in phase 0, read after
+      gxl     (B, G*H)     buffer: layer j > 1's input pre-activations (the block's units)
       lengths int32 (B,) ; q_begin, q_end, units, save, use_mask: int32
     Dynamic shared memory: smem_bytes('fwd', cell, H, L, B, units, P, dtype)."""
     DT = NP_COMPUTE[dtype]
@@ -340,7 +343,7 @@ def make_fwd(cell: str, dtype: str):
     update_fwd, _ = _unit_io(cell, dtype)
 
     def kernel(gx0, gs0, w_ih, w_hh, w_fb, w_gx, w_gh, b_in, b_hn, b_g, masks, h, c, gates,
-               fbgate, pfb, rec, sh, lengths, q_begin, q_end, units, save, use_mask):
+               fbgate, pfb, rec, sh, gxl, lengths, q_begin, q_end, units, save, use_mask):
         grid = _this_grid()
         wsm = cuda.shared.array(0, dtype=SMEM_TYPE)
         T = gx0.shape[0]
@@ -435,27 +438,45 @@ def make_fwd(cell: str, dtype: str):
                         sh[b, blk + m * P] = acc
             else:
                 j = ph - 1
-                # the L reset gates into layer j of every row (redundant in every block)
-                for idx in range(tid, B * L, stride):
-                    i = idx % L
-                    b = idx // L
-                    s = ZERO
-                    if j == 0:
-                        s = gs0[t, b, i]
+                # one pass: the L reset gates into layer j of every row (redundant in every
+                # block: B*L dot products, cheaper than a grid barrier) and, for j > 0, the G
+                # input pre-activations of the block's units into gxl
+                n_in = 0 if j == 0 else B * G * nu
+                for idx in range(tid, B * L + n_in, stride):
+                    if idx < B * L:
+                        i = idx % L
+                        b = idx // L
+                        s = ZERO
+                        if j == 0:
+                            s = gs0[t, b, i]
+                        else:
+                            w_at = off_gx + ((j - 1) * L + i) * s_h
+                            for col in range(H):
+                                xv = h[t + 1, b, (j - 1) * H + col]
+                                if use_mask:
+                                    xv = xv * masks[j - 1, t, b, col]
+                                s += wsm[w_at + col] * xv
+                            s += b_g[j, i]
+                        s += sh[b, j * L + i]
+                        g = HALF * math.tanh(HALF * s) + HALF
+                        wsm[off_g + idx] = g
+                        if save and blk == 0:
+                            fbgate[t, b, j * L + i] = g
                     else:
-                        w_at = off_gx + ((j - 1) * L + i) * s_h
+                        e = idx - B * L
+                        k = e % nu
+                        rest = e // nu
+                        gq = rest % G
+                        b = rest // G
+                        w_at = off_ih + (((j - 1) * G + gq) * units + k) * s_h
+                        acc = ZERO
                         for col in range(H):
                             xv = h[t + 1, b, (j - 1) * H + col]
                             if use_mask:
                                 xv = xv * masks[j - 1, t, b, col]
-                            s += wsm[w_at + col] * xv
-                        s += b_g[j, i]
-                    s += sh[b, j * L + i]
-                    g = HALF * math.tanh(HALF * s) + HALF
-                    wsm[off_g + idx] = g
-                    if save and blk == 0:
-                        fbgate[t, b, j * L + i] = g
-                cuda.syncthreads()      # the gates, before the units read them
+                            acc += wsm[w_at + col] * xv
+                        gxl[b, gq * H + u0 + k] = acc + b_in[j, gq * H + u0 + k]
+                cuda.syncthreads()      # the gates and gxl, before the units read them
                 for idx in range(tid, B * nu, stride):
                     k = idx % nu
                     b = idx // nu
@@ -472,23 +493,12 @@ def make_fwd(cell: str, dtype: str):
                         if G > 3:
                             a3 = gx0[t, b, 3 * H + u]
                     else:
-                        for gq in range(G):
-                            w_at = off_ih + (((j - 1) * G + gq) * units + k) * s_h
-                            acc = ZERO
-                            for col in range(H):
-                                xv = h[t + 1, b, (j - 1) * H + col]
-                                if use_mask:
-                                    xv = xv * masks[j - 1, t, b, col]
-                                acc += wsm[w_at + col] * xv
-                            acc += b_in[j, gq * H + u]
-                            if gq == 0:
-                                a0 = acc
-                            elif gq == 1:
-                                a1 = acc
-                            elif gq == 2:
-                                a2 = acc
-                            else:
-                                a3 = acc
+                        a0 = gxl[b, u]
+                        if G > 1:
+                            a1 = gxl[b, H + u]
+                            a2 = gxl[b, 2 * H + u]
+                        if G > 3:
+                            a3 = gxl[b, 3 * H + u]
                     fb = ZERO
                     for i in range(L):
                         fb += wsm[off_g + b * L + i] * pfb[j, i, b, u]
@@ -692,8 +702,8 @@ def signature(kind: str, cell: str, dtype: str):
     i1 = int32[::1]
     if kind == "persistent_fwd":
         # gx0, gs0, w_ih, w_hh, w_fb, w_gx, w_gh, b_in, b_hn, b_g, masks, h, c, gates, fbgate,
-        # pfb, rec, sh, lengths, q_begin, q_end, units, save, use_mask
-        return void(c3, c3, c3, c3, c3, c3, c3, c2, c2, c2, c4, c3, c3, c3, c3, c4, c3, c2, i1,
+        # pfb, rec, sh, gxl, lengths, q_begin, q_end, units, save, use_mask
+        return void(c3, c3, c3, c3, c3, c3, c3, c2, c2, c2, c4, c3, c3, c3, c3, c4, c3, c2, c2, i1,
                     int32, int32, int32, int32, int32)
     if kind == "persistent_bwd":
         # w_ih, w_hh, w_fb, w_gx, w_gh, masks, h, c, gates, fbgate, pfb, dy, dgx, dfb, ds,
