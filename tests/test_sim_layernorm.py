@@ -542,6 +542,18 @@ def test_the_sim_backends_entry_points_dispatch_here():
     assert_matches(out, grads, want, want_grads, np.float64, None)
 
 
+@pytest.mark.parametrize("P", [2, "stepwise"])
+def test_no_steps_hands_the_states_and_cotangents_through(P):
+    args, cot, _ = make_case(0, 2, 3, 7, np.float64, True, 39)
+    out = forward(sim.RUNTIME, args, None, False, None, _options(P))
+    grads = backward(sim.RUNTIME, args, out[3], None, False, cot, None, _options(P))
+    assert out[0].shape == (0, 2, 7)
+    assert np.array_equal(out[1], args["h0"]) and np.array_equal(out[2], args["c0"])
+    assert np.array_equal(grads[1], cot["dh_n"]) and np.array_equal(grads[2], cot["dc_n"])
+    assert grads[0].shape == (0, 2, 3)
+    assert all(not g.any() for g in grads[3].values())
+
+
 def test_bad_noise_and_a_grid_the_plan_cannot_run_are_refused_before_launch():
     args, _, _ = make_case(2, 1, 3, 7, np.float32, True, 35)
     with pytest.raises(ValueError, match=r"options\['blocks'\]=100000: the persistent path cannot "

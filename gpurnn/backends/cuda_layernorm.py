@@ -305,9 +305,10 @@ def run_backward(rt, x, params, saved, lengths, reverse, dy, dh_n, dc_n, noise, 
             m2 = (dhh * hhat[t]).mean(axis=1, keepdims=True)
             da_t = stats[t, :, 3:4] * (dhh - m1 - hhat[t] * m2)
             da[t] = xp.where(active[t][:, None], da_t, 0)
-        t0 = T - 1 if rev else 0
-        rec0 = xp.matmul(da[t0], w_hh_c)
-        dh0 = dh_carry + (rec0 * rmask if bits & LN_REC else rec0)
+        dh0 = dh_carry
+        if T > 0:
+            rec0 = xp.matmul(da[T - 1 if rev else 0], w_hh_c)
+            dh0 = dh_carry + (rec0 * rmask if bits & LN_REC else rec0)
 
     TB = T * B
     seen = active[..., None]
