@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import planning, variants
+from . import layernorm, planning, variants
 from .cells import GATES, REGISTRY
 from .variants import form_of
 from .testing import rel_err
@@ -62,17 +62,22 @@ class Case:
 def flops(case: Case) -> float:
     """The case's model FLOPs (gpurnn.planning.layer_flops; an LSTM variant's,
     gpurnn.variants.layer_flops, is the same model with its extra products)."""
-    form = form_of(case.cell)
+    form, bw = form_of(case.cell), case.mode == "fwdbw"
+    if case.cell == layernorm.NAME:
+        return float(layernorm.layer_flops(case.T, case.B, case.I, case.H, backward=bw))
+    if case.cell.startswith("gf_"):
+        from . import feedback
+        return float(feedback.stack_flops(case.cell, case.T, case.B, case.I, case.H, 1,
+                                          backward=bw))
     if case.cell in REGISTRY or form is None:
-        return float(planning.layer_flops(case.cell, case.T, case.B, case.I, case.H,
-                                          backward=case.mode == "fwdbw"))
-    return float(variants.layer_flops(form, case.T, case.B, case.I, case.H,
-                                      backward=case.mode == "fwdbw"))
+        return float(planning.layer_flops(case.cell, case.T, case.B, case.I, case.H, backward=bw))
+    return float(variants.layer_flops(form, case.T, case.B, case.I, case.H, backward=bw))
 
 
 def is_variant(cell):
-    """True for the LSTM family of gpurnn.variants (run through the stack core), False for the
-    cells of gpurnn.cells (run through gpurnn.functional)."""
+    """True for the cells run through the stack core (the LSTM family of gpurnn.variants, the
+    LayerNormLSTM, the gated-feedback cells), False for the cells of gpurnn.cells (run through
+    gpurnn.functional)."""
     return cell not in REGISTRY
 
 
@@ -82,7 +87,7 @@ def supports(impl, case):
     if not is_variant(case.cell) or impl in GPURNN_BACKEND:
         return True
     form = form_of(case.cell)
-    return form.base == "lstm" and form.proj_size > 0
+    return form is not None and form.base == "lstm" and form.proj_size > 0
 
 
 def grid(quick=False, cells=("lstm", "gru", "rnn_tanh"), modes=("fwd", "fwdbw"), dtype="float32"):
@@ -114,22 +119,28 @@ def available_impls():
     return out
 
 
+def _variant_stack(case):
+    from .stack import make_stack
+    return make_stack(case.cell, case.I, case.H)
+
+
 def _variant_data(case, rng, xp=np):
-    """x, dy and the one layer's parameters (torch's names) of an LSTM-variant case."""
-    form = form_of(case.cell)
+    """x, dy and the one layer's parameters (torch's names, without the _l0 suffix) of a case
+    run through the stack core."""
+    st = _variant_stack(case)
     k = 1.0 / np.sqrt(case.H)
     host = {"x": rng.standard_normal((case.T, case.B, case.I)),
-            "dy": rng.standard_normal((case.T, case.B, form.state_size(case.H)))}
-    params = {name: rng.uniform(-k, k, shape)
-              for name, shape in form.param_shapes(case.I, case.H, True)}
+            "dy": rng.standard_normal((case.T, case.B, st.state_width))}
+    params = {name.removesuffix("_l0"): rng.uniform(-k, k, shape)
+              for name, shape in st.param_shapes()}
     conv = lambda v: xp.asarray(v.astype(case.dtype))   # noqa: E731
     return {n: conv(v) for n, v in host.items()}, {n: conv(v) for n, v in params.items()}
 
 
 def _variant_step(case, backend, xp, x, params, dy, options=None):
     """One forward (+ backward) of a one-layer stack of the variant; (y, {gradient name: array})."""
-    from .stack import Run, Stack
-    st = Stack(case.cell, case.I, case.H)
+    from .stack import Run
+    st = _variant_stack(case)
     training = case.mode == "fwdbw"
     run = Run(backend, xp, options, None, need_saved=training)
     suffixed = {n + "_l0": v for n, v in params.items()}

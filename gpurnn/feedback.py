@@ -59,7 +59,7 @@ from . import cells
 from .arrays import check_dtype, check_shape
 
 __all__ = ["FeedbackStack", "FeedbackLayer", "CELLS", "DTYPES", "BACKENDS", "param_shapes",
-           "saved_specs", "plain_cell"]
+           "saved_specs", "plain_cell", "stack_flops"]
 
 CELLS = ("gf_rnn_tanh", "gf_rnn_relu", "gf_gru", "gf_lstm")
 DTYPES = ("float32", "float64")
@@ -75,6 +75,23 @@ FACTS = {
 # rows of weight_hh (the gates that are not the candidate) and the candidate's gate index
 HH_GATES = {"gf_rnn_tanh": 0, "gf_rnn_relu": 0, "gf_gru": 2, "gf_lstm": 3}
 CANDIDATE = {"gf_rnn_tanh": 0, "gf_rnn_relu": 0, "gf_gru": 2, "gf_lstm": 2}
+
+
+def stack_flops(cell, steps, batch, input_size, hidden, num_layers, *, backward=False):
+    """FLOPs of a gated-feedback stack on gpurnn.planning's model (multiply-add 2 FLOPs, the
+    plain cell's POINTWISE_FLOPS per row and unit, backward 3x the forward): per layer the
+    input rows weight_ih and weight_gx, the own-state rows weight_hh, the feedback weight_fb and
+    the gate rows weight_gh against h*, plus per gate pair a sigmoid and a scale of the
+    feedback (2 + H)."""
+    from .planning.cost import POINTWISE_FLOPS
+    G, H, L = FACTS[check_cell(cell)].gates, hidden, num_layers
+    total = 0
+    for layer in range(L):
+        width = input_size if layer == 0 else H
+        macs = G * H * width + HH_GATES[cell] * H * H + H * L * H + L * width + L * L * H
+        total += 2 * macs + POINTWISE_FLOPS[plain_cell(cell)] * H + L * (2 + H)
+    fwd = steps * batch * total
+    return 3 * fwd if backward else fwd
 
 
 def plain_cell(cell):

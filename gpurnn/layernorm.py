@@ -54,12 +54,27 @@ import numpy as np
 from . import cells
 from .stack import Layer, register
 
-__all__ = ["LayerNormLSTMLayer", "EPS", "NOISE_KEYS", "DTYPES"]
+__all__ = ["LayerNormLSTMLayer", "EPS", "NOISE_KEYS", "DTYPES", "layer_flops"]
 
 EPS = 1e-5
 NOISE_KEYS = ("recurrent", "zoneout_h", "zoneout_c")
 DTYPES = ("float32", "float64")
 NAME = "layernorm_lstm"
+
+
+# FLOPs per normalised element (gpurnn.planning's counting: every +, -, *, sqrt one FLOP):
+# the mean (1), the variance (3), normalising (2) and the affine map (2)
+LN_FLOPS = 8
+
+
+def layer_flops(steps, batch, input_size, hidden, *, backward=False):
+    """FLOPs of one LayerNormLSTM layer and direction: the LSTM's (gpurnn.planning.layer_flops)
+    plus LN_FLOPS per normalised element (4H for x W_ih^T, 4H for h W_hh^T, H for c) per row
+    and step; backward 3x the forward, as the plan's model."""
+    from .planning import layer_flops as lstm_flops
+    extra = steps * batch * LN_FLOPS * 9 * hidden
+    return lstm_flops("lstm", steps, batch, input_size, hidden, backward=backward) + \
+        (3 * extra if backward else extra)
 
 
 class LayerNormLSTMLayer(Layer):

@@ -80,13 +80,16 @@ def test_check_fails_on_a_wrong_variant_gradient(monkeypatch, capsys):
 @pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN:UserWarning")
 def test_bench_runs_lstm_variants_against_the_reference_and_torch(capsys):
     from gpurnn import bench
-    cases = [bench.Case(c, "fwdbw", 4, 2, 3, 5) for c in ("lstm_peephole_proj2", "mlstm", "lstm_proj2")]
+    cases = [bench.Case(c, "fwdbw", 4, 2, 3, 5) for c in ("lstm_peephole_proj2", "mlstm", "lstm_proj2",
+                                                          "layernorm_lstm", "gf_lstm")]
     impls = ["gpurnn-numpy"] + (["torch-cpu"] if importlib.util.find_spec("torch") else [])
     results = bench.run_cases(cases, impls, repeat=1, rounds=1, warmup_s=0)
     ran = {(r["cell"], r["impl"]) for r in results}
     # torch has the projection, none of the other variants
     assert ("lstm_proj2", "gpurnn-numpy") in ran and ("mlstm", "gpurnn-numpy") in ran
     assert ("mlstm", "torch-cpu") not in ran and ("lstm_peephole_proj2", "torch-cpu") not in ran
+    assert ("layernorm_lstm", "gpurnn-numpy") in ran and ("gf_lstm", "gpurnn-numpy") in ran
+    assert ("gf_lstm", "torch-cpu") not in ran
     if "torch-cpu" in impls:
         assert ("lstm_proj2", "torch-cpu") in ran
     for r in results:

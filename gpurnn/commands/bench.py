@@ -64,13 +64,16 @@ def seconds(text):
     return value
 
 
-VARIANT_EXAMPLES = ("lstm_peephole", "cifg", "cifg_peephole", "mlstm")
+VARIANT_EXAMPLES = ("lstm_peephole", "cifg", "cifg_peephole", "mlstm", "layernorm_lstm",
+                    "gf_lstm", "gf_gru", "gf_rnn_tanh")
 
 
 def cell_name(text):
     """An argparse type: a cell of gpurnn.cells or a name of gpurnn.variants."""
+    from gpurnn.feedback import CELLS as FEEDBACK
+    from gpurnn.layernorm import NAME as LAYERNORM
     from gpurnn.variants import form_of
-    if text in CELLS or form_of(text) is not None:
+    if text in CELLS or text in FEEDBACK or text == LAYERNORM or form_of(text) is not None:
         return text
     raise argparse.ArgumentTypeError(f"must be one of {CELLS} or an LSTM variant such as "
                                      f"{VARIANT_EXAMPLES} or lstm_proj64; got {text!r}")
