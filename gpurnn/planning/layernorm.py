@@ -9,11 +9,9 @@ the row statistics (2 bt) and, backward, the c-side partial products (2 bt U). T
 partials of the grid-wide statistics live in global memory (2 x P x B x 2), so they set no
 shared-memory capacity; the LN parameters are read from global memory. So the capacity is the
 plain LSTM's less a few elements per block (capacity_table()).
-The grid search is the plain cells' rule (planning.capacity.search: P = min(H, SMs x k) for the
-most resident blocks per SM k that fit, then the largest batch tile that fits); capacity.py's
-search/fit_at are written against the plain kernels' smem model, so the short search below
-repeats that rule against this kernel's model (capacity.py has no hook for another model; the
-mLSTM's plan repeats it the same way).
+The grid search is every family's (planning.grid.search: P = min(H, SMs x k) for the most
+resident blocks per SM k that fit, then the largest batch tile that fits), given this kernel's
+shared-memory model.
 
 Path and time. Each step is two grid-synchronised phases, forward and backward (the c~ and h
 statistics span the blocks, kernels/layernorm.py says why two and not three): a persistent step
@@ -32,7 +30,7 @@ from ..kernels import layernorm as kernels
 from ..kernels.dtypes import ITEMSIZE
 from ..kernels.layout import KERNEL_REGS_MAX as KERNEL_REGS_MAX_PLAIN
 from ..kernels.layout import units_per_block
-from . import cost
+from . import cost, grid
 from .capacity import Fit, check_int, kb, persistent_failures, resident_limit, resolve
 from .profiles import KB, DeviceProfile
 
@@ -88,44 +86,17 @@ def _fit_tile(hidden, dtype, blocks, cap, dev, threads, tile):
     return Fit(blocks, units, fwd, bwd, per_sm, per_sm * dev.sm_count, tile)
 
 
-def _fits(f, dev):
-    return f.smem <= dev.smem_per_block_optin and 1 <= f.blocks <= f.coop
-
-
 def fit_at(hidden, batch, dtype, blocks, cap, dev, threads, tile=None):
     """The fit of a P = blocks grid: with `tile` if given, else the largest tile that fits (the
     whole batch first), else the one-row attempt (which says why nothing fits)."""
-    if tile is not None:
-        return _fit_tile(hidden, dtype, blocks, cap, dev, threads, tile)
-    whole = _fit_tile(hidden, dtype, blocks, cap, dev, threads, batch)
-    if _fits(whole, dev) or batch == 1:
-        return whole
-    lo_fit = _fit_tile(hidden, dtype, blocks, cap, dev, threads, 1)
-    if not _fits(lo_fit, dev):
-        return lo_fit
-    lo, hi = 1, batch          # fits at lo, not at hi: shared memory grows with the tile
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if _fits(_fit_tile(hidden, dtype, blocks, cap, dev, threads, mid), dev):
-            lo = mid
-        else:
-            hi = mid
-    return _fit_tile(hidden, dtype, blocks, cap, dev, threads, lo)
+    return grid.best_tile(lambda t: _fit_tile(hidden, dtype, blocks, cap, dev, threads, t),
+                          batch, dev, tile)
 
 
 def search(hidden, batch, dtype, cap, dev, threads, tile=None):
-    """planning.capacity.search's grid (smallest slice per block that fits) for this model."""
-    tries = (tile,) if tile is not None else (batch, None)
-    first = None
-    for t in tries:
-        for k in range(max(cap, 1), 0, -1):
-            units = units_per_block(hidden, min(hidden, dev.sm_count * k))
-            f = fit_at(hidden, batch, dtype, -(-hidden // units), cap, dev, threads, t)
-            if _fits(f, dev):
-                return f
-            if k == 1:
-                first = f
-    return first
+    """planning.grid.search's grid (smallest slice per block that fits) for this kernel."""
+    return grid.search(lambda blocks, t: fit_at(hidden, batch, dtype, blocks, cap, dev, threads, t),
+                       hidden, batch, cap, dev, tile)
 
 
 def _resolve(batch, dtype, device, threads, regs_per_thread):
