@@ -162,6 +162,7 @@ def test_step_model_counts_the_second_grid_barrier():
 
 
 def test_smem_model():
+    assert kernels.EPS == EPS           # the kernels' copy of the contract's constant
     for H, bt, U, threads in ((7, 3, 3, 32), (33, 2, 17, 64), (512, 8, 4, 256)):
         wf, rest_f = kernels.smem_regions("fwd", H, bt, U, threads)
         wb, rest_b = kernels.smem_regions("bwd", H, bt, U, threads)
