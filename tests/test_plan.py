@@ -415,3 +415,34 @@ def test_the_lstm_variants_kernel_cells_are_planned():
     tc = step_traffic(plan("cifg", 64, 512, 8, "float32", "H100"), "persistent")
     assert tc["bytes"]["read c_prev"] == tc["bytes"]["write c_t"] == 8 * 512 * 4
     assert tc["bytes"]["read gx_t"] == 8 * 3 * 512 * 4
+
+
+def test_the_regularisers_mask_reads_are_counted():
+    # zoneout masks: B*H compute words each; recurrent dropout: every block's staged h is masked
+    # (P*B*H mask reads) and the update re-reads its own units' unmasked h; stepwise: one more
+    # elementwise kernel. Shared memory, capacity and the path's grid are unchanged.
+    H, B = 256, 8
+    base = plan("lstm", 8, H, B, "float16", device="H100")
+    p = plan("lstm", 8, H, B, "float16", device="H100",
+             noise={"recurrent": None, "zoneout_h": None, "zoneout_c": None})
+    assert p.noise == ("recurrent", "zoneout_c", "zoneout_h") and base.noise == ()
+    assert (p.blocks, p.smem_bytes_fwd, p.smem_bytes_bwd) == (base.blocks, base.smem_bytes_fwd,
+                                                              base.smem_bytes_bwd)
+    m = 4                                        # float32 masks for float16 storage
+    per, per0 = step_traffic(p, "persistent"), step_traffic(base, "persistent")
+    assert per["bytes"]["read zoneout masks"] == 2 * B * H * m
+    assert per["bytes"]["read recurrent mask (every block)"] == p.blocks * B * H * m
+    assert per["bytes"]["read h_prev (unmasked, own units)"] == B * H * 2
+    assert per["global_bytes"] - per0["global_bytes"] == (2 + p.blocks) * B * H * m + B * H * 2
+    assert per["dram_bytes"] - per0["dram_bytes"] == 3 * B * H * m
+    stp, stp0 = step_traffic(p, "stepwise"), step_traffic(base, "stepwise")
+    assert stp["launches"] == stp0["launches"] + 1
+    assert stp["global_bytes"] - stp0["global_bytes"] == 2 * B * H * m + B * H * (2 + 2 * m)
+    # the same counts from an explicit argument, and none with noise=()
+    assert step_traffic(base, "persistent", noise=p.noise) == per
+    assert step_traffic(p, "persistent", noise=()) == per0
+    for path in ("persistent", "stepwise"):
+        for d in ("fwd", "bwd"):
+            assert p.predicted_step(path, d).total > base.predicted_step(path, d).total
+    with pytest.raises(ValueError, match="unknown keys"):
+        plan("lstm", 8, H, B, device="H100", noise={"dropout": None})

@@ -12,6 +12,14 @@ form's kernel cell (LSTMForm.kernel_cell: lstm, lstm_peephole, cifg, cifg_peepho
 vector weight_ch is the kernels' b_rec, its gradient formed after the recurrence from dgh and the
 saved c); forms with a projection go to backends/cuda_proj.py, the multiplicative one to
 backends/cuda_mlstm.py, with the same Runtime.
+Regularisers (noise=..., gpurnn/layernorm.py's contract, the NumPy reference's semantics): a
+forward with zoneout or recurrent dropout runs the kernels' regularised specializations
+(registry.spec(..., regularised=True): a separate compile, so the plain kernels and their speed
+are untouched by it; inside them a flags word says which masks are on), the masks in the
+compute dtype; the Reserve keeps the noise dict and backward reads it from there. The recurrent
+mask multiplies h_{t-1} where it meets W_hh: the persistent kernels mask the staged h and, in
+the backward, dh_rec; the stepwise path masks the GEMM's input on the host and dh_rec in its
+kernel; dW_hh is formed from the masked states.
 The launch configuration comes from gpurnn.plan unless `options` says otherwise:
   {"path": "persistent" | "stepwise", "blocks": P, "threads": n, "batch_tile": bt}. The forward
 records the one it used on `Reserve.launch`; backward reuses it (its own `options` may override).
@@ -28,9 +36,10 @@ from typing import Any, Optional
 import numpy as np
 
 from . import Grads, Reserve
-from .numpy import input_bias, inputs_seen
+from .numpy import check_noise, input_bias, inputs_seen
 from ..cells import GATES, RESERVE_GATES, has_cell_state
 from ..kernels import layout
+from ..kernels.layout import NOISE_REC, noise_flags
 from ..kernels.dtypes import COMPUTE, host_view, numpy_dtype
 
 NAME = "cuda"
@@ -81,8 +90,10 @@ def reserve_dtypes(dtype):
     return sdt, np.dtype(COMPUTE[str(dtype)]), sdt
 
 
-def choose_launch(cell, input_size, hidden, batch, dtype, device, options) -> LaunchConfig:
-    """The launch configuration: options where given, gpurnn.plan for the rest."""
+def choose_launch(cell, input_size, hidden, batch, dtype, device, options,
+                  noise=None) -> LaunchConfig:
+    """The launch configuration: options where given, gpurnn.plan for the rest (told of the
+    regularisers in `noise`, whose mask reads its step model counts)."""
     from ..planning import plan as make_plan
     options = check_options(options)
     blocks, threads, tile = options.get("blocks"), options.get("threads"), options.get("batch_tile")
@@ -91,7 +102,7 @@ def choose_launch(cell, input_size, hidden, batch, dtype, device, options) -> La
     p = make_plan(cell, input_size, hidden, batch, dtype, device=device,
                   blocks=None if blocks is None else int(blocks),
                   threads=None if threads is None else int(threads),
-                  batch_tile=None if tile is None else int(tile))
+                  batch_tile=None if tile is None else int(tile), noise=noise)
     forced = blocks is not None or tile is not None
     path = options.get("path", "persistent" if forced else p.path)
     if path == "persistent" and p.path != "persistent":
@@ -126,13 +137,19 @@ class Runtime:
         from numba import cuda
         return cuda.jit(spec.signature)(spec.func)
 
-    def kernel(self, cell, kind, dtype):
+    def kernel(self, cell, kind, dtype, regularised=False):
         from ..kernels.registry import spec as kernel_spec
-        key = (cell, kind, dtype)
+        key = (cell, kind, dtype, bool(regularised))
         if key not in self._kernels:
-            sp = kernel_spec(cell, kind, dtype)
+            sp = kernel_spec(cell, kind, dtype, bool(regularised))
             self._kernels[key] = (sp, self.compile(sp))
         return self._kernels[key]
+
+    def _kernel_for(self, cell, kind, dtype, regularised):
+        # a plain launch asks with the three-argument form (subclasses may override that one)
+        if regularised:
+            return self.kernel(cell, kind, dtype, True)
+        return self.kernel(cell, kind, dtype)
 
     def on_launch(self, info: dict):
         """Called before every kernel launch (a hook for tests and tracing)."""
@@ -149,9 +166,10 @@ class Runtime:
             self._streams[ptr] = cuda.external_stream(ptr)
         return self._streams[ptr]
 
-    def launch_persistent(self, cell, kind, dtype, blocks, threads, smem, args, step_range):
+    def launch_persistent(self, cell, kind, dtype, blocks, threads, smem, args, step_range,
+                          regularised=False):
         from ..kernels.launch import launch_persistent
-        sp, kern = self.kernel(cell, kind, dtype)
+        sp, kern = self._kernel_for(cell, kind, dtype, regularised)
         single = step_range[1] - step_range[0] == 1
         self.on_launch(dict(name=sp.name, kind=kind, blocks=blocks, threads=threads, smem=smem,
                             step_range=step_range))
@@ -161,8 +179,8 @@ class Runtime:
                               signature=None if self.per_step_grid else sp.signature,
                               single_step=single)
 
-    def launch_pointwise(self, cell, kind, dtype, n, threads, args, step):
-        sp, kern = self.kernel(cell, kind, dtype)
+    def launch_pointwise(self, cell, kind, dtype, n, threads, args, step, regularised=False):
+        sp, kern = self._kernel_for(cell, kind, dtype, regularised)
         blocks = -(-n // threads)
         self.on_launch(dict(name=sp.name, kind=kind, blocks=blocks, threads=threads, smem=0,
                             step_range=(step, step + 1)))
@@ -190,6 +208,44 @@ def _kernel_lengths(xp, lengths, T, B):
     return xp.asarray(host)
 
 
+@dataclass(frozen=True)
+class Noise:
+    """The regularisers of one call as the kernels take them: the NOISE_* flags and the masks in
+    the compute dtype, C-contiguous, a (1,1,1) placeholder for each that is off; rec is the
+    (B, H) recurrent dropout mask viewed as (1, B, H)."""
+    flags: int
+    rec: Any
+    zh: Any
+    zc: Any
+
+    @property
+    def recurrent(self):
+        return bool(self.flags & NOISE_REC)
+
+
+def _noise(xp, cell, noise, T, B, H, cdt):
+    """noise (gpurnn/layernorm.py's dict) for the kernels: a Noise, or None when no regulariser
+    is on (None or {}: the plain kernels run). Unknown keys, zoneout_c without a cell state and
+    masks of the wrong shape are a ValueError."""
+    noise = check_noise(cell, noise)
+    if noise is None:
+        return None
+    want = {"recurrent": (B, H), "zoneout_h": (T, B, H), "zoneout_c": (T, B, H)}
+    place = xp.zeros((1, 1, 1), cdt)
+    arrays = {}
+    for key, shape in want.items():
+        a = noise.get(key)
+        if a is None:
+            arrays[key] = place
+            continue
+        if tuple(a.shape) != shape:
+            raise ValueError(f"noise[{key!r}] has shape {tuple(a.shape)}; expected {shape}")
+        arrays[key] = xp.ascontiguousarray(xp.asarray(a).astype(cdt, copy=False))
+    rec = arrays["recurrent"]
+    return Noise(noise_flags(noise), rec.reshape(1, B, H) if rec.ndim == 2 else rec,
+                 arrays["zoneout_h"], arrays["zoneout_c"])
+
+
 def _launch_ranges(rt, blocks, n):
     """Step (or phase) ranges of the persistent launches: all n in one, or one per launch where
     the grid barrier cannot be trusted across blocks (the simulator with blocks > 1)."""
@@ -214,13 +270,14 @@ def _input_projection(xp, x, w_ih, bias, cdt):
     return xp.ascontiguousarray(gx)
 
 
-def _recur_forward(rt, cell, cfg, gx, w_hh, b_rec, h0, c0, lengths, rev, save_gates, sdt):
+def _recur_forward(rt, cell, cfg, gx, w_hh, b_rec, h0, c0, lengths, rev, save_gates, sdt,
+                   noise=None):
     """The recurrence of the forward on the kernels (one host algorithm for every kernel cell,
     the persistent or the stepwise path of `cfg`): returns (h, c, gates, y), the reserve states
     (T+1, B, H), the cell states (compute dtype; a (1,1,1) placeholder without a cell state),
     the activated gates (T, B, S*H; a placeholder unless save_gates) and y (T, B, H).
     b_rec is what the kernels read as b_rec (cellmath.make): GRU's b_hh, a peephole vector, or
-    a (1,) placeholder."""
+    a (1,) placeholder. noise: a Noise (the regularised kernels) or None."""
     xp = rt.xp
     T, B = gx.shape[:2]
     H = w_hh.shape[1]
@@ -248,27 +305,39 @@ def _recur_forward(rt, cell, cfg, gx, w_hh, b_rec, h0, c0, lengths, rev, save_ga
         P, U, bt = cfg.blocks, cfg.units_per_block, cfg.batch_tile
         smem = layout.smem_bytes_for("fwd", G, H, bt, U, dtype, threads=cfg.threads)
         for t_begin, t_end in _launch_ranges(rt, P, T):
-            rt.launch_persistent(cell, "persistent_fwd", dtype, P, cfg.threads, smem,
-                                 (gx, k(w_hh_c), b_rec, k(h), c, k(gates), k(y), lengths_k, rev,
-                                  t_begin, t_end, U, save_gates, bt), (t_begin, t_end))
+            args = (gx, k(w_hh_c), b_rec, k(h), c, k(gates), k(y), lengths_k, rev, t_begin,
+                    t_end, U, save_gates, bt)
+            if noise is not None:
+                args += (noise.rec, noise.zh, noise.zc, noise.flags)
+            rt.launch_persistent(cell, "persistent_fwd", dtype, P, cfg.threads, smem, args,
+                                 (t_begin, t_end), regularised=noise is not None)
     else:
         w_hh_t = xp.ascontiguousarray(w_hh.T.astype(cdt, copy=False))
         gh = xp.empty((B, G * H), cdt)
+        h_rec = xp.empty((B, H), cdt) if noise is not None and noise.recurrent else None
         time_of = _steps(T, rev)
         for s in range(T):
-            xp.matmul(h[time_of(s) + rev].astype(cdt, copy=False), w_hh_t, out=gh)
-            rt.launch_pointwise(cell, "pointwise_fwd", dtype, B * H, cfg.threads,
-                                (gx, gh, b_rec, k(h), c, k(gates), k(y), lengths_k, rev, s,
-                                 save_gates), s)
+            h_in = h[time_of(s) + rev].astype(cdt, copy=False)
+            if h_rec is not None:       # variational dropout: only the product sees the mask
+                xp.multiply(h_in, noise.rec[0], out=h_rec)
+                h_in = h_rec
+            xp.matmul(h_in, w_hh_t, out=gh)
+            args = (gx, gh, b_rec, k(h), c, k(gates), k(y), lengths_k, rev, s, save_gates)
+            if noise is not None:
+                args += (noise.zh, noise.zc, noise.flags)
+            rt.launch_pointwise(cell, "pointwise_fwd", dtype, B * H, cfg.threads, args, s,
+                                regularised=noise is not None)
     return h, c, gates, y
 
 
-def _recur_backward(rt, cell, cfg, w_hh, b_rec, h, c, gates, dy, dh_n, dc_n, lengths, rev):
+def _recur_backward(rt, cell, cfg, w_hh, b_rec, h, c, gates, dy, dh_n, dc_n, lengths, rev,
+                    noise=None):
     """The recurrence of the backward on the kernels (the persistent or the stepwise path of
     `cfg`), every kernel cell: returns (dgh, dgx, dh0, dc0) in the compute dtype — the
     recurrent-side pre-activation gradients (T, B, G*H; 0 on masked steps), the input-side
     ones (GRU's own array, else dgh itself), dL/dh0 and (with a cell state, else None) dL/dc0.
-    h, c and gates are the forward's (c and gates may be None where the cell has none)."""
+    h, c and gates are the forward's (c and gates may be None where the cell has none); noise
+    the forward's Noise or None."""
     xp = rt.xp
     T, B, H = dy.shape
     G = GATES[cell]
@@ -297,10 +366,12 @@ def _recur_backward(rt, cell, cfg, w_hh, b_rec, h, c, gates, dy, dh_n, dc_n, len
         P, U, bt = cfg.blocks, cfg.units_per_block, cfg.batch_tile
         smem = layout.smem_bytes_for("bwd", G, H, bt, U, dtype, threads=cfg.threads)
         for k_begin, k_end in _launch_ranges(rt, P, T + 1):
-            rt.launch_persistent(cell, "persistent_bwd", dtype, P, cfg.threads, smem,
-                                 (k(w_hh_c), b_rec, k(h), c, k(gates), k(dy), dgh, dgx, dh_carry,
-                                  dc_carry, lengths_k, rev, k_begin, k_end, U, bt),
-                                 (k_begin, k_end))
+            args = (k(w_hh_c), b_rec, k(h), c, k(gates), k(dy), dgh, dgx, dh_carry, dc_carry,
+                    lengths_k, rev, k_begin, k_end, U, bt)
+            if noise is not None:
+                args += (noise.rec, noise.zh, noise.zc, noise.flags)
+            rt.launch_persistent(cell, "persistent_bwd", dtype, P, cfg.threads, smem, args,
+                                 (k_begin, k_end), regularised=noise is not None)
         dh0 = dh_carry
     else:
         w_hh_f = w_hh_c.astype(cdt, copy=False)
@@ -309,17 +380,24 @@ def _recur_backward(rt, cell, cfg, w_hh, b_rec, h, c, gates, dy, dh_n, dc_n, len
         for s in range(T - 1, -1, -1):
             if s + 1 < T:
                 xp.matmul(dgh[time_of(s + 1)], w_hh_f, out=dh_rec)
-            rt.launch_pointwise(cell, "pointwise_bwd", dtype, B * H, cfg.threads,
-                                (b_rec, k(h), c, k(gates), k(dy), dh_rec, dgh, dgx, dh_carry,
-                                 dc_carry, lengths_k, rev, s), s)
-        dh0 = dh_carry + xp.matmul(dgh[time_of(0)], w_hh_f)
+            args = (b_rec, k(h), c, k(gates), k(dy), dh_rec, dgh, dgx, dh_carry, dc_carry,
+                    lengths_k, rev, s)
+            if noise is not None:
+                args += (noise.rec, noise.zh, noise.zc, noise.flags)
+            rt.launch_pointwise(cell, "pointwise_bwd", dtype, B * H, cfg.threads, args, s,
+                                regularised=noise is not None)
+        first = xp.matmul(dgh[time_of(0)], w_hh_f)
+        if noise is not None and noise.recurrent:
+            first *= noise.rec[0]
+        dh0 = dh_carry + first
     if cell != "gru":
         dgx = dgh
     return dgh, dgx, dh0, (dc_carry if lstm_like else None)
 
 
-def _weight_grads(xp, x, lengths, w_ih, dgx, dgh, h, rev, cdt):
-    """(dx, dW_ih, dW_hh) as GEMMs over all T*B rows, in the compute dtype."""
+def _weight_grads(xp, x, lengths, w_ih, dgx, dgh, h, rev, cdt, noise=None):
+    """(dx, dW_ih, dW_hh) as GEMMs over all T*B rows, in the compute dtype; dW_hh from the
+    states W_hh saw (masked by the recurrent dropout mask of `noise`, a Noise, when on)."""
     T, B, I = x.shape
     H = h.shape[2]
     TB = T * B
@@ -327,11 +405,14 @@ def _weight_grads(xp, x, lengths, w_ih, dgx, dgh, h, rev, cdt):
     seen = inputs_seen(x, lengths, xp).reshape(TB, I).astype(cdt, copy=False)
     dx = xp.matmul(dgx2, w_ih.astype(cdt, copy=False)).reshape(T, B, I)
     dw_ih = xp.matmul(dgx2.T, seen)
-    dw_hh = xp.matmul(dgh2.T, h[rev: rev + T].reshape(TB, H).astype(cdt, copy=False))
+    h_seen = h[rev: rev + T].astype(cdt, copy=False)
+    if noise is not None and noise.recurrent:
+        h_seen = h_seen * noise.rec
+    dw_hh = xp.matmul(dgh2.T, h_seen.reshape(TB, H))
     return dx, dw_ih, dw_hh
 
 
-def _launch_for_backward(cell, I, H, B, dtype, device, launch, options):
+def _launch_for_backward(cell, I, H, B, dtype, device, launch, options, noise=None):
     """The backward's launch: the forward's (`launch`, a LaunchConfig or None) unless options
     override some of it, else the plan's."""
     cfg = launch if isinstance(launch, LaunchConfig) else None
@@ -339,14 +420,15 @@ def _launch_for_backward(cell, I, H, B, dtype, device, launch, options):
         merged = {} if cfg is None else {"path": cfg.path, "blocks": cfg.blocks,
                                          "threads": cfg.threads, "batch_tile": cfg.batch_tile}
         merged.update(check_options(options))
-        cfg = choose_launch(cell, I, H, B, dtype, device, merged)
+        cfg = choose_launch(cell, I, H, B, dtype, device, merged, noise)
     return cfg
 
 
 def run_forward(rt: Runtime, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse,
-                need_reserve, options):
+                need_reserve, options, noise=None):
     """Storage dtype = x's (float32/64 or 16-bit, gpurnn.kernels.dtypes); Gx, the cell state
-    and every GEMM in the compute dtype; h, y and the reserve gates in the storage dtype."""
+    and every GEMM in the compute dtype; h, y and the reserve gates in the storage dtype.
+    noise: the regularisers' dict (module docstring) or None; the Reserve keeps it."""
     xp = rt.xp
     T, B, I = x.shape
     H = w_hh.shape[1]
@@ -354,7 +436,9 @@ def run_forward(rt: Runtime, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, r
     dtype = _dtype_name(x)
     sdt, cdt = x.dtype, np.dtype(COMPUTE[dtype])
     rev = 1 if reverse else 0
-    cfg = choose_launch(cell, I, H, B, dtype, rt.device, options)
+    check_options(options)
+    kn = _noise(xp, cell, noise, T, B, H, cdt)
+    cfg = choose_launch(cell, I, H, B, dtype, rt.device, options, noise if kn else None)
     gx = _input_projection(xp, x, w_ih, input_bias(cell, b_ih, b_hh), cdt)
     if cell == "gru":
         b_rec = (xp.ascontiguousarray(b_hh.astype(cdt, copy=False)) if b_hh is not None
@@ -362,14 +446,15 @@ def run_forward(rt: Runtime, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, r
     else:
         b_rec = xp.zeros(1, cdt)
     h, c, gates, y = _recur_forward(rt, cell, cfg, gx, w_hh, b_rec, h0, c0, lengths, rev,
-                                    need_reserve, sdt)
+                                    need_reserve, sdt, kn)
     h_n = h[0 if rev else T].copy()
     c_n = c[0 if rev else T].astype(sdt) if cell == "lstm" else None
     reserve = None
     if need_reserve:
         reserve = Reserve(cell=cell, backend=rt.name, reverse=bool(reverse), x=x, w_ih=w_ih,
                           w_hh=w_hh, has_bias=b_ih is not None, lengths=lengths, h=h,
-                          c=c if cell == "lstm" else None, gates=gates if S else None, launch=cfg)
+                          c=c if cell == "lstm" else None, gates=gates if S else None, launch=cfg,
+                          noise=noise if kn is not None else None)
     return y, h_n, c_n, reserve
 
 
@@ -383,11 +468,14 @@ def run_backward(rt: Runtime, reserve: Reserve, dy, dh_n, dc_n, options):
     dtype = _dtype_name(x)
     sdt, cdt = x.dtype, np.dtype(COMPUTE[dtype])
     rev = 1 if reserve.reverse else 0
-    cfg = _launch_for_backward(cell, I, H, B, dtype, rt.device, reserve.launch, options)
+    check_options(options)
+    kn = _noise(xp, cell, reserve.noise, T, B, H, cdt)
+    cfg = _launch_for_backward(cell, I, H, B, dtype, rt.device, reserve.launch, options,
+                               reserve.noise if kn else None)
     b_rec = xp.zeros(1, cdt)            # no plain cell's backward reads b_rec
     dgh, dgx, dh0, dc0 = _recur_backward(rt, cell, cfg, w_hh, b_rec, h, reserve.c,
-                                         reserve.gates, dy, dh_n, dc_n, reserve.lengths, rev)
-    dx, dw_ih, dw_hh = _weight_grads(xp, x, reserve.lengths, w_ih, dgx, dgh, h, rev, cdt)
+                                         reserve.gates, dy, dh_n, dc_n, reserve.lengths, rev, kn)
+    dx, dw_ih, dw_hh = _weight_grads(xp, x, reserve.lengths, w_ih, dgx, dgh, h, rev, cdt, kn)
     db_ih = db_hh = None
     if reserve.has_bias:
         db_ih = dgx.reshape(T * B, -1).sum(axis=0)
@@ -514,9 +602,9 @@ def _runtime() -> Runtime:
 
 
 def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_reserve, *,
-            options=None):
+            options=None, noise=None):
     return run_forward(_runtime(), cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse,
-                       need_reserve, options)
+                       need_reserve, options, noise)
 
 
 def backward(reserve, dy, dh_n, dc_n, *, options=None):

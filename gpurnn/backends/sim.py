@@ -125,15 +125,15 @@ def _split(options):
 
 
 def forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_reserve, *,
-            options=None):
+            options=None, noise=None):
     rt, options = _split(options)
+    args = (rt, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, need_reserve, options,
+            noise)
     if rt is STOCK_RUNTIME:
         enable_stock_simulator()
         with _STOCK_LOCK:
-            return _host.run_forward(rt, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse,
-                                     need_reserve, options)
-    return _host.run_forward(rt, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse,
-                             need_reserve, options)
+            return _host.run_forward(*args)
+    return _host.run_forward(*args)
 
 
 def backward(reserve, dy, dh_n, dc_n, *, options=None):

@@ -21,6 +21,9 @@ from numba.core.types import float16
 from numba.cuda import libdevice
 
 from .dtypes import COMPUTE, KERNEL_VIEW, NP_COMPUTE, STORAGE
+# the regularised kernels' flags (which masks are on) and cells live in gpurnn.kernels.layout,
+# which the host reads without importing numba.cuda
+from .layout import NOISE_REC, NOISE_ZC, NOISE_ZH, REGULARISED_CELLS, noise_flags  # noqa: F401
 
 # Numba element types per storage dtype, of gpurnn.kernels.dtypes' names: bfloat16 as raw words
 NUMBA_COMPUTE = {name: getattr(types, COMPUTE[name]) for name in STORAGE}
@@ -74,8 +77,10 @@ def step_times(T, s, reverse):
     return t, t + reverse, t + 1 - reverse
 
 
+
+
 @functools.lru_cache(maxsize=None)
-def make(cell: str, dtype: str):
+def make(cell: str, dtype: str, regularised: bool = False):
     """(fwd_unit, bwd_unit) device functions for cell, dtype (any kernel cell of gpurnn.cells:
     the torch-facing ones and the kernel-only LSTM variants lstm_peephole, cifg, cifg_peephole).
 
@@ -93,6 +98,18 @@ def make(cell: str, dtype: str):
         direct part of dL/dh_in) and (LSTM family) dc_carry[b, u]. b_rec as in fwd_unit (read
         by the peephole cells only).
 
+    regularised=True (REGULARISED_CELLS only): the same two with three more arguments,
+    fwd_unit(..., save_gates, zh, zc, noise) and bwd_unit(..., dh, zh, zc, noise): zh, zc
+    (T, B, H) the zoneout masks d_h, d_c (compute dtype), noise the NOISE_* bits saying which
+    are on (an absent one is a placeholder, never read). On an active step, with c~, h~ the
+    cell's own new values, c_t = d_c*c_{t-1} + (1-d_c)*c~ and h_t = d_h*h_{t-1} + (1-d_h)*h~
+    (LSTM: h~ = o*tanh(c~)); the backward splits dL/dh_t (dL/dc_t) into d*(.) carried to the
+    previous state and (1-d)*(.) into the cell, recomputing LSTM's c~ = f*c_{t-1} + i*g from
+    the gates and an RNN's h~ = (h_t - d*h_{t-1}) / (1-d) (the NumPy reference's recovery).
+    Variational recurrent dropout is the callers': it only touches the recurrent product
+    (the staged h forward, dh_rec backward), never h_in here. Without `regularised` the
+    plain functions are these with noise = 0 fixed at compile time: nothing of it is left.
+
     The variants (gpurnn.variants), per unit, a_* the pre-activations (gx + recurrent part):
       peephole  i = sig(a_i + w_ci*c_in), f = sig(a_f + w_cf*c_in), g = tanh(a_g),
                 c_new = f*c_in + i*g, o = sig(a_o + w_co*c_new), h = o*tanh(c_new)
@@ -102,6 +119,35 @@ def make(cell: str, dtype: str):
     dc_carry <- dc*f + dpre_i*w_ci + dpre_f*w_cf (cifg: f = 1-i, and dpre_i = dc*(g - c_in)*
     i*(1-i)). The peephole weights' own gradients are the host's (from dgh and c).
     """
+    if regularised and cell not in REGULARISED_CELLS:
+        raise ValueError(f"no regularised kernels for cell {cell!r}; they exist for "
+                         f"{REGULARISED_CELLS}")
+    fwd_reg, bwd_reg = units(cell, dtype)
+    if regularised:
+        return fwd_reg, bwd_reg
+    NOISE_OFF = 0
+
+    # the plain cell: the same math with every mask off, fixed at compile time (c stands in
+    # for the masks; with noise = 0 it is never read)
+    @cuda.jit(device=True, inline=True)
+    def fwd_unit(gx, b_rec, h, c, gates, y, lengths, t, t_in, t_out, b, u, r0, r1, r2, r3, h_in,
+                 save_gates):
+        fwd_reg(gx, b_rec, h, c, gates, y, lengths, t, t_in, t_out, b, u, r0, r1, r2, r3, h_in,
+                save_gates, c, c, NOISE_OFF)
+
+    @cuda.jit(device=True, inline=True)
+    def bwd_unit(b_rec, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, t, t_in, t_out,
+                 b, u, dh):
+        bwd_reg(b_rec, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, t, t_in, t_out, b,
+                u, dh, c, c, NOISE_OFF)
+
+    return fwd_unit, bwd_unit
+
+
+@functools.lru_cache(maxsize=None)
+def units(cell: str, dtype: str):
+    """make()'s functions with the three noise arguments, for any kernel cell (the kernels'
+    shared bodies call these; the LSTM variants always with noise = 0)."""
     DT = NP_COMPUTE[dtype]
     LOAD, STORE = codec(dtype)
     ZERO, HALF, ONE = DT(0), DT(0.5), DT(1)
@@ -112,8 +158,8 @@ def make(cell: str, dtype: str):
     G = {"lstm": 4, "lstm_peephole": 4, "gru": 3, "cifg": 3, "cifg_peephole": 3}.get(cell, 1)
 
     @cuda.jit(device=True, inline=True)
-    def fwd_unit(gx, b_rec, h, c, gates, y, lengths, t, t_in, t_out, b, u, r0, r1, r2, r3, h_in,
-                 save_gates):
+    def fwd_reg(gx, b_rec, h, c, gates, y, lengths, t, t_in, t_out, b, u, r0, r1, r2, r3, h_in,
+                save_gates, zh, zc, noise):
         H = h.shape[2]
         active = t < lengths[b]
         if IS_LSTM:
@@ -132,6 +178,9 @@ def make(cell: str, dtype: str):
             if active:
                 c_out = f * c_in + i * gg
                 h_out = o * math.tanh(c_out)
+                if noise & NOISE_ZC:
+                    d = zc[t, b, u]
+                    c_out = (ONE - d) * c_out + d * c_in
             c[t_out, b, u] = c_out
         elif IS_PEEP_LSTM:
             c_in = c[t_in, b, u]
@@ -195,12 +244,16 @@ def make(cell: str, dtype: str):
                     h_out = a if a > ZERO else ZERO
                 else:
                     h_out = math.tanh(a)
+        if noise & NOISE_ZH:
+            if active:
+                d = zh[t, b, u]
+                h_out = (ONE - d) * h_out + d * h_in
         h[t_out, b, u] = STORE(h_out)
         y[t, b, u] = STORE(h_out if active else ZERO)
 
     @cuda.jit(device=True, inline=True)
-    def bwd_unit(b_rec, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, t, t_in, t_out,
-                 b, u, dh):
+    def bwd_reg(b_rec, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, t, t_in, t_out,
+                b, u, dh, zh, zc, noise):
         H = h.shape[2]
         if t >= lengths[b]:
             # masked step: the state was copied through, y was a constant 0
@@ -211,19 +264,38 @@ def make(cell: str, dtype: str):
                     dgx[t, b, g * H + u] = ZERO
             return
         dh += LOAD(dy[t, b, u])
+        # zoneout: d*dL/dh_t goes straight to h_{t-1} (held), (1-d)*dL/dh_t into the cell
+        held = ZERO
+        if noise & NOISE_ZH:
+            d = zh[t, b, u]
+            held = d * dh
+            dh = (ONE - d) * dh
         if IS_LSTM:
             i = LOAD(gates[t, b, u])
             f = LOAD(gates[t, b, H + u])
             gg = LOAD(gates[t, b, 2 * H + u])
             o = LOAD(gates[t, b, 3 * H + u])
-            tanh_c = math.tanh(c[t_out, b, u])
-            dc = dc_carry[b, u] + dh * o * (ONE - tanh_c * tanh_c)
+            held_c = ZERO
+            if noise & NOISE_ZC:
+                # c[t_out] is c_t after zoneout: the cell's own c~ from its gates and c_{t-1};
+                # d_c*dL/dc_t goes straight to c_{t-1}, (1-d_c)*dL/dc_t into c~
+                tanh_c = math.tanh(f * c[t_in, b, u] + i * gg)
+                d_c = zc[t, b, u]
+                dC = dc_carry[b, u]
+                held_c = d_c * dC
+                dc = (ONE - d_c) * dC + dh * o * (ONE - tanh_c * tanh_c)
+            else:
+                tanh_c = math.tanh(c[t_out, b, u])
+                dc = dc_carry[b, u] + dh * o * (ONE - tanh_c * tanh_c)
             dgh[t, b, u] = dc * gg * (i * (ONE - i))
             dgh[t, b, H + u] = dc * c[t_in, b, u] * (f * (ONE - f))
             dgh[t, b, 2 * H + u] = dc * i * (ONE - gg * gg)
             dgh[t, b, 3 * H + u] = dh * tanh_c * (o * (ONE - o))
-            dc_carry[b, u] = dc * f
-            dh_carry[b, u] = ZERO
+            if noise & NOISE_ZC:
+                dc_carry[b, u] = dc * f + held_c
+            else:
+                dc_carry[b, u] = dc * f
+            dh_carry[b, u] = held
         elif IS_PEEP_LSTM:
             i = LOAD(gates[t, b, u])
             f = LOAD(gates[t, b, H + u])
@@ -274,17 +346,25 @@ def make(cell: str, dtype: str):
             dgh[t, b, u] = dar
             dgh[t, b, H + u] = daz
             dgh[t, b, 2 * H + u] = dan * r          # the recurrent side of n is r * hn
-            dh_carry[b, u] = dh * z
+            if noise & NOISE_ZH:
+                dh_carry[b, u] = dh * z + held
+            else:
+                dh_carry[b, u] = dh * z
         else:
             h_out = LOAD(h[t_out, b, u])
+            if noise & NOISE_ZH:
+                # h~ from h_t = d*h_{t-1} + (1-d)*h~ (exact for d = 0; unused for d = 1)
+                d = zh[t, b, u]
+                keep = ONE - d
+                h_out = (h_out - d * LOAD(h[t_in, b, u])) / (keep if keep != ZERO else ONE)
             if IS_RELU:
                 da = dh if h_out > ZERO else ZERO
             else:
                 da = dh * (ONE - h_out * h_out)
             dgh[t, b, u] = da
-            dh_carry[b, u] = ZERO
+            dh_carry[b, u] = held
 
-    return fwd_unit, bwd_unit
+    return fwd_reg, bwd_reg
 
 
 # ---------------------------------------------------------------- LayerNormLSTM

@@ -37,6 +37,21 @@ from typing import Any, Callable
 KERNEL_REGS_MAX = 192
 
 
+# Bits of the `noise` flags the regularised kernels take (gpurnn/layernorm.py's contract):
+# which of the masks is on; the arrays of the others are placeholders and never read.
+NOISE_REC, NOISE_ZH, NOISE_ZC = 1, 2, 4
+# the cells with a regularised specialization (zoneout, variational recurrent dropout)
+REGULARISED_CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+
+
+def noise_flags(noise) -> int:
+    """The kernels' NOISE_* flags for a noise dict (None or {}: 0)."""
+    if not noise:
+        return 0
+    return ((NOISE_REC if "recurrent" in noise else 0) | (NOISE_ZH if "zoneout_h" in noise else 0)
+            | (NOISE_ZC if "zoneout_c" in noise else 0))
+
+
 def units_per_block(hidden: int, blocks: int) -> int:
     return -(-hidden // blocks)
 
@@ -110,3 +125,4 @@ class KernelSpec:
     kind: str              # persistent_fwd | persistent_bwd | pointwise_fwd | pointwise_bwd
     dtype: str             # float32 | float64
     grid_sync: bool        # uses grid.sync(): link with cudadevrt, launch cooperatively
+    regularised: bool = False   # the specialization with zoneout / recurrent dropout masks

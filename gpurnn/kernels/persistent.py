@@ -70,6 +70,9 @@ else:
 
 
 
+NOISE_OFF = 0       # the plain kernels' noise flags: every mask off, at compile time
+
+
 @cuda.jit(device=True, inline=True)
 def _lane_split(n_nominal, threads):
     """(L, groups): L lanes share each dot product, threads // L groups take a tile's outputs
@@ -97,8 +100,9 @@ def _padded_row(length, lanes):
 
 
 @functools.lru_cache(maxsize=None)
-def make_fwd(cell: str, dtype: str):
-    """The persistent forward kernel (plain Python function, cuda.jit-able) for cell, dtype.
+def make_fwd(cell: str, dtype: str, regularised: bool = False):
+    """The persistent forward kernel (plain Python function, cuda.jit-able) for cell, dtype;
+    with `regularised`, its specialization with zoneout and variational recurrent dropout.
 
     Arguments (all C-contiguous; [S] storage dtype, else compute dtype: gpurnn.kernels.dtypes):
       gx       (T, B, G*H)  input projection with folded biases; read only
@@ -116,7 +120,13 @@ def make_fwd(cell: str, dtype: str):
       reverse, t_begin, t_end, units : int32 (see the module docstring)
       save_gates int32      1 in a training forward (keeps the reserve), 0 for inference
       batch_tile int32      rows of h staged at once, 1..B (the plan's choice)
+    regularised only, after batch_tile (compute dtype; an absent mask: any (1,1,1) placeholder):
+      rec      (1, B, H)    variational recurrent dropout mask: the staged h (what meets W_hh)
+                            is h_{t-1} * rec; the cell update reads the unmasked h_{t-1}
+      zh, zc   (T, B, H)    zoneout masks d_h, d_c (cellmath.make)
+      noise    int32        cellmath.NOISE_* bits: which of rec, zh, zc are on
     Dynamic shared memory: layout.smem_bytes_for('fwd', G, H, batch_tile, units, dtype).
+    The plain kernel is the same body with noise = 0 fixed at compile time.
     """
     G = GATES[cell]
     DT = NP_COMPUTE[dtype]
@@ -125,10 +135,14 @@ def make_fwd(cell: str, dtype: str):
     W_BYTES, C_BYTES = ITEMSIZE[dtype], DT(0).itemsize
     LOAD, _ = codec(dtype)
     ZERO = DT(0)                  # typed: a float64 literal would promote f32 math
-    fwd_unit, _ = cellmath.make(cell, dtype)
+    if regularised:
+        cellmath.make(cell, dtype, True)            # a cell without regularised kernels: raise
+    fwd_unit, _ = cellmath.units(cell, dtype)       # the cell math with its noise arguments
+    NOISE_REC = cellmath.NOISE_REC
 
-    def kernel(gx, w_hh, b_rec, h, c, gates, y, lengths, reverse, t_begin, t_end, units,
-               save_gates, batch_tile):
+    @cuda.jit(device=True, inline=True)
+    def body(gx, w_hh, b_rec, h, c, gates, y, lengths, reverse, t_begin, t_end, units,
+             save_gates, batch_tile, rec, zh, zc, noise):
         grid = _this_grid()
         # the dynamic shared memory, as weights (storage type) and as compute values: one
         # buffer, the compute regions after the weight slice (the same view at 32/64 bits)
@@ -166,7 +180,10 @@ def make_fwd(cell: str, dtype: str):
                 if b0 > 0:
                     cuda.syncthreads()      # the last tile's update has read h_prev and pre
                 for idx in range(tid, nb * H, stride):
-                    smem[h_off + idx] = LOAD(h[t_in, b0 + idx // H, idx % H])
+                    hv = LOAD(h[t_in, b0 + idx // H, idx % H])
+                    if noise & NOISE_REC:       # only the recurrent product sees the mask
+                        hv *= rec[0, b0 + idx // H, idx % H]
+                    smem[h_off + idx] = hv
                 cuda.syncthreads()
                 n_out = nb * G * nu                     # dot products of this tile
                 for rnd in range((n_out + groups - 1) // groups):
@@ -212,20 +229,35 @@ def make_fwd(cell: str, dtype: str):
                     if G > 3:
                         r3 = smem[p + 3 * units]
                     u = u0 + k
-                    h_in = smem[h_off + b * H + u]
-                    fwd_unit(gx, b_rec, h, c, gates, y, lengths, t, t_in, t_out, b0 + b, u, r0, r1,
-                             r2, r3, h_in, save_gates)
+                    if noise & NOISE_REC:
+                        h_in = LOAD(h[t_in, b0 + b, u])     # the staged copy is masked
+                    else:
+                        h_in = smem[h_off + b * H + u]
+                    fwd_unit(gx, b_rec, h, c, gates, y, lengths, t, t_in, t_out, b0 + b, u, r0,
+                             r1, r2, r3, h_in, save_gates, zh, zc, noise)
             if s + 1 < t_end:
                 _grid_group_sync(grid)
 
-    kernel.__name__ = f"{cell}_persistent_fwd_{SHORT[dtype]}"
+    if regularised:
+        def kernel(gx, w_hh, b_rec, h, c, gates, y, lengths, reverse, t_begin, t_end, units,
+                   save_gates, batch_tile, rec, zh, zc, noise):
+            body(gx, w_hh, b_rec, h, c, gates, y, lengths, reverse, t_begin, t_end, units,
+                 save_gates, batch_tile, rec, zh, zc, noise)
+    else:
+        def kernel(gx, w_hh, b_rec, h, c, gates, y, lengths, reverse, t_begin, t_end, units,
+                   save_gates, batch_tile):
+            body(gx, w_hh, b_rec, h, c, gates, y, lengths, reverse, t_begin, t_end, units,
+                 save_gates, batch_tile, c, c, c, NOISE_OFF)
+
+    kernel.__name__ = f"{cell}_persistent_fwd_{'reg_' if regularised else ''}{SHORT[dtype]}"
     kernel.__qualname__ = kernel.__name__
     return kernel
 
 
 @functools.lru_cache(maxsize=None)
-def make_bwd(cell: str, dtype: str):
-    """The persistent backward (BPTT) kernel for cell, dtype.
+def make_bwd(cell: str, dtype: str, regularised: bool = False):
+    """The persistent backward (BPTT) kernel for cell, dtype; with `regularised`, its
+    specialization with zoneout and variational recurrent dropout.
 
     Arguments (all C-contiguous; [S] storage dtype, else compute dtype: gpurnn.kernels.dtypes):
       w_hh      (G*H, H)     [S] recurrent weights; read only, columns of U_j once per launch
@@ -241,8 +273,12 @@ def make_bwd(cell: str, dtype: str):
       dc_carry  (B, H)       LSTM: in dL/dc_n, out dL/dc0; else (1,1) placeholder
       lengths   int32 (B,) ; reverse, k_begin, k_end, units : int32 (module docstring)
       batch_tile int32       rows of gate gradients staged at once, 1..B
+    regularised only, after batch_tile: rec (1, B, H), zh, zc (T, B, H), noise int32 as in
+      make_fwd: dL/dh_{t-1} = (the direct part) + rec * (W_hh^T dgh_t), the recurrent part
+      dh_rec masked before it is carried; zoneout in cellmath's bwd_unit.
     No argument may alias another. Dynamic shared memory:
     layout.smem_bytes_for('bwd', G, H, batch_tile, units, dtype).
+    The plain kernel is the same body with noise = 0 fixed at compile time.
     """
     G = GATES[cell]
     DT = NP_COMPUTE[dtype]
@@ -251,10 +287,14 @@ def make_bwd(cell: str, dtype: str):
     W_BYTES, C_BYTES = ITEMSIZE[dtype], DT(0).itemsize
     LOAD, _ = codec(dtype)
     ZERO = DT(0)
-    _, bwd_unit = cellmath.make(cell, dtype)
+    if regularised:
+        cellmath.make(cell, dtype, True)
+    _, bwd_unit = cellmath.units(cell, dtype)
+    NOISE_REC = cellmath.NOISE_REC
 
-    def kernel(w_hh, b_rec, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, reverse,
-               k_begin, k_end, units, batch_tile):
+    @cuda.jit(device=True, inline=True)
+    def body(w_hh, b_rec, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, reverse,
+             k_begin, k_end, units, batch_tile, rec, zh, zc, noise):
         grid = _this_grid()
         wsm = cuda.shared.array(0, dtype=W_SMEM_TYPE)     # as in the forward: one buffer
         smem = cuda.shared.array(0, dtype=SMEM_TYPE)
@@ -317,17 +357,30 @@ def make_bwd(cell: str, dtype: str):
                         k = oi % nu
                         b = b0 + oi // nu
                         u = u0 + k
+                        if noise & NOISE_REC:       # the product saw h_{t-1} * rec
+                            dh_rec *= rec[0, b, u]
                         dh = dh_carry[b, u] + dh_rec
                         if s < 0:
                             dh_carry[b, u] = dh
                         else:
                             bwd_unit(b_rec, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry,
-                                     lengths, t, t_in, t_out, b, u, dh)
+                                     lengths, t, t_in, t_out, b, u, dh, zh, zc, noise)
             # lanes > 1 means one round, and the grid barrier orders this phase's scratch reads
             # before the next phase's writes: no block barrier is needed here.
             if kk + 1 < k_end:
                 _grid_group_sync(grid)
 
-    kernel.__name__ = f"{cell}_persistent_bwd_{SHORT[dtype]}"
+    if regularised:
+        def kernel(w_hh, b_rec, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, reverse,
+                   k_begin, k_end, units, batch_tile, rec, zh, zc, noise):
+            body(w_hh, b_rec, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, reverse,
+                 k_begin, k_end, units, batch_tile, rec, zh, zc, noise)
+    else:
+        def kernel(w_hh, b_rec, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, reverse,
+                   k_begin, k_end, units, batch_tile):
+            body(w_hh, b_rec, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, reverse,
+                 k_begin, k_end, units, batch_tile, c, c, c, NOISE_OFF)
+
+    kernel.__name__ = f"{cell}_persistent_bwd_{'reg_' if regularised else ''}{SHORT[dtype]}"
     kernel.__qualname__ = kernel.__name__
     return kernel

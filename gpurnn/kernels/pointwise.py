@@ -19,9 +19,14 @@ from .cellmath import codec
 from .dtypes import NP_COMPUTE, SHORT
 
 
+NOISE_OFF = 0       # the plain kernels' noise flags: every mask off, at compile time
+
+
 @functools.lru_cache(maxsize=None)
-def make_fwd(cell: str, dtype: str):
-    """Pointwise forward of processing step `s` for cell, dtype.
+def make_fwd(cell: str, dtype: str, regularised: bool = False):
+    """Pointwise forward of processing step `s` for cell, dtype; with `regularised`, its
+    specialization with zoneout (the recurrent dropout mask is the host GEMM's: gh is
+    (h_in * rec) @ W_hh^T, while the cell update reads the unmasked h_in).
 
     Arguments (C-contiguous; [S] storage dtype, else compute dtype: gpurnn.kernels.dtypes):
       gx       (T, B, G*H)  input projection with folded biases; read only
@@ -35,14 +40,19 @@ def make_fwd(cell: str, dtype: str):
       y        (T, B, H)    [S] written (0 on masked steps)
       lengths  int32 (B,) ; reverse, s : int32 (s = processing step, t = s or T-1-s)
       save_gates int32      1 in a training forward (keeps the reserve), 0 for inference
+    regularised only, after save_gates: zh, zc (T, B, H) zoneout masks (compute dtype; an
+      absent one any (1,1,1) placeholder), noise int32 (cellmath.NOISE_* bits)
     No argument may alias another.
     """
     G = GATES[cell]
     ZERO = NP_COMPUTE[dtype](0)   # typed: a float64 literal would promote f32 math
     LOAD, _ = codec(dtype)
-    fwd_unit, _ = cellmath.make(cell, dtype)
+    if regularised:
+        cellmath.make(cell, dtype, True)            # a cell without regularised kernels: raise
+    fwd_unit, _ = cellmath.units(cell, dtype)
 
-    def kernel(gx, gh, b_rec, h, c, gates, y, lengths, reverse, s, save_gates):
+    @cuda.jit(device=True, inline=True)
+    def body(gx, gh, b_rec, h, c, gates, y, lengths, reverse, s, save_gates, zh, zc, noise):
         idx = cuda.grid(1)
         T = gx.shape[0]
         B = h.shape[1]
@@ -62,16 +72,24 @@ def make_fwd(cell: str, dtype: str):
                 r3 = gh[b, 3 * H + u]
             h_in = LOAD(h[t_in, b, u])
             fwd_unit(gx, b_rec, h, c, gates, y, lengths, t, t_in, t_out, b, u, r0, r1, r2, r3, h_in,
-                     save_gates)
+                     save_gates, zh, zc, noise)
 
-    kernel.__name__ = f"{cell}_pointwise_fwd_{SHORT[dtype]}"
+    if regularised:
+        def kernel(gx, gh, b_rec, h, c, gates, y, lengths, reverse, s, save_gates, zh, zc, noise):
+            body(gx, gh, b_rec, h, c, gates, y, lengths, reverse, s, save_gates, zh, zc, noise)
+    else:
+        def kernel(gx, gh, b_rec, h, c, gates, y, lengths, reverse, s, save_gates):
+            body(gx, gh, b_rec, h, c, gates, y, lengths, reverse, s, save_gates, c, c, NOISE_OFF)
+
+    kernel.__name__ = f"{cell}_pointwise_fwd_{'reg_' if regularised else ''}{SHORT[dtype]}"
     kernel.__qualname__ = kernel.__name__
     return kernel
 
 
 @functools.lru_cache(maxsize=None)
-def make_bwd(cell: str, dtype: str):
-    """Pointwise backward of processing step `s` for cell, dtype.
+def make_bwd(cell: str, dtype: str, regularised: bool = False):
+    """Pointwise backward of processing step `s` for cell, dtype; with `regularised`, its
+    specialization with zoneout and variational recurrent dropout.
 
     Arguments (C-contiguous; [S] storage dtype, else compute dtype: gpurnn.kernels.dtypes):
       b_rec     (n,)         the peephole cells' peephole vector (cellmath.make); else (1,)
@@ -84,11 +102,19 @@ def make_bwd(cell: str, dtype: str):
       dh_carry  (B, H)       in/out: direct part of dL/dh_out -> of dL/dh_in
       dc_carry  (B, H)       LSTM in/out dL/dc_out -> dL/dc_in; else (1,1) placeholder
       lengths   int32 (B,) ; reverse, s : int32
+    regularised only, after s: rec (1, B, H) the recurrent dropout mask (dh_rec, the product
+      with the masked state, is multiplied by it here), zh, zc (T, B, H), noise int32 (as in
+      the persistent kernels; absent masks any (1,1,1) placeholder)
     No argument may alias another.
     """
-    _, bwd_unit = cellmath.make(cell, dtype)
+    if regularised:
+        cellmath.make(cell, dtype, True)
+    _, bwd_unit = cellmath.units(cell, dtype)
+    NOISE_REC = cellmath.NOISE_REC
 
-    def kernel(b_rec, h, c, gates, dy, dh_rec, dgh, dgx, dh_carry, dc_carry, lengths, reverse, s):
+    @cuda.jit(device=True, inline=True)
+    def body(b_rec, h, c, gates, dy, dh_rec, dgh, dgx, dh_carry, dc_carry, lengths, reverse, s,
+             rec, zh, zc, noise):
         idx = cuda.grid(1)
         T = dy.shape[0]
         B = h.shape[1]
@@ -97,10 +123,24 @@ def make_bwd(cell: str, dtype: str):
             b = idx // H
             u = idx % H
             t, t_in, t_out = step_times(T, s, reverse)
-            dh = dh_carry[b, u] + dh_rec[b, u]
+            if noise & NOISE_REC:       # the host's product saw h_{t-1} * rec
+                dh = dh_carry[b, u] + dh_rec[b, u] * rec[0, b, u]
+            else:
+                dh = dh_carry[b, u] + dh_rec[b, u]
             bwd_unit(b_rec, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, t, t_in, t_out,
-                     b, u, dh)
+                     b, u, dh, zh, zc, noise)
 
-    kernel.__name__ = f"{cell}_pointwise_bwd_{SHORT[dtype]}"
+    if regularised:
+        def kernel(b_rec, h, c, gates, dy, dh_rec, dgh, dgx, dh_carry, dc_carry, lengths, reverse,
+                   s, rec, zh, zc, noise):
+            body(b_rec, h, c, gates, dy, dh_rec, dgh, dgx, dh_carry, dc_carry, lengths, reverse, s,
+                 rec, zh, zc, noise)
+    else:
+        def kernel(b_rec, h, c, gates, dy, dh_rec, dgh, dgx, dh_carry, dc_carry, lengths, reverse,
+                   s):
+            body(b_rec, h, c, gates, dy, dh_rec, dgh, dgx, dh_carry, dc_carry, lengths, reverse, s,
+                 c, c, c, NOISE_OFF)
+
+    kernel.__name__ = f"{cell}_pointwise_bwd_{'reg_' if regularised else ''}{SHORT[dtype]}"
     kernel.__qualname__ = kernel.__name__
     return kernel

@@ -57,6 +57,8 @@ class Plan:
     # predicted seconds per step (planning.cost): {"persistent": (fwd, bwd), "stepwise": (fwd,
     # bwd)} of StepTime; None on the simulator profile (no timing) or where a path cannot run
     predicted: Optional[dict] = None
+    # the regularisers the predictions and step_traffic count (gpurnn/layernorm.py's keys)
+    noise: tuple = ()
 
     def predicted_step(self, path: Optional[str] = None, direction: str = "fwd"):
         """The model's StepTime for one step of `path` (default: plan.path), 'fwd' or 'bwd';
@@ -94,7 +96,7 @@ class Plan:
 
 
 def plan(cell, input_size, hidden_size, batch, dtype="float32", device=None, *, blocks=None,
-         threads=None, regs_per_thread=None, batch_tile=None) -> Plan:
+         threads=None, regs_per_thread=None, batch_tile=None, noise=None) -> Plan:
     """Choose the persistent or the stepwise path for one layer and direction.
 
     cell: one of gpurnn.cells.ALL_CELLS (the torch-facing cells and the kernel-only LSTM
@@ -109,6 +111,9 @@ def plan(cell, input_size, hidden_size, batch, dtype="float32", device=None, *, 
     holding the compiled kernel may pass its real count to allow more resident blocks.
     batch_tile: force the rows of the batch a persistent block stages at once (1..batch);
     default the whole batch if it fits, else the largest tile that does.
+    noise: the regularisers that will be on (a noise dict or its keys: 'recurrent',
+    'zoneout_h', 'zoneout_c'); the step model counts their mask reads (Plan.noise keeps them).
+    They take no shared memory, so they change no capacity.
 
     The persistent path fits iff the forward and backward shared memory per block fit the
     opt-in limit and P does not exceed SMs x resident blocks per SM (residency from shared
@@ -126,11 +131,12 @@ def plan(cell, input_size, hidden_size, batch, dtype="float32", device=None, *, 
         check_int("batch_tile", batch_tile)
         if batch_tile > batch:
             raise ValueError(f"batch_tile must be <= batch ({batch}); got {batch_tile}")
+    keys = tuple(sorted(cost._noise_keys(noise)))
     return _plan(cell, input_size, hidden_size, batch, dtype, dev, blocks, nthreads, regs,
-                 batch_tile)
+                 batch_tile, keys)
 
 
-def _plan(cell, input_size, hidden, batch, dtype, dev, blocks, threads, regs, tile):
+def _plan(cell, input_size, hidden, batch, dtype, dev, blocks, threads, regs, tile, noise=()):
     gates = GATES[cell]
     itemsize = ITEMSIZE[dtype]
     cap = resident_limit(threads, regs, dev)
@@ -155,13 +161,14 @@ def _plan(cell, input_size, hidden, batch, dtype, dev, blocks, threads, regs, ti
     predicted = None
     if timing is not None:
         predicted = {"stepwise": tuple(cost.stepwise_step(d, gates, hidden, batch, itemsize,
-                                                          dev.l2_bytes, dev, timing)
+                                                          dev.l2_bytes, dev, timing, noise=noise)
                                        for d in ("fwd", "bwd"))}
         if not failures:
             predicted["persistent"] = tuple(
                 cost.persistent_step(d, gates, hidden, batch, itemsize, f.blocks, f.units, f.tile,
                                      RESERVE_GATES[cell], dev, timing,
-                                     peepholes=PEEPHOLES.get(cell, 0)) for d in ("fwd", "bwd"))
+                                     peepholes=PEEPHOLES.get(cell, 0), noise=noise)
+                for d in ("fwd", "bwd"))
 
     if failures:
         path = "stepwise"
@@ -199,7 +206,8 @@ def _plan(cell, input_size, hidden, batch, dtype, dev, blocks, threads, regs, ti
                 device=dev, path=path, blocks=f.blocks, threads=threads, units_per_block=f.units,
                 smem_bytes_fwd=f.fwd, smem_bytes_bwd=f.bwd, blocks_per_sm=f.per_sm,
                 max_cooperative_blocks=f.coop, regs_per_thread=regs, reasons=tuple(reasons),
-                batch_tile=f.tile, predicted=predicted, persistent_fits=not failures)
+                batch_tile=f.tile, predicted=predicted, persistent_fits=not failures,
+                noise=noise)
 
 
 __all__ = ["Plan", "plan"]

@@ -14,9 +14,17 @@ Persistent step (forward or backward, the busiest SM; `n` = ceil(P / SMs) blocks
                gpurnn.cells.PEEPHOLES; global loads, not shared memory: they set no capacity)
   barriers     one grid barrier (latency: the device profile's grid_sync_s) + the block
                barriers of every batch tile (block_sync_s each)
+  noise        the regularisers' masks (gpurnn/layernorm.py; compute-dtype words, 4 bytes for
+               16-bit storage): each zoneout mask one load per (row, unit) each way; recurrent
+               dropout forward one mask load per staged h element (every block stages all of
+               h_{t-1}: B*H) plus the unmasked h_{t-1} of its own units re-read for the update,
+               backward one mask load per (row, unit)
 Stepwise step: one GEMM (h_{t-1} W_hh^T forward, dgh W_hh backward) at max(FLOPs / fp32-or-fp64
 peak, bytes / bandwidth — W_hh from L2 when it fits there, else DRAM) + one pointwise kernel
-(its bytes at DRAM bandwidth) + two launches (launch_s each).
+(its bytes at DRAM bandwidth) + two launches (launch_s each). With noise the pointwise kernel
+also reads each zoneout mask (B*H) and, backward, the recurrent mask; forward the recurrent mask
+is applied to h_{t-1} by one more elementwise kernel before the GEMM (a launch, and reading h
+and the mask, writing the masked copy).
 Not modelled: occupancy and latency hiding inside a step, bank conflicts (the kernels pad rows
 to avoid them), tensor cores (CuPy's fp32 GEMM does not use TF32 by default), clock changes
 under load, and the input GEMM / weight-gradient GEMMs (the same for both paths).
@@ -96,10 +104,25 @@ def _words(itemsize):
     return 2 if itemsize == 8 else 1
 
 
+def _noise_keys(noise):
+    """The regularisers that are on, as a frozenset of gpurnn.layernorm.NOISE_KEYS."""
+    keys = frozenset(noise or ())
+    unknown = sorted(keys - {"recurrent", "zoneout_h", "zoneout_c"})
+    if unknown:
+        raise ValueError(f"noise has unknown keys {unknown}; expected a subset of "
+                         f"('recurrent', 'zoneout_h', 'zoneout_c')")
+    return keys
+
+
+def _mask_itemsize(itemsize):
+    return max(itemsize, 4)             # the masks are in the compute dtype
+
+
 def persistent_step(direction, gates, hidden, batch, itemsize, blocks, units, batch_tile,
-                    reserve_gates, dev, timing, peepholes=0) -> StepTime:
+                    reserve_gates, dev, timing, peepholes=0, *, noise=()) -> StepTime:
     """One persistent step ('fwd' or 'bwd') on the busiest SM; `peepholes`: the peephole
-    vectors a (row, unit) reads per step (0, or 3 / 2 for lstm_peephole / cifg_peephole)."""
+    vectors a (row, unit) reads per step (0, or 3 / 2 for lstm_peephole / cifg_peephole);
+    `noise`: the regularisers on (any of 'recurrent', 'zoneout_h', 'zoneout_c')."""
     n = -(-blocks // dev.sm_count)
     macs = batch * gates * units * hidden
     fma = n * macs / (timing.fma_per_clk_sm[itemsize] * timing.clock_hz)
@@ -107,8 +130,16 @@ def persistent_step(direction, gates, hidden, batch, itemsize, blocks, units, ba
     staged = batch * hidden if direction == "fwd" else batch * gates * hidden
     written = batch * units * (reserve_gates + 3 if direction == "fwd" else gates + 2)
     written += batch * units * peepholes        # peephole weight loads, both directions
+    keys = _noise_keys(noise)
+    masks = batch * units * len(keys & {"zoneout_h", "zoneout_c"})
+    if "recurrent" in keys:
+        if direction == "fwd":
+            masks += batch * hidden             # the staged h's mask
+            written += batch * units            # the unmasked h_{t-1} the update reads
+        else:
+            masks += batch * units
     l2_share = timing.l2_bytes_per_clk * timing.clock_hz / dev.sm_count
-    staging = n * (staged + written) * itemsize / l2_share
+    staging = n * ((staged + written) * itemsize + masks * _mask_itemsize(itemsize)) / l2_share
     tiles = -(-batch // batch_tile)
     per_tile = 3 if direction == "fwd" else 2
     barriers = timing.grid_sync_s + tiles * per_tile * timing.block_sync_s
@@ -116,8 +147,10 @@ def persistent_step(direction, gates, hidden, batch, itemsize, blocks, units, ba
                     {"fma": fma, "smem": smem, "staging": staging, "barriers": barriers})
 
 
-def stepwise_step(direction, gates, hidden, batch, itemsize, l2_bytes, dev, timing) -> StepTime:
-    """One stepwise step: a GEMM, a pointwise kernel, two launches."""
+def stepwise_step(direction, gates, hidden, batch, itemsize, l2_bytes, dev, timing, *,
+                  noise=()) -> StepTime:
+    """One stepwise step: a GEMM, a pointwise kernel, two launches (with recurrent dropout
+    forward, a third: the masked copy of h_{t-1})."""
     peak = dev.sm_count * timing.fma_per_clk_sm[itemsize] * 2 * timing.clock_hz
     w = gates * hidden * hidden * itemsize
     l2_bw = timing.l2_bytes_per_clk * timing.clock_hz
@@ -127,6 +160,16 @@ def stepwise_step(direction, gates, hidden, batch, itemsize, l2_bytes, dev, timi
     gemm = max(2 * batch * gates * hidden * hidden / peak, w / w_bw + act / l2_bw)
     pointwise = 4 * batch * gates * hidden * itemsize / dram
     launches = 2 * timing.launch_s
+    keys = _noise_keys(noise)
+    ms = _mask_itemsize(itemsize)
+    masks = batch * hidden * len(keys & {"zoneout_h", "zoneout_c"})
+    if "recurrent" in keys:
+        if direction == "fwd":
+            pointwise += batch * hidden * (itemsize + 2 * ms) / dram    # h * mask -> copy
+            launches += timing.launch_s
+        else:
+            masks += batch * hidden
+    pointwise += masks * ms / dram
     return StepTime(gemm + pointwise + launches,
                     {"gemm": gemm, "pointwise": pointwise, "launches": launches})
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 from ..cells import PEEPHOLES, RESERVE_GATES, has_cell_state
 from .choose import Plan
-from .cost import step_flops
+from .cost import _noise_keys, step_flops
 
 
 def _check_plan(plan):
@@ -16,7 +16,8 @@ def _check_plan(plan):
                         f"{type(plan).__name__} {plan!r}")
 
 
-def step_traffic(plan: Plan, path: Optional[str] = None, *, training: bool = True) -> dict:
+def step_traffic(plan: Plan, path: Optional[str] = None, *, training: bool = True,
+                 noise=None) -> dict:
     """Global-memory bytes and FLOPs of one forward step of `path` (default: plan.path).
 
     Returns a dict: path; bytes (breakdown: name -> bytes); global_bytes (every load and store
@@ -38,6 +39,12 @@ def step_traffic(plan: Plan, path: Optional[str] = None, *, training: bool = Tru
               which DRAM sees B*H*s at most. One launch for all steps.
       stepwise  the GEMM reads W_hh (G*H*H*s) and h_{t-1} (B*H*s) and writes the pre-
               activations Gh (B*G*H*s), which the pointwise kernel reads back. Two launches.
+      noise   (default plan.noise: the regularisers gpurnn.plan was told of) their masks, in
+              the compute dtype (m = 4 bytes for 16-bit storage, else s): each zoneout mask
+              B*H*m; recurrent dropout persistent: every block reads the mask of the h it
+              stages (P*B*H*m, DRAM B*H*m) and re-reads the unmasked h_{t-1} of its own units
+              for the update (B*H*s, an L2 hit: not in dram_bytes); stepwise: one more elementwise kernel reads h_{t-1} and
+              the mask and writes the masked copy the GEMM reads (B*H*(s + 2m), a launch).
     Not modelled: the input GEMM and dW/dX GEMMs (the same for both paths), tile re-reads
     inside the GEMM, the backward pass, and L2 hits across steps (when w_hh_fits_l2 the
     stepwise W_hh re-read is served by L2, so its real DRAM cost is lower than dram_bytes).
@@ -70,6 +77,18 @@ def step_traffic(plan: Plan, path: Optional[str] = None, *, training: bool = Tru
                     "gemm write gh": gh, "pointwise read gh": gh}
         dram_extra = per_path
         launches = 2
+    keys = _noise_keys(plan.noise if noise is None else noise)
+    m = max(s, 4)
+    mask = B * H * m
+    common["read zoneout masks"] = mask * len(keys & {"zoneout_h", "zoneout_c"})
+    if "recurrent" in keys:
+        if path == "persistent":
+            per_path["read recurrent mask (every block)"] = plan.blocks * mask
+            dram_extra["read recurrent mask (every block)"] = mask
+            per_path["read h_prev (unmasked, own units)"] = state     # DRAM: staged already
+        else:
+            per_path["mask h_prev (read h, mask; write copy)"] = state + 2 * mask
+            launches += 1
     breakdown = {k: v for k, v in {**common, **per_path}.items() if v}
     w_bytes = G * H * H * s
     l2 = plan.device.l2_bytes
