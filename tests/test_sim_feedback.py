@@ -357,7 +357,12 @@ def test_static_plus_planned_dynamic_smem_fits_at_capacity(rows):
 SOURCE = inspect.getsource(kernels)
 LINES = SOURCE.splitlines()
 BARRIER = re.compile(r"^\s*(cuda\.syncthreads\(\)|_grid_group_sync\(grid\))\s*(#.*)?$")
-BARRIER_LINES = [i for i, line in enumerate(LINES) if BARRIER.match(line)]
+ALL_BARRIERS = [i for i, line in enumerate(LINES) if BARRIER.match(line)]
+# the backward's weight-load barrier orders nothing (deleting it is no race and no wrong
+# value: checked once, by this file's mutant test, before it was marked); it keeps sm_80 at
+# 178 registers instead of 232, which test_every_feedback_kernel_compiles... checks
+FENCES = [i for i in ALL_BARRIERS if LINES[i].rstrip().endswith("# register fence")]
+BARRIER_LINES = [i for i in ALL_BARRIERS if i not in FENCES]
 # (cell, T, B, H, L, P, threads): different thread mappings per phase, an idle block
 MUTANT_CASES = [
     ("gf_gru", 3, 3, 7, 2, 3, 32),
@@ -366,6 +371,7 @@ MUTANT_CASES = [
 
 
 def test_the_source_has_the_barriers_the_docstring_promises():
+    assert len(FENCES) == 1
     kinds = [BARRIER.match(LINES[i]).group(1) for i in BARRIER_LINES]
     assert kinds.count("_grid_group_sync(grid)") == 2          # one per persistent kernel
     bwd_start = next(i for i, line in enumerate(LINES) if line.startswith("def make_bwd"))
