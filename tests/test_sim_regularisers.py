@@ -208,7 +208,9 @@ def test_no_regulariser_runs_the_plain_kernels(noise):
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
 def test_evaluation_masks_filled_with_p(cell):
-    # evaluation passes zoneout masks filled with p (the expectation p*prev + (1-p)*new)
+    # evaluation passes zoneout masks filled with p (the expectation p*prev + (1-p)*new); with
+    # 0 < d < 1 every part of the split counts, and the RNN's backward must recover its h~ from
+    # h_t (with 0/1 masks that recovery is the identity or multiplied by 0)
     T, B, I, H, p = 3, 3, 3, 7, 0.3
     args, cot, _ = make_case(cell, T, B, I, H, np.float64, True, 9)
     noise = {"zoneout_h": np.full((T, B, H), p)}
@@ -276,3 +278,48 @@ def test_registry_has_a_regularised_specialization_per_cell_dtype_and_kind():
         assert len(s.signature.args) == len(plain.signature.args) + extra
     with pytest.raises(ValueError, match="no regularised kernels"):
         registry.spec("lstm_peephole", "persistent_fwd", "float32", True)
+
+
+STOCK_SCRIPT = """
+    import numpy as np
+    from gpurnn.backends import sim, numpy as ref
+    rng = np.random.default_rng(4)
+    T, B, I, H = 3, 2, 3, 7
+    r = lambda *s: (0.5 * rng.standard_normal(s)).astype(np.float32)
+    x, w_ih, w_hh, b_ih, b_hh, h0, c0 = (r(T, B, I), r(4 * H, I), r(4 * H, H), r(4 * H),
+                                         r(4 * H), r(B, H), r(B, H))
+    noise = {"recurrent": (rng.random((B, H)) < 0.7).astype(np.float32) / np.float32(0.7),
+             "zoneout_h": (rng.random((T, B, H)) < 0.4).astype(np.float32),
+             "zoneout_c": (rng.random((T, B, H)) < 0.4).astype(np.float32)}
+    log = []
+    sim.RUNTIME.launch_hook = log.append
+    opts = {"simulator": "stock", "path": "persistent", "blocks": 3}
+    out = sim.forward("lstm", x, w_ih, w_hh, b_ih, b_hh, h0, c0, None, True, True, options=opts,
+                      noise=noise)
+    want = ref.forward("lstm", x, w_ih, w_hh, b_ih, b_hh, h0, c0, None, True, True, noise=noise)
+    assert np.allclose(out[0], want[0], atol=1e-5), abs(out[0] - want[0]).max()
+    dy, dh_n, dc_n = r(T, B, H), r(B, H), r(B, H)
+    g = sim.backward(out[3], dy, dh_n, dc_n, options={"simulator": "stock"})
+    g_ref = ref.backward(want[3], dy, dh_n, dc_n)
+    for name in g._fields:
+        assert np.allclose(getattr(g, name), getattr(g_ref, name), atol=1e-5), name
+    assert [d["step_range"] for d in log if d["kind"] == "persistent_fwd"] == [
+        (s, s + 1) for s in range(T)]
+    assert [d["step_range"] for d in log if d["kind"] == "persistent_bwd"] == [
+        (k, k + 1) for k in range(T + 1)]
+    assert {d["name"] for d in log} == {"lstm_persistent_fwd_reg_f32", "lstm_persistent_bwd_reg_f32"}
+    print("STOCK-REG-OK")
+"""
+
+
+def test_stock_simulator_runs_the_regularised_kernels_one_step_per_launch():
+    # Numba's own simulator (a fresh process, NUMBA_ENABLE_CUDASIM set by the backend): P > 1
+    # runs one step (backward: one phase) per launch, the masks carried across the launches
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(STOCK_SCRIPT)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "STOCK-REG-OK" in r.stdout, r.stdout + r.stderr

@@ -57,6 +57,21 @@ def test_the_lstm_variants_kernel_cells_are_compiled(rows):
 
 
 @needs_ptxas
+def test_the_regularised_specializations_compile_without_spills(rows):
+    # zoneout / recurrent dropout: a specialization per torch-facing cell x dtype x kind, each
+    # for every arch, with no spills, no local memory and within the register ceiling
+    from gpurnn.kernels.layout import REGULARISED_CELLS
+    from gpurnn.kernels.registry import DTYPES, KINDS, specializations
+    names = {s.name for s in specializations() if s.regularised}
+    assert len(names) == len(REGULARISED_CELLS) * len(KINDS) * len(DTYPES)
+    got = {(r.kernel, r.arch): r for r in rows if r.kernel in names}
+    assert set(got) == {(n, a) for n in names for a in ARCHS}
+    bad = [(k, a, r.error, r.spill_bytes, r.local_bytes, r.registers) for (k, a), r in got.items()
+           if r.error or r.spill_bytes or r.local_bytes or not 0 < r.registers <= KERNEL_REGS_MAX]
+    assert bad == []
+
+
+@needs_ptxas
 def test_no_spills_and_no_local_memory(rows):
     spilled = [(r.kernel, r.arch, r.spill_stores, r.spill_loads, r.local_bytes) for r in rows
                if r.spill_bytes or r.local_bytes]
