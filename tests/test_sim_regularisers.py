@@ -323,3 +323,28 @@ def test_stock_simulator_runs_the_regularised_kernels_one_step_per_launch():
     r = subprocess.run([sys.executable, "-c", textwrap.dedent(STOCK_SCRIPT)], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "STOCK-REG-OK" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
+def test_modules_with_zoneout_and_recurrent_dropout_on_the_sim_backend(name):
+    # the stack core hands each layer-direction's masks to the backend (KernelLayer's noise=):
+    # the same seed gives the same masks, so the sim modules equal the numpy ones, training
+    # (drawn masks) and evaluation (zoneout's expectation), forward and backward
+    import gpurnn
+    cls = getattr(gpurnn, name)
+    T, B, I, H = 3, 2, 3, 5
+    p = (0.3, 0.2) if name == "LSTM" else 0.3
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((T, B, I))
+    lengths = np.array([3, 2])
+    mods = {b: cls(I, H, 2, bidirectional=True, dtype="float64", backend=b, seed=6, zoneout=p,
+                   recurrent_dropout=0.25) for b in ("numpy", "sim")}
+    y = {b: m(x, lengths=lengths)[0] for b, m in mods.items()}
+    assert_close(y["sim"], y["numpy"], TOL["float64"], "y")
+    assert any(n for n in mods["sim"]._saved[1].noise)       # the masks were drawn and kept
+    dy = rng.standard_normal(y["numpy"].shape)
+    assert_close(mods["sim"].backward(dy)[0], mods["numpy"].backward(dy)[0], TOL["float64"], "dx")
+    for m in mods.values():
+        m.eval()
+    y = {b: m(x, lengths=lengths)[0] for b, m in mods.items()}
+    assert_close(y["sim"], y["numpy"], TOL["float64"], "y (evaluation)")
