@@ -230,6 +230,22 @@ def test_inference_forward_keeps_nothing_and_matches(P):
         assert_close(a, b, TOL[np.float32], name)
 
 
+@pytest.mark.parametrize("P", [3, "stepwise"])
+def test_backward_is_deterministic(P):
+    # fixed-order sums, no atomics: the same saved tuple gives bit-identical gradients
+    cell = "gf_lstm"
+    args, cot = make_case(cell, 2, 3, 3, 7, 2, np.float32, True, True, 47)
+    lengths = np.array([2, 1, 0], np.int64)
+    options = _options(P)
+    out = forward(sim.RUNTIME, cell, args, lengths, options)
+    first = backward(sim.RUNTIME, cell, args, out[3], lengths, cot, options)
+    second = backward(sim.RUNTIME, cell, args, out[3], lengths, cot, options)
+    for a, b in zip(first[:3], second[:3]):
+        assert np.array_equal(a, b)
+    for name in first[3]:
+        assert np.array_equal(first[3][name], second[3][name]), name
+
+
 def test_persistent_kernels_read_each_weight_once_per_launch():
     # persistence, measured: every weight element a block holds is loaded from global memory
     # once per launch, whatever T; nothing writes the weights
