@@ -287,6 +287,57 @@ def test_the_plans_own_choice_runs_and_matches():
                    np.float64, lengths)
 
 
+STOCK_SCRIPT = """
+import numpy as np
+from gpurnn.backends import sim, numpy_feedback as ref
+sim.enable_stock_simulator()          # before numba.cuda is first imported
+from gpurnn.backends import cuda_feedback as cf
+from gpurnn.feedback import param_shapes
+from gpurnn.testing import rel_err
+rng = np.random.default_rng(3)
+T, B, I, H, L = 2, 2, 3, 5, 2
+r = lambda *s: (0.5 * rng.standard_normal(s)).astype(np.float32)
+errs = []
+log = []
+sim.STOCK_RUNTIME.launch_hook = None
+sim.RUNTIME.launch_hook = log.append
+for cell in ("gf_gru", "gf_lstm"):
+    lstm = cell == "gf_lstm"
+    params = {f"{n}_l{k}": r(*s) for k in range(L) for n, s in param_shapes(cell, I, H, L, True, k)}
+    x, h0, dy, dhn = r(T, B, I), r(L, B, H), r(T, B, H), r(L, B, H)
+    c0, dcn = (r(L, B, H), r(L, B, H)) if lstm else (None, None)
+    masks = [((rng.random((T, B, H)) > 0.3) / 0.7).astype(np.float32)]
+    lengths = np.array([2, 1])
+    opts = {"path": "persistent", "blocks": 3}
+    out = cf.run_forward(sim.STOCK_RUNTIME, cell, x, params, h0, c0, lengths, masks, True, opts)
+    g = cf.run_backward(sim.STOCK_RUNTIME, cell, x, params, out[3], lengths, masks, dy, dhn, dcn, opts)
+    want = ref.feedback_forward(cell, x, params, h0, c0, lengths, masks, True)
+    gw = ref.feedback_backward(cell, x, params, want[3], lengths, masks, dy, dhn, dcn)
+    errs += [rel_err(a, b) for a, b in zip(out[:3] + g[:3], want[:3] + gw[:3]) if b is not None]
+    errs += [rel_err(g[3][n], gw[3][n]) for n in gw[3]]
+fwd = [d["step_range"] for d in log if d["kind"] == "persistent_fwd"]
+bwd = [d["step_range"] for d in log if d["kind"] == "persistent_bwd"]
+n = T * (L + 1)
+assert fwd == [(q, q + 1) for q in range(n)] * 2, fwd
+assert bwd == [(q, q + 1) for q in range(n)] * 2, bwd
+assert {d["simulator"] for d in log} == {"stock"}
+assert max(errs) < 1e-5, errs
+print("STOCK-OK", max(errs))
+"""
+
+
+def test_stock_simulator_launches_once_per_phase_in_a_fresh_process():
+    # Numba's own simulator: its grid.sync() only synchronises a block, so with P > 1 the host
+    # launches each phase on its own (each launch reloads the weights and starts at any phase)
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    r = subprocess.run([sys.executable, "-c", STOCK_SCRIPT], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "STOCK-OK" in r.stdout, r.stdout + r.stderr
+
+
 # ---------------------------------------------------------------- the plan
 
 @pytest.mark.parametrize("device", ["H100", "A100"])
