@@ -310,7 +310,8 @@ for cell in ("gf_gru", "gf_lstm"):
     lengths = np.array([2, 1])
     opts = {"path": "persistent", "blocks": 3}
     out = cf.run_forward(sim.STOCK_RUNTIME, cell, x, params, h0, c0, lengths, masks, True, opts)
-    g = cf.run_backward(sim.STOCK_RUNTIME, cell, x, params, out[3], lengths, masks, dy, dhn, dcn, opts)
+    g = cf.run_backward(sim.STOCK_RUNTIME, cell, x, params, out[3], lengths, masks, dy, dhn,
+                        dcn, opts)
     want = ref.feedback_forward(cell, x, params, h0, c0, lengths, masks, True)
     gw = ref.feedback_backward(cell, x, params, want[3], lengths, masks, dy, dhn, dcn)
     errs += [rel_err(a, b) for a, b in zip(out[:3] + g[:3], want[:3] + gw[:3]) if b is not None]
