@@ -8,11 +8,7 @@ projection kernel for sm_80 and sm_90.
 Every strict launch is a zero-findings check: a race, a barrier error, an out-of-bounds index
 or an uninitialised shared read fails the call.
 """
-import inspect
-import re
-import types
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -21,15 +17,15 @@ from gpurnn import sim as strict
 from gpurnn.backends import cuda_proj, sim
 from gpurnn.backends import numpy_lstm as ref
 from gpurnn.backends.sim import SimRuntime
-from gpurnn.kernels import compile as kcompile
 from gpurnn.kernels import projection as kproj
 from gpurnn.kernels.layout import lanes_per_output
-from gpurnn.planning import device_profile
 from gpurnn.planning import projection as pplan
 from gpurnn.testing import GRAD_TOL, TOL, assert_close
 from gpurnn.variants import LSTMForm
 
-from test_static_compile import ARCHS, PROFILE, _by_kernel, needs_ptxas
+from simtools import (ARCHS, PROFILE, barrier_kinds, by_kernel, compile_errors, compile_rows,
+                      first_catch, first_difference, kernel_source, lstm_case, mutant_module,
+                      mutation_tests, needs_ptxas, smem_overflows, staggered_lengths)
 
 pytestmark = pytest.mark.sim
 
@@ -40,15 +36,8 @@ def form_of(cell, R):
 
 
 def make_case(form, T, B, I, H, dtype, bias, seed):
-    rng = np.random.default_rng(seed)
-    R = form.proj_size
-
-    def rand(*shape):
-        return (0.5 * rng.standard_normal(shape)).astype(dtype)
-    params = {name: rand(*shape) for name, shape in form.param_shapes(I, H, bias)}
-    args = dict(x=rand(T, B, I), params=params, h0=rand(B, R), c0=rand(B, H))
-    cot = dict(dy=rand(T, B, R), dh_n=rand(B, R), dc_n=rand(B, H))
-    return args, cot
+    assert form.proj_size > 0
+    return lstm_case(form, T, B, I, H, dtype, bias, seed)
 
 
 def options(P, threads, tile):
@@ -369,10 +358,7 @@ def test_traffic_counts_the_weight_rereads_of_the_stepwise_path():
 
 # ---- barrier-deletion mutants ----
 
-SOURCE = inspect.getsource(kproj)
-LINES = SOURCE.splitlines()
-BARRIER = re.compile(r"^\s*(cuda\.syncthreads\(\)|_grid_group_sync\(grid\))\s*(#.*)?$")
-BARRIER_LINES = [i for i, line in enumerate(LINES) if BARRIER.match(line)]
+SOURCE, LINES, BARRIER_LINES = kernel_source(kproj)
 
 # (cell, T, B, H, R, P, threads, batch_tile): lane splits L = 1 and L > 1 in each phase, tiles
 # (also with L = 1), idle blocks
@@ -403,17 +389,9 @@ def test_mutant_cases_cover_both_lane_modes_tiles_and_idle_blocks():
 
 
 def test_the_source_has_the_barriers_the_docstring_promises():
-    kinds = [BARRIER.match(LINES[i]).group(1) for i in BARRIER_LINES]
+    kinds = barrier_kinds(LINES, BARRIER_LINES)
     assert kinds.count("_grid_group_sync(grid)") == 4          # two per persistent kernel
     assert kinds.count("cuda.syncthreads()") == 12             # six per persistent kernel
-
-
-def _module(source, tag):
-    mod = types.ModuleType(f"gpurnn.kernels._proj_mutant_{tag}")
-    mod.__package__ = "gpurnn.kernels"
-    mod.__file__ = kproj.__file__
-    exec(compile(source, f"<projection.py {tag}>", "exec"), mod.__dict__)
-    return mod
 
 
 class MutantRuntime(SimRuntime):
@@ -436,60 +414,27 @@ def _run_mutant_case(rt, case, seed):
     cell, T, B, H, R, P, threads, tile = case
     form = form_of(cell, R)
     args, cot = make_case(form, T, B, 3, H, np.float32, True, seed)
-    lengths = np.arange(B, dtype=np.int64) % T + 1 if B > 1 else None
+    lengths = staggered_lengths(T, B)
     opts = options(P, threads, tile)
     y, h_n, c_n, saved = forward(rt, form, args, lengths, False, opts)
     dx, dh0, dc0, grads = backward(rt, form, args, saved, lengths, False, cot, opts)
     (y_r, h_n_r, c_n_r, _), (dx_r, dh0_r, dc0_r, g_r) = reference(form, args, cot, lengths, False)
     pairs = [("y", y, y_r), ("h_n", h_n, h_n_r), ("c_n", c_n, c_n_r), ("dx", dx, dx_r),
              ("dh0", dh0, dh0_r), ("dc0", dc0, dc0_r)] + [(k, grads[k], g_r[k]) for k in g_r]
-    for name, a, b in pairs:
-        if not np.allclose(a, b, rtol=1e-4, atol=1e-5):
-            return f"{name} differs from the reference"
-    return None
+    return first_difference(pairs)
 
 
 def caught_by(source, tag):
-    rt = MutantRuntime(_module(source, tag))
-    for n, case in enumerate(MUTANT_CASES):
-        try:
-            wrong = _run_mutant_case(rt, case, seed=n)
-        except strict.SimulatorError as err:
-            return f"{case}: {type(err).__name__}: {str(err).splitlines()[0]}"
-        if wrong:
-            return f"{case}: {wrong}"
-    return None
+    rt = MutantRuntime(mutant_module(source, tag, kproj, "proj"))
+    return first_catch(MUTANT_CASES, lambda n, case: _run_mutant_case(rt, case, seed=n))
 
 
-def test_unmutated_source_passes_every_mutant_case():
-    assert caught_by(SOURCE, "original") is None
-
-
-def _delete(line_no):
-    lines = list(LINES)
-    indent = lines[line_no][: len(lines[line_no]) - len(lines[line_no].lstrip())]
-    lines[line_no] = indent + "pass  # mutant: barrier deleted"
-    return "\n".join(lines) + "\n"
-
-
-@pytest.mark.parametrize("line_no", BARRIER_LINES,
-                         ids=[f"L{i + 1}-{LINES[i].split('#')[0].strip()}" for i in BARRIER_LINES])
-def test_deleting_any_barrier_is_caught(line_no):
-    found = caught_by(_delete(line_no), f"L{line_no + 1}")
-    assert found is not None, (f"deleting line {line_no + 1} ({LINES[line_no].strip()}) of "
-                               f"projection.py went unnoticed: redundant, or a gap in the checks")
-
-
-@pytest.mark.parametrize("kernel", ["fwd", "bwd"])
-def test_blocks_without_features_returning_early_is_caught(kernel):
-    anchor = "q0, nq = _owned(feats, R)"
-    hits = [i for i, line in enumerate(LINES) if line.strip() == anchor]
-    assert len(hits) == 2
-    i = hits[0 if kernel == "fwd" else 1]
-    indent = LINES[i][: len(LINES[i]) - len(LINES[i].lstrip())]
-    lines = LINES[: i + 1] + [indent + "if nq == 0:", indent + "    return"] + LINES[i + 1:]
-    found = caught_by("\n".join(lines) + "\n", f"early-return-{kernel}")
-    assert found is not None and "a GPU would hang here" in found, found
+# the unmutated source passes every case; deleting any one barrier is caught; a block that owns
+# no feature returning early is caught as a hang
+(test_unmutated_source_passes_every_mutant_case, test_deleting_any_barrier_is_caught,
+ test_blocks_without_features_returning_early_is_caught) = mutation_tests(
+    caught_by, SOURCE, LINES, BARRIER_LINES, "projection.py", "q0, nq = _owned(feats, R)",
+    "nq == 0")
 
 
 # ---- static compile for sm_80 and sm_90 ----
@@ -500,19 +445,17 @@ SPECS = "gpurnn.kernels.projection:specializations"
 @pytest.fixture(scope="module")
 def rows():
     # one subprocess per architecture, side by side (compile_ptx is the slow part)
-    with ThreadPoolExecutor(max_workers=len(ARCHS)) as pool:
-        parts = list(pool.map(lambda arch: kcompile.check_kernels((arch,), SPECS), ARCHS))
-    return [r for part in parts for r in part]
+    return compile_rows(SPECS, per_arch=True)
 
 
 @needs_ptxas
 def test_every_projection_kernel_compiles_for_every_arch(rows):
-    kernels = _by_kernel(rows)
+    kernels = by_kernel(rows)
     assert set(kernels) == {sp.name for sp in kproj.specializations()}
     assert len(kernels) == len(kproj.CELLS) * len(kproj.DTYPES) * len(kproj.KINDS) == 32
     for name, per_arch in kernels.items():
         assert set(per_arch) == set(ARCHS), name
-    assert [(r.kernel, r.arch, r.error) for r in rows if r.error] == []
+    assert compile_errors(rows) == []
 
 
 @needs_ptxas
@@ -537,13 +480,8 @@ def test_grid_sync_kernels_are_linked_with_cudadevrt(rows):
 
 @needs_ptxas
 def test_static_plus_planned_dynamic_smem_fits_at_capacity(rows):
-    for r in rows:
-        if "persistent" not in r.kind:
-            continue
-        dev = device_profile(PROFILE[r.arch])
-        for batch in (1, 8):
-            h = pplan.capacity(r.cell, r.dtype, dev, batch, ratio=4)
-            p = pplan.plan(r.cell, 64, h, h // 4, batch, r.dtype, dev)
-            assert p.persistent_fits
-            dyn = p.smem_bytes_fwd if r.kind.endswith("fwd") else p.smem_bytes_bwd
-            assert r.static_smem + dyn <= dev.smem_per_block_optin, (r.kernel, r.arch, h, batch)
+    def at_capacity(r, dev, batch):
+        h = pplan.capacity(r.cell, r.dtype, dev, batch, ratio=4)
+        return h, pplan.plan(r.cell, 64, h, h // 4, batch, r.dtype, dev)
+    assert smem_overflows(rows, at_capacity, persistent=lambda r: "persistent" in r.kind,
+                          forward=lambda r: r.kind.endswith("fwd")) == []
