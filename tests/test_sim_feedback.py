@@ -182,6 +182,24 @@ def test_matches_numpy_reference(request, cell, T, B, I, H, L, P, lengths, bias,
             (P, T * (L + 1) - 1), (P, T * L)]
 
 
+@pytest.mark.parametrize("P", [2, "stepwise"])
+def test_a_single_layer_stack_matches(P):
+    # L = 1: no layer phase reads weight_ih/weight_gx (their buffers are placeholders), the
+    # feedback is U^{1->1} alone; 2 grid barriers a forward step, 1 a backward step
+    cell = "gf_lstm"
+    args, cot = make_case(cell, 3, 2, 3, 5, 1, np.float64, True, False, 48)
+    lengths = np.array([3, 1], np.int64)
+    with strict.record() as reports:
+        out = forward(sim.RUNTIME, cell, args, lengths, _options(P))
+        grads = backward(sim.RUNTIME, cell, args, out[3], lengths, cot, _options(P))
+    assert all(r.findings == [] for r in reports)
+    if P != "stepwise":
+        assert [r.grid_barriers for r in reports] == [3 * 2 - 1, 3 * 1]
+    want = forward(None, cell, args, lengths, None)
+    assert_matches(out, want, grads, backward(None, cell, args, want[3], lengths, cot, None),
+                   np.float64, lengths)
+
+
 @pytest.mark.parametrize("P", [3, "stepwise"])
 def test_either_backward_takes_either_forwards_saved_tuple(P):
     cell, dtype = "gf_gru", np.float64
@@ -393,7 +411,12 @@ def test_smem_model_counts_the_whole_stacks_weights():
 
 @pytest.fixture(scope="module")
 def rows():
-    return kcompile.check_kernels(ARCHS, "gpurnn.kernels.feedback:specializations")
+    # 64 compiles: the float32 and float64 halves in two processes side by side (wall time)
+    from concurrent.futures import ThreadPoolExecutor
+    halves = [f"gpurnn.kernels.feedback:specializations_{d}" for d in ("f32", "f64")]
+    with ThreadPoolExecutor(2) as pool:
+        parts = list(pool.map(lambda specs: kcompile.check_kernels(ARCHS, specs), halves))
+    return parts[0] + parts[1]
 
 
 @needs_ptxas

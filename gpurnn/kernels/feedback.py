@@ -742,3 +742,12 @@ def spec(kind: str, cell: str, dtype: str) -> KernelSpec:
 def specializations() -> list[KernelSpec]:
     """Every gated-feedback kernel: 4 cells x float32/float64 x the 4 kinds."""
     return [spec(kind, cell, dtype) for cell in CELLS for dtype in DTYPES for kind in KINDS]
+
+
+def specializations_f32() -> list[KernelSpec]:
+    """specializations() at float32 (the static checks compile the two halves side by side)."""
+    return [sp for sp in specializations() if sp.dtype == "float32"]
+
+
+def specializations_f64() -> list[KernelSpec]:
+    return [sp for sp in specializations() if sp.dtype == "float64"]
