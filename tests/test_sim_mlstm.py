@@ -8,9 +8,6 @@ simulator's grid barrier is real); sizes are awkward (H 7 and 33, P not dividing
 own no unit, B 1 and 3, T 1, a length 0, unsorted lengths, bias=False, batch tiles that do not
 divide B, dot products split over 1 to 32 lanes).
 """
-import inspect
-import re
-import types
 import zlib
 
 import numpy as np
@@ -21,62 +18,51 @@ from gpurnn import sim as strict
 from gpurnn.backends import cuda_mlstm
 from gpurnn.backends import numpy_lstm as ref
 from gpurnn.backends import sim
-from gpurnn.backends.sim import SimRuntime
-from gpurnn.kernels import compile as kcompile
 from gpurnn.kernels import mlstm as kernels
 from gpurnn.kernels.layout import KERNEL_REGS_MAX, lanes_per_output, units_per_block
 from gpurnn.planning import mlstm as planning
 from gpurnn.testing import GRAD_TOL, TOL, assert_close
 from gpurnn.variants import LSTMForm
 
-FORM = LSTMForm(multiplicative=True)
-ARCHS = ("sm_80", "sm_90")
-PROFILE = {"sm_80": "A100", "sm_90": "H100"}
+from simtools import (PROFILE, MutantRuntime, assert_close_with_finite_grads, barrier_kinds,
+                      barriers_before_and_after, compile_errors, compile_rows, compiled_pairs,
+                      devrt_mismatches, first_catch, first_difference, kernel_source,
+                      launches_logged, lstm_case, mutant_module, mutation_tests, nan_padded,
+                      needs_ptxas, over_budget, run_fresh, smem_overflows, spilled,
+                      staggered_lengths, wanted_pairs)
 
-needs_ptxas = pytest.mark.skipif(
-    kcompile.find_toolkit() is None,
-    reason="ptxas from the nvidia-cuda-nvcc wheel is not installed "
-           "(pip install 'cuda-toolkit[nvcc]==13.*')")
+FORM = LSTMForm(multiplicative=True)
 
 
 # ---------------------------------------------------------------- static compilation
 
 @pytest.fixture(scope="module")
 def rows():
-    return kcompile.check_kernels(ARCHS, "gpurnn.kernels.mlstm:specializations")
+    return compile_rows("gpurnn.kernels.mlstm:specializations")
 
 
 @needs_ptxas
 def test_every_mlstm_kernel_compiles_for_every_arch_without_spills(rows):
     names = {sp.name for sp in kernels.specializations()}
     assert len(names) == 6
-    assert {(r.kernel, r.arch) for r in rows} == {(n, a) for n in names for a in ARCHS}
-    assert [(r.kernel, r.arch, r.error) for r in rows if r.error] == []
-    assert [(r.kernel, r.arch) for r in rows if r.spill_bytes or r.local_bytes] == []
-    for r in rows:
-        assert r.linked_cudadevrt == r.grid_sync == r.kind.startswith("persistent"), r.kernel
+    assert compiled_pairs(rows) == wanted_pairs(names)
+    assert compile_errors(rows) == []
+    assert spilled(rows) == []
+    assert devrt_mismatches(rows, lambda r: r.kind.startswith("persistent")) == []
 
 
 @needs_ptxas
 def test_registers_within_the_plans_budget(rows):
-    for r in rows:
-        p = planning.plan(64, 512, 8, r.dtype, PROFILE[r.arch])
-        assert r.registers is not None and 0 < r.registers <= p.regs_per_thread, (r.kernel, r.arch)
-        assert r.registers <= KERNEL_REGS_MAX, (r.kernel, r.arch, r.registers)
+    assert over_budget(rows, lambda r: planning.plan(64, 512, 8, r.dtype, PROFILE[r.arch])) == []
+    assert [(r.kernel, r.arch, r.registers) for r in rows if r.registers > KERNEL_REGS_MAX] == []
 
 
 @needs_ptxas
 def test_static_plus_planned_dynamic_smem_fits_at_capacity(rows):
-    for r in rows:
-        if not r.kind.startswith("persistent"):
-            continue
-        dev = lstm_planning.device_profile(PROFILE[r.arch])
-        for batch in (1, 8):
-            h = planning.capacity(r.dtype, dev, batch=batch)
-            p = planning.plan(64, h, batch, r.dtype, dev)
-            assert p.persistent_fits
-            dyn = p.smem_bytes_fwd if r.kind == "persistent_fwd" else p.smem_bytes_bwd
-            assert r.static_smem + dyn <= dev.smem_per_block_optin, (r.kernel, r.arch, h, batch)
+    def at_capacity(r, dev, batch):
+        h = planning.capacity(r.dtype, dev, batch=batch)
+        return h, planning.plan(64, h, batch, r.dtype, dev)
+    assert smem_overflows(rows, at_capacity) == []
 
 
 # ---------------------------------------------------------------- the plan
@@ -125,14 +111,7 @@ def test_smem_model_counts_both_weight_slices():
 # ---------------------------------------------------------------- parity with the reference
 
 def make_case(T, B, I, H, dtype, bias, seed):
-    rng = np.random.default_rng(seed)
-
-    def rand(*shape):
-        return (0.5 * rng.standard_normal(shape)).astype(dtype)
-    params = {name: rand(*shape) for name, shape in FORM.param_shapes(I, H, bias)}
-    args = dict(x=rand(T, B, I), params=params, h0=rand(B, H), c0=rand(B, H))
-    cot = dict(dy=rand(T, B, H), dh_n=rand(B, H), dc_n=rand(B, H))
-    return args, cot
+    return lstm_case(FORM, T, B, I, H, dtype, bias, seed)
 
 
 def forward(rt, args, lengths, reverse, options, need_saved=True):
@@ -242,14 +221,9 @@ def test_matches_numpy_reference(request, T, B, I, H, P, lengths, reverse, bias,
     args, cot = make_case(T, B, I, H, dtype, bias, seed)
     lengths = None if lengths is None else np.asarray(lengths, np.int64)
     options = _options(P, threads, bt)
-    launches = []
-    sim.RUNTIME.launch_hook = launches.append
-    try:
-        with strict.record() as reports:
-            out = forward(sim.RUNTIME, args, lengths, reverse, options)
-            grads = backward(sim.RUNTIME, args, out[3], lengths, reverse, cot, options)
-    finally:
-        sim.RUNTIME.launch_hook = None
+    with launches_logged() as launches, strict.record() as reports:
+        out = forward(sim.RUNTIME, args, lengths, reverse, options)
+        grads = backward(sim.RUNTIME, args, out[3], lengths, reverse, cot, options)
     want = forward(None, args, lengths, reverse, None)
     want_grads = backward(None, args, want[3], lengths, reverse, cot, None)
     assert_matches(out, want, grads, want_grads, dtype, lengths)
@@ -271,10 +245,7 @@ def test_nan_in_padded_inputs_reaches_no_gradient(P):
     T, B, I, H = 3, 3, 4, 7
     args, cot = make_case(T, B, I, H, np.float32, True, 31)
     lengths = np.array([3, 1, 0], np.int64)
-    clean = {**args, "x": args["x"].copy()}
-    for b, n in enumerate(lengths):
-        clean["x"][n:, b] = 0
-        args["x"][n:, b] = np.nan
+    clean = nan_padded(args, lengths)
     options = _options(P)
     with strict.record() as reports:
         out = forward(sim.RUNTIME, args, lengths, False, options)
@@ -282,13 +253,7 @@ def test_nan_in_padded_inputs_reaches_no_gradient(P):
     assert all(r.findings == [] for r in reports)
     want = forward(None, clean, lengths, False, None)
     want_grads = backward(None, clean, want[3], lengths, False, cot, None)
-    for name, a, b in zip(("y", "h_n", "c_n"), out[:3], want[:3]):
-        assert_close(a, b, TOL[np.float32], name)
-    for name, a, b in zip(("dx", "dh0", "dc0"), grads[:3], want_grads[:3]):
-        assert_close(a, b, GRAD_TOL[np.float32], name)
-    for name, g in want_grads[3].items():
-        assert np.all(np.isfinite(grads[3][name])), name
-        assert_close(grads[3][name], g, GRAD_TOL[np.float32], name)
+    assert_close_with_finite_grads(out, grads, want, want_grads, np.float32)
 
 
 @pytest.mark.parametrize("P", [2, "stepwise"])
@@ -342,14 +307,10 @@ def test_the_sim_backends_entry_points_dispatch_here():
     args, cot = make_case(2, 2, 3, 7, np.float64, True, 34)
     a = (FORM, args["x"], args["params"], args["h0"], args["c0"], None, False, True)
     opts = {"path": "persistent", "blocks": 2}
-    launches = []
-    sim.RUNTIME.launch_hook = launches.append
-    try:
+    with launches_logged() as launches:
         out = sim.lstm_forward(*a, options=opts)
         grads = sim.lstm_backward(FORM, args["x"], args["params"], out[3], None, False, cot["dy"],
                                   cot["dh_n"], cot["dc_n"], options=opts)
-    finally:
-        sim.RUNTIME.launch_hook = None
     assert [d["name"] for d in launches] == ["mlstm_persistent_fwd_f64", "mlstm_persistent_bwd_f64"]
     want = ref.lstm_forward(*a)
     # the reference's saved arrays through the kernels' backward
@@ -400,21 +361,13 @@ print("STOCK-OK", max(errs))
 def test_stock_simulator_launches_once_per_half_step_in_a_fresh_process():
     # Numba's own simulator: its grid.sync() only synchronises a block, so with P > 1 the host
     # launches each half-step (forward) and half-phase (backward) on its own
-    import os
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    r = subprocess.run([sys.executable, "-c", STOCK_SCRIPT], env=env, capture_output=True,
-                       text=True, timeout=120)
+    r = run_fresh(STOCK_SCRIPT, timeout=120)
     assert r.returncode == 0 and "STOCK-OK" in r.stdout, r.stdout + r.stderr
 
 
 # ---------------------------------------------------------------- mutants
 
-SOURCE = inspect.getsource(kernels)
-LINES = SOURCE.splitlines()
-BARRIER = re.compile(r"^\s*(cuda\.syncthreads\(\)|_grid_group_sync\(grid\))\s*(#.*)?$")
-BARRIER_LINES = [i for i, line in enumerate(LINES) if BARRIER.match(line)]
+SOURCE, LINES, BARRIER_LINES = kernel_source(kernels)
 # (T, B, H, P, threads, batch_tile): tiles with L > 1 and with L = 1, one-unit blocks at 32
 # lanes, idle blocks
 MUTANT_CASES = [
@@ -426,42 +379,29 @@ MUTANT_CASES = [
 
 
 def test_the_source_has_the_barriers_the_docstring_promises():
-    kinds = [BARRIER.match(LINES[i]).group(1) for i in BARRIER_LINES]
+    kinds = barrier_kinds(LINES, BARRIER_LINES)
     assert kinds.count("_grid_group_sync(grid)") == 2          # one per persistent kernel
-    bwd_start = next(i for i, line in enumerate(LINES) if line.startswith("def make_bwd"))
-    in_fwd = [i for i in BARRIER_LINES if i < bwd_start]
     # forward: phase 1 between tiles, staging, scratch; phase 2 staging, scratch, pre; grid.
     # backward: phase A between tiles, staging, scratch; phase B the same three; grid.
-    assert len(in_fwd) == 6 + 1 and len(BARRIER_LINES) - len(in_fwd) == 6 + 1
+    assert barriers_before_and_after(LINES, BARRIER_LINES, "def make_bwd") == (6 + 1, 6 + 1)
 
 
-class MutantRuntime(SimRuntime):
-    """The strict sim backend with the mLSTM kernels taken from a rebuilt module."""
-
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-    def compile(self, spec):
-        if spec.cell != kernels.CELL:
-            return super().compile(spec)
-        factory = {"persistent_fwd": self.module.make_fwd, "persistent_bwd": self.module.make_bwd,
-                   "pointwise_dm": self.module.make_pointwise_dm}[spec.kind]
-        return strict.jit(factory(spec.dtype), name=spec.name)
+def _build(module, spec):
+    factory = {"persistent_fwd": module.make_fwd, "persistent_bwd": module.make_bwd,
+               "pointwise_dm": module.make_pointwise_dm}[spec.kind]
+    return factory(spec.dtype)
 
 
-def _module(source, tag):
-    mod = types.ModuleType(f"gpurnn.kernels._mlstm_mutant_{tag}")
-    mod.__package__ = "gpurnn.kernels"
-    mod.__file__ = kernels.__file__
-    exec(compile(source, f"<mlstm.py {tag}>", "exec"), mod.__dict__)
-    return mod
+def mutant_runtime(source, tag):
+    """The strict sim backend with the mLSTM kernels taken from `source` rebuilt as a module."""
+    return MutantRuntime(mutant_module(source, tag, kernels, "mlstm"),
+                         lambda spec: spec.cell == kernels.CELL, _build)
 
 
 def _run_mutant_case(rt, case, seed):
     T, B, H, P, threads, bt = case
     args, cot = make_case(T, B, 3, H, np.float32, True, seed)
-    lengths = np.arange(B, dtype=np.int64) % T + 1 if B > 1 else None
+    lengths = staggered_lengths(T, B)
     options = _options(P, threads, bt)
     out = forward(rt, args, lengths, False, options)
     grads = backward(rt, args, out[3], lengths, False, cot, options)
@@ -470,52 +410,17 @@ def _run_mutant_case(rt, case, seed):
     pairs = [("y", out[0], want[0]), ("dx", grads[0], want_grads[0]),
              ("dh0", grads[1], want_grads[1])]
     pairs += [(n, grads[3][n], want_grads[3][n]) for n in ("weight_hh", "weight_mh")]
-    for name, a, b in pairs:
-        if not np.allclose(a, b, rtol=1e-4, atol=1e-5):
-            return f"{name} differs from the reference"
-    return None
+    return first_difference(pairs)
 
 
 def caught_by(source, tag):
-    rt = MutantRuntime(_module(source, tag))
-    for n, case in enumerate(MUTANT_CASES):
-        try:
-            wrong = _run_mutant_case(rt, case, seed=n)
-        except strict.SimulatorError as err:
-            return f"{case}: {type(err).__name__}: {str(err).splitlines()[0]}"
-        if wrong:
-            return f"{case}: {wrong}"
-    return None
+    rt = mutant_runtime(source, tag)
+    return first_catch(MUTANT_CASES, lambda n, case: _run_mutant_case(rt, case, seed=n))
 
 
-def test_unmutated_source_passes_every_mutant_case():
-    assert caught_by(SOURCE, "original") is None
-
-
-def _delete(line_no):
-    lines = list(LINES)
-    indent = lines[line_no][: len(lines[line_no]) - len(lines[line_no].lstrip())]
-    lines[line_no] = indent + "pass  # mutant: barrier deleted"
-    return "\n".join(lines) + "\n"
-
-
-@pytest.mark.parametrize("line_no", BARRIER_LINES,
-                         ids=[f"L{i + 1}-{LINES[i].split('#')[0].strip()}" for i in BARRIER_LINES])
-def test_deleting_any_barrier_is_caught(line_no):
-    found = caught_by(_delete(line_no), f"L{line_no + 1}")
-    assert found is not None, (f"deleting line {line_no + 1} ({LINES[line_no].strip()}) of "
-                               f"mlstm.py went unnoticed: redundant, or a gap in the checks")
-
-
-@pytest.mark.parametrize("kernel", ["fwd", "bwd"])
-def test_idle_blocks_returning_early_is_caught(kernel):
-    # `if nu == 0: return` after the unit slice of the chosen kernel: a GPU would hang at the
-    # next grid barrier, which the other blocks still reach
-    anchor = "u0, nu = _owned_units(units, H)"
-    hits = [i for i, line in enumerate(LINES) if line.strip() == anchor]
-    assert len(hits) == 2
-    i = hits[0 if kernel == "fwd" else 1]
-    indent = LINES[i][: len(LINES[i]) - len(LINES[i].lstrip())]
-    lines = LINES[: i + 1] + [indent + "if nu == 0:", indent + "    return"] + LINES[i + 1:]
-    found = caught_by("\n".join(lines) + "\n", f"early-return-{kernel}")
-    assert found is not None and "a GPU would hang here" in found, found
+# the unmutated source passes every case; deleting any one barrier is caught; an idle block
+# returning early is caught as a hang
+(test_unmutated_source_passes_every_mutant_case, test_deleting_any_barrier_is_caught,
+ test_idle_blocks_returning_early_is_caught) = mutation_tests(
+    caught_by, SOURCE, LINES, BARRIER_LINES, "mlstm.py", "u0, nu = _owned_units(units, H)",
+    "nu == 0")
