@@ -21,9 +21,6 @@ grid barrier per stage (T+L-2 forward, T+L-1 backward) counted by the simulator,
 compilation of every specialization for sm_80 and sm_90 with no spills, each barrier deleted
 in turn caught, an idle block's early return caught, and the plan.
 """
-import inspect
-import re
-import types
 import zlib
 
 import numpy as np
@@ -35,31 +32,25 @@ from gpurnn.backends import cuda as host
 from gpurnn.backends import cuda_wavefront as wf
 from gpurnn.backends import sim
 from gpurnn.backends.numpy import input_bias
-from gpurnn.backends.sim import SimRuntime
 from gpurnn.cells import GATES, RESERVE_GATES, has_cell_state
-from gpurnn.kernels import compile as kcompile
 from gpurnn.kernels import wavefront as kernels
 from gpurnn.kernels.layout import KERNEL_REGS_MAX, lanes_per_output, units_per_block
 from gpurnn.planning import wavefront as planning
 from gpurnn.testing import GRAD_TOL, TOL, assert_close
 
-ARCHS = ("sm_80", "sm_90")
-RT = sim.RUNTIME
+from simtools import (MutantRuntime, anchor_hits, barrier_kinds, barriers_before_and_after,
+                      compile_errors, compile_rows, compiled_pairs, first_catch, kernel_source,
+                      mutant_module, mutation_tests, needs_ptxas, normal_draws, run_fresh, spilled,
+                      staggered_lengths, wanted_pairs, with_return)
 
-needs_ptxas = pytest.mark.skipif(
-    kcompile.find_toolkit() is None,
-    reason="ptxas from the nvidia-cuda-nvcc wheel is not installed "
-           "(pip install 'cuda-toolkit[nvcc]==13.*')")
+RT = sim.RUNTIME
 
 
 # ---------------------------------------------------------------- cases
 
 def make_case(cell, T, B, I, H, L, dtype, bias, seed):
-    rng = np.random.default_rng(seed)
+    rand = normal_draws(np.random.default_rng(seed), dtype)
     G = GATES[cell]
-
-    def rand(*shape):
-        return (0.5 * rng.standard_normal(shape)).astype(dtype)
     layers = []
     for l in range(L):
         p = {"weight_ih": rand(G * H, I if l == 0 else H), "weight_hh": rand(G * H, H)}
@@ -407,12 +398,7 @@ print("STOCK-OK")
 def test_stock_simulator_launches_once_per_stage_in_a_fresh_process():
     # Numba's own simulator: its grid.sync() only synchronises a block, so the host launches
     # each stage on its own (the launch boundary is the grid barrier); same bits as the strict
-    import os
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    r = subprocess.run([sys.executable, "-c", STOCK_SCRIPT], env=env, capture_output=True,
-                       text=True, timeout=120)
+    r = run_fresh(STOCK_SCRIPT, timeout=120)
     assert r.returncode == 0 and "STOCK-OK" in r.stdout, r.stdout + r.stderr
 
 
@@ -477,16 +463,16 @@ def test_the_table_has_every_row(capsys):
 
 @pytest.fixture(scope="module")
 def rows():
-    return kcompile.check_kernels(ARCHS, "gpurnn.kernels.wavefront:specializations")
+    return compile_rows("gpurnn.kernels.wavefront:specializations")
 
 
 @needs_ptxas
 def test_every_wavefront_kernel_compiles_without_spills(rows):
     names = {sp.name for sp in kernels.specializations()}
     assert len(names) == 4 * len(kernels.DTYPES) * 2
-    assert {(r.kernel, r.arch) for r in rows} == {(n, a) for n in names for a in ARCHS}
-    assert [(r.kernel, r.arch, r.error) for r in rows if r.error] == []
-    assert [(r.kernel, r.arch) for r in rows if r.spill_bytes or r.local_bytes] == []
+    assert compiled_pairs(rows) == wanted_pairs(names)
+    assert compile_errors(rows) == []
+    assert spilled(rows) == []
     for r in rows:
         assert r.linked_cudadevrt and r.grid_sync, r.kernel
         assert 0 < r.registers <= KERNEL_REGS_MAX, (r.kernel, r.arch, r.registers)
@@ -505,10 +491,7 @@ def test_static_plus_planned_dynamic_smem_fits(rows):
 
 # ---------------------------------------------------------------- mutants
 
-SOURCE = inspect.getsource(kernels)
-LINES = SOURCE.splitlines()
-BARRIER = re.compile(r"^\s*(cuda\.syncthreads\(\)|_grid_group_sync\(grid\))\s*(#.*)?$")
-BARRIER_LINES = [i for i, line in enumerate(LINES) if BARRIER.match(line)]
+SOURCE, LINES, BARRIER_LINES = kernel_source(kernels)
 # (cell, T, B, H, L, P, threads, batch_tile): tiles with lanes > 1 (forward and backward) and
 # lanes 1 (forward), one-unit blocks, idle blocks
 MUTANT_CASES = [
@@ -520,41 +503,29 @@ MUTANT_CASES = [
 
 
 def test_the_source_has_the_barriers_the_docstring_promises():
-    kinds = [BARRIER.match(LINES[i]).group(1) for i in BARRIER_LINES]
+    kinds = barrier_kinds(LINES, BARRIER_LINES)
     assert kinds.count("_grid_group_sync(grid)") == 2      # one per stage, each kernel
-    bwd_start = next(i for i, line in enumerate(LINES) if line.startswith("def make_bwd"))
-    in_fwd = [i for i in BARRIER_LINES if i < bwd_start]
     # forward: between tiles, staging, scratch, pre; grid. backward: between tiles, staging,
     # scratch; grid.
-    assert len(in_fwd) == 4 + 1 and len(BARRIER_LINES) - len(in_fwd) == 3 + 1
+    assert barriers_before_and_after(LINES, BARRIER_LINES, "def make_bwd") == (4 + 1, 3 + 1)
 
 
-class MutantRuntime(SimRuntime):
-    """The strict sim backend with the wavefront kernels taken from a rebuilt module."""
-
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-    def compile(self, spec):
-        if not spec.kind.startswith("wavefront"):
-            return super().compile(spec)
-        factory = self.module.make_fwd if spec.kind == "wavefront_fwd" else self.module.make_bwd
-        return strict.jit(factory(spec.cell, spec.dtype), name=spec.name)
+def _build(module, spec):
+    factory = module.make_fwd if spec.kind == "wavefront_fwd" else module.make_bwd
+    return factory(spec.cell, spec.dtype)
 
 
-def _module(source, tag):
-    mod = types.ModuleType(f"gpurnn.kernels._wavefront_mutant_{tag}")
-    mod.__package__ = "gpurnn.kernels"
-    mod.__file__ = kernels.__file__
-    exec(compile(source, f"<wavefront.py {tag}>", "exec"), mod.__dict__)
-    return mod
+def mutant_runtime(source, tag):
+    """The strict sim backend with the wavefront kernels taken from `source` rebuilt as a
+    module."""
+    return MutantRuntime(mutant_module(source, tag, kernels, "wavefront"),
+                         lambda spec: spec.kind.startswith("wavefront"), _build)
 
 
 def _run(rt, case, seed):
     cell, T, B, H, L, P, threads, bt = case
     args, cot = make_case(cell, T, B, 3, H, L, np.float32, True, seed)
-    lengths = np.arange(B, dtype=np.int64) % T + 1 if B > 1 else None
+    lengths = staggered_lengths(T, B)
     opts = _options(P, threads, bt)
     out = wf.run_stack_forward(rt, cell, args["x"], args["layers"], args["h0"], args["c0"],
                                lengths, True, opts)
@@ -566,59 +537,34 @@ def _run(rt, case, seed):
 _REFERENCE = {}
 
 
-def caught_by(source, tag):
-    rt = MutantRuntime(_module(source, tag))
-    for n, case in enumerate(MUTANT_CASES):
-        if n not in _REFERENCE:
-            _REFERENCE[n] = _run(RT, case, n)
-        try:
-            got = _run(rt, case, n)
-        except strict.SimulatorError as err:
-            return f"{case}: {type(err).__name__}: {str(err).splitlines()[0]}"
-        if not all(np.array_equal(a, b, equal_nan=True) for a, b in zip(got, _REFERENCE[n])):
-            return f"{case}: results differ"
+def _reference(n, case):
+    if n not in _REFERENCE:
+        _REFERENCE[n] = _run(RT, case, n)
+
+
+def _differs(rt, n, case):
+    got = _run(rt, case, n)
+    if not all(np.array_equal(a, b, equal_nan=True) for a, b in zip(got, _REFERENCE[n])):
+        return "results differ"
     return None
 
 
-def test_unmutated_source_passes_every_mutant_case():
-    assert caught_by(SOURCE, "original") is None
+def caught_by(source, tag):
+    rt = mutant_runtime(source, tag)
+    return first_catch(MUTANT_CASES, lambda n, case: _differs(rt, n, case), prepare=_reference)
 
 
-def _delete(line_no):
-    lines = list(LINES)
-    indent = lines[line_no][: len(lines[line_no]) - len(lines[line_no].lstrip())]
-    lines[line_no] = indent + "pass  # mutant: barrier deleted"
-    return "\n".join(lines) + "\n"
-
-
-@pytest.mark.parametrize("line_no", BARRIER_LINES,
-                         ids=[f"L{i + 1}-{LINES[i].split('#')[0].strip()}" for i in BARRIER_LINES])
-def test_deleting_any_barrier_is_caught(line_no):
-    found = caught_by(_delete(line_no), f"L{line_no + 1}")
-    assert found is not None, (f"deleting line {line_no + 1} ({LINES[line_no].strip()}) of "
-                               f"wavefront.py went unnoticed: redundant, or a gap in the checks")
-
-
-@pytest.mark.parametrize("kernel", ["fwd", "bwd"])
-def test_idle_blocks_returning_early_is_caught(kernel):
-    # `if nu == 0: return` after the unit slice: a GPU would hang at the next grid barrier
-    anchor = "nu = max(0, min(units, H - u0))"
-    hits = [i for i, line in enumerate(LINES) if line.strip() == anchor]
-    assert len(hits) == 2
-    i = hits[0 if kernel == "fwd" else 1]
-    indent = LINES[i][: len(LINES[i]) - len(LINES[i].lstrip())]
-    lines = LINES[: i + 1] + [indent + "if nu == 0:", indent + "    return"] + LINES[i + 1:]
-    found = caught_by("\n".join(lines) + "\n", f"early-return-{kernel}")
-    assert found is not None and "a GPU would hang here" in found, found
+# the unmutated source passes every case; deleting any one barrier is caught; an idle block
+# returning early is caught as a hang
+(test_unmutated_source_passes_every_mutant_case, test_deleting_any_barrier_is_caught,
+ test_idle_blocks_returning_early_is_caught) = mutation_tests(
+    caught_by, SOURCE, LINES, BARRIER_LINES, "wavefront.py", "nu = max(0, min(units, H - u0))",
+    "nu == 0")
 
 
 def test_a_layer_skipping_a_stage_barrier_is_caught():
     # a layer with no step at a stage leaving the loop instead of joining the barrier
-    anchor = "if t >= 0 and t < T:            # uniform over the block"
-    hits = [i for i, line in enumerate(LINES) if line.strip() == anchor.strip()]
+    hits = anchor_hits(LINES, "if t >= 0 and t < T:            # uniform over the block")
     assert len(hits) == 1
-    i = hits[0]
-    indent = LINES[i][: len(LINES[i]) - len(LINES[i].lstrip())]
-    lines = LINES[:i] + [indent + "if t >= T:", indent + "    return"] + LINES[i:]
-    found = caught_by("\n".join(lines) + "\n", "skip-stage")
+    found = caught_by(with_return(LINES, hits[0], "t >= T", before=True), "skip-stage")
     assert found is not None and "hang" in found, found
