@@ -23,87 +23,33 @@ params: {"weight_ih", "weight_hh", ["bias_ih", "bias_hh",] "layernorm_x_weight",
 the stack's suffix. options: the cuda backend's {"path", "blocks", "threads", "batch_tile"}
 (the sim backend takes its 'simulator' key off first). The saved tuple carries no launch, so
 backward plans again from the same options (the same plan). Uses gpurnn.backends.cuda's
-private _kernel_lengths and _small_grids_allowed: the same host side, split over files.
+private _kernel_lengths (the same host side, split over files) and gpurnn.backends.launching
+(the launch choice and the launches every kernel family shares).
 """
 from __future__ import annotations
 
-import weakref
+import functools
 
 import numpy as np
 
 from . import cuda as host
+from . import launching
 from .numpy import inputs_seen
-from ..kernels import layout
 from ..kernels import layernorm as kernels
 from ..kernels.cellmath import LN_REC, LN_ZC, LN_ZH
 from ..layernorm import EPS, NOISE_KEYS
+from ..planning import layernorm as planning
 
-_COMPILED = weakref.WeakKeyDictionary()     # Runtime -> {(kind, dtype): (spec, kernel)}
 LN_NAMES = ("layernorm_x_weight", "layernorm_x_bias", "layernorm_h_weight", "layernorm_h_bias",
             "layernorm_c_weight", "layernorm_c_bias")
 
 
-def _kernel(rt, kind, dtype):
-    cache = _COMPILED.setdefault(rt, {})
-    if (kind, dtype) not in cache:
-        sp = kernels.spec(kind, dtype)
-        cache[kind, dtype] = (sp, rt.compile(sp))
-    return cache[kind, dtype]
-
-
-def choose_launch(input_size, hidden, batch, dtype, device, options, backend=host.NAME):
-    """The launch configuration (gpurnn.backends.cuda.LaunchConfig): options where given, the
-    LayerNormLSTM plan (gpurnn.planning.layernorm) for the rest."""
-    from ..planning import layernorm as planning
-    options = host.check_options(options, backend)
-    blocks, threads, tile = options.get("blocks"), options.get("threads"), options.get("batch_tile")
-    if tile is not None and tile > batch:
-        raise ValueError(f"options['batch_tile'] must be <= the batch ({batch}); got {tile}")
-    p = planning.plan(input_size, hidden, batch, dtype, device,
-                      blocks=None if blocks is None else int(blocks),
-                      threads=None if threads is None else int(threads),
-                      batch_tile=None if tile is None else int(tile))
-    forced = blocks is not None or tile is not None
-    path = options.get("path", "persistent" if forced else p.path)
-    if path == "persistent" and not p.persistent_fits:
-        said = f"options['blocks']={int(blocks)}: " if blocks is not None else ""
-        why = [r for r in p.reasons if "forced by the caller" not in r and "model" not in r]
-        raise ValueError(f"{said}the persistent path cannot run layernorm_lstm H={hidden} "
-                         f"B={batch} {dtype} on {p.device.name}: " + "; ".join(why))
-    P = int(blocks) if blocks is not None else p.blocks
-    return host.LaunchConfig(path=path, blocks=P, threads=p.threads,
-                             units_per_block=layout.units_per_block(hidden, P), plan=p,
-                             batch_tile=p.batch_tile)
-
-
-def _launch_persistent(rt, kind, dtype, cfg, smem, args, q_range):
-    from ..kernels.launch import launch_persistent
-    sp, kern = _kernel(rt, kind, dtype)
-    single = q_range[1] - q_range[0] == 1
-    rt.on_launch(dict(name=sp.name, kind=kind, blocks=cfg.blocks, threads=cfg.threads, smem=smem,
-                      step_range=q_range))
-    with host._small_grids_allowed():
-        launch_persistent(kern, (cfg.blocks, cfg.threads, smem), rt.stream(), args,
-                          direction="fwd" if kind.endswith("fwd") else "bwd",
-                          signature=None if rt.per_step_grid else sp.signature,
-                          single_step=single)
-
-
-def _launch_pointwise(rt, kind, dtype, n, threads, args, step):
-    sp, kern = _kernel(rt, kind, dtype)
-    blocks = -(-n // threads)
-    rt.on_launch(dict(name=sp.name, kind=kind, blocks=blocks, threads=threads, smem=0,
-                      step_range=(step, step + 1)))
-    with host._small_grids_allowed():
-        kern[blocks, threads, rt.stream(), 0](*args)
-
-
-def _phase_ranges(rt, blocks, n):
-    """Half-phase ranges of the persistent launches: all n in one launch, or one per launch
-    where the grid barrier cannot be trusted across blocks (Numba's stock simulator)."""
-    if rt.per_step_grid and blocks > 1:
-        return [(q, q + 1) for q in range(n)]
-    return [(0, n)]
+_kernel = launching.KernelCache(kernels.spec)     # (rt, kind, dtype) -> (spec, kernel)
+_launch_persistent = _kernel.persistent
+_launch_pointwise = _kernel.pointwise
+# the launch configuration (gpurnn.backends.cuda.LaunchConfig): options where given, the
+# plan (gpurnn.planning.layernorm) for the rest
+choose_launch = functools.partial(launching.choose_layer_launch, planning)
 
 
 def _noise(xp, noise, T, B, H, dt):
@@ -156,20 +102,36 @@ def _active(xp, lengths, T, B):
     return xp.asarray(np.arange(T)[:, None] < np.asarray(lengths)[None, :])
 
 
-def run_forward(rt, x, params, h0, c0, lengths, reverse, need_saved, noise, options):
-    xp = rt.xp
+def _stats_into(xp, a, rowstat, stats, t, col, save):
+    """The row statistics of a (B, F) into rowstat (mean, rstd) and, when saving, into
+    stats[t, :, col:col + 2]."""
+    mean, rstd = _row_stats(xp, a)
+    rowstat[:, 0] = mean
+    rowstat[:, 1] = rstd
+    if save:
+        stats[t, :, col] = mean
+        stats[t, :, col + 1] = rstd
+
+
+def _call(rt, x, params, reverse, noise, options):
+    """What run_forward and run_backward start from: (T, B, I, H, the dtype's name, rev, the
+    launch, (bits, rmask, zone) of the noise); a TypeError for a dtype the kernels lack."""
     T, B, I = x.shape
-    w_ih, w_hh = params["weight_ih"], params["weight_hh"]
-    b_ih, b_hh = params.get("bias_ih"), params.get("bias_hh")
-    H = w_hh.shape[1]
-    GH = 4 * H
+    H = params["weight_hh"].shape[1]
     dtype = np.dtype(x.dtype).name
     if dtype not in kernels.DTYPES:
         raise TypeError(f"x has dtype {dtype}; the LayerNormLSTM kernels run in {kernels.DTYPES}")
-    dt = x.dtype
-    rev = 1 if reverse else 0
     cfg = choose_launch(I, H, B, dtype, rt.device, options, rt.name)
-    bits, rmask, zone = _noise(xp, noise, T, B, H, dt)
+    return T, B, I, H, dtype, 1 if reverse else 0, cfg, _noise(rt.xp, noise, T, B, H, x.dtype)
+
+
+def run_forward(rt, x, params, h0, c0, lengths, reverse, need_saved, noise, options):
+    xp, dt = rt.xp, x.dtype
+    T, B, I, H, dtype, rev, cfg, (bits, rmask, zone) = _call(rt, x, params, reverse, noise,
+                                                             options)
+    w_ih, w_hh = params["weight_ih"], params["weight_hh"]
+    b_ih, b_hh = params.get("bias_ih"), params.get("bias_hh")
+    GH = 4 * H
 
     xg = xp.matmul(x.reshape(T * B, I), w_ih.T).reshape(T, B, GH)
     mean_x, rstd_x = _row_stats(xp, xg)
@@ -200,7 +162,7 @@ def run_forward(rt, x, params, h0, c0, lengths, reverse, need_saved, noise, opti
         part = xp.empty((2, cfg.blocks, B, 2), dt)
         smem = kernels.smem_bytes("fwd", H, bt, U, dtype, threads=cfg.threads)
         w_hh_c = xp.ascontiguousarray(w_hh)
-        for q_range in _phase_ranges(rt, cfg.blocks, 2 * T + 1):
+        for q_range in launching.phase_ranges(rt, cfg.blocks, 2 * T + 1):
             _launch_persistent(rt, "persistent_fwd", dtype, cfg, smem,
                                (gx, w_hh_c, lnp, rmask, zone, h, c, gates, hhat, stats, y, ctil,
                                 part, lengths_k, rev, q_range[0], q_range[1], U, save, bt,
@@ -214,21 +176,11 @@ def run_forward(rt, x, params, h0, c0, lengths, reverse, need_saved, noise, opti
             t = T - 1 - s if rev else s
             h_in = h[t + rev] * rmask if bits & LN_REC else h[t + rev]
             xp.matmul(h_in, w_hh_t, out=ah[0])
-            mean_h, rstd_h = _row_stats(xp, ah[0])
-            rowstat[:, 0] = mean_h
-            rowstat[:, 1] = rstd_h
-            if save:
-                stats[t, :, 2] = mean_h
-                stats[t, :, 3] = rstd_h
+            _stats_into(xp, ah[0], rowstat, stats, t, 2, save)
             _launch_pointwise(rt, "pointwise_fwd_gates", dtype, n, cfg.threads,
                               (gx, lnp, ah, hhat, gates, c, ctil, zone, rowstat, lengths_k, rev, s,
                                save, bits), s)
-            mean_c, rstd_c = _row_stats(xp, ctil)
-            rowstat[:, 0] = mean_c
-            rowstat[:, 1] = rstd_c
-            if save:
-                stats[t, :, 4] = mean_c
-                stats[t, :, 5] = rstd_c
+            _stats_into(xp, ctil, rowstat, stats, t, 4, save)
             _launch_pointwise(rt, "pointwise_fwd_out", dtype, n, cfg.threads,
                               (gates, ctil, h, y, lnp, zone, rowstat, lengths_k, rev, s, save,
                                bits), s)
@@ -240,20 +192,13 @@ def run_forward(rt, x, params, h0, c0, lengths, reverse, need_saved, noise, opti
 
 
 def run_backward(rt, x, params, saved, lengths, reverse, dy, dh_n, dc_n, noise, options):
-    xp = rt.xp
-    T, B, I = x.shape
+    xp, dt = rt.xp, x.dtype
     w_ih, w_hh = params["weight_ih"], params["weight_hh"]
     has_bias = params.get("bias_ih") is not None
     h, c, gates, xhat, hhat, stats = (xp.ascontiguousarray(a) for a in saved)
-    H = w_hh.shape[1]
+    T, B, I, H, dtype, rev, cfg, (bits, rmask, zone) = _call(rt, x, params, reverse, noise,
+                                                             options)
     GH = 4 * H
-    dtype = np.dtype(x.dtype).name
-    if dtype not in kernels.DTYPES:
-        raise TypeError(f"x has dtype {dtype}; the LayerNormLSTM kernels run in {kernels.DTYPES}")
-    dt = x.dtype
-    rev = 1 if reverse else 0
-    cfg = choose_launch(I, H, B, dtype, rt.device, options, rt.name)
-    bits, rmask, zone = _noise(xp, noise, T, B, H, dt)
     lnp = _ln_params(xp, params, dt)
 
     dz = xp.empty((T, B, GH), dt)
@@ -274,7 +219,7 @@ def run_backward(rt, x, params, saved, lengths, reverse, dy, dh_n, dc_n, noise, 
         U, bt = cfg.units_per_block, cfg.batch_tile
         part = xp.empty((2, cfg.blocks, B, 2), dt)
         smem = kernels.smem_bytes("bwd", H, bt, U, dtype, threads=cfg.threads)
-        for q_range in _phase_ranges(rt, cfg.blocks, 2 * T + 1):
+        for q_range in launching.phase_ranges(rt, cfg.blocks, 2 * T + 1):
             _launch_persistent(rt, "persistent_bwd", dtype, cfg, smem,
                                (w_hh_c, lnp, rmask, zone, c, gates, hhat, stats, dy, dz, da,
                                 dl, dchat, dh_carry, dc_carry, part, lengths_k, rev,

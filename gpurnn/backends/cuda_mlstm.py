@@ -18,83 +18,30 @@ returns as gpurnn.variants documents):
 options: the cuda backend's {"path", "blocks", "threads", "batch_tile"} (the sim backend takes
 its 'simulator' key off before it calls here). The saved tuple carries no launch, so backward
 plans again from the same options (the same plan). Uses gpurnn.backends.cuda's private
-_kernel_lengths and _small_grids_allowed: the same host side, split over two files.
+_kernel_lengths (the same host side, split over files) and gpurnn.backends.launching (the launch
+choice and the launches every kernel family shares).
 """
 from __future__ import annotations
 
-import weakref
+import functools
 
 import numpy as np
 
 from . import cuda as host
+from . import launching
 from .numpy import inputs_seen
-from ..kernels import layout
 from ..kernels import mlstm as kernels
+from ..planning import mlstm as planning
 
-_COMPILED = weakref.WeakKeyDictionary()     # Runtime -> {(kind, dtype): (spec, kernel)}
-
-
-def _kernel(rt, kind, dtype):
-    cache = _COMPILED.setdefault(rt, {})
-    if (kind, dtype) not in cache:
-        sp = kernels.spec(kind, dtype)
-        cache[kind, dtype] = (sp, rt.compile(sp))
-    return cache[kind, dtype]
-
-
-def choose_launch(input_size, hidden, batch, dtype, device, options, backend=host.NAME):
-    """The launch configuration (gpurnn.backends.cuda.LaunchConfig): options where given, the
-    mLSTM plan (gpurnn.planning.mlstm) for the rest."""
-    from ..planning import mlstm as planning
-    options = host.check_options(options, backend)
-    blocks, threads, tile = options.get("blocks"), options.get("threads"), options.get("batch_tile")
-    if tile is not None and tile > batch:
-        raise ValueError(f"options['batch_tile'] must be <= the batch ({batch}); got {tile}")
-    p = planning.plan(input_size, hidden, batch, dtype, device,
-                      blocks=None if blocks is None else int(blocks),
-                      threads=None if threads is None else int(threads),
-                      batch_tile=None if tile is None else int(tile))
-    forced = blocks is not None or tile is not None
-    path = options.get("path", "persistent" if forced else p.path)
-    if path == "persistent" and not p.persistent_fits:
-        said = f"options['blocks']={int(blocks)}: " if blocks is not None else ""
-        why = [r for r in p.reasons if "forced by the caller" not in r and "model" not in r]
-        raise ValueError(f"{said}the persistent path cannot run mlstm H={hidden} B={batch} "
-                         f"{dtype} on {p.device.name}: " + "; ".join(why))
-    P = int(blocks) if blocks is not None else p.blocks
-    return host.LaunchConfig(path=path, blocks=P, threads=p.threads,
-                             units_per_block=layout.units_per_block(hidden, P), plan=p,
-                             batch_tile=p.batch_tile)
-
-
-def _launch_persistent(rt, kind, dtype, cfg, smem, args, q_range):
-    from ..kernels.launch import launch_persistent
-    sp, kern = _kernel(rt, kind, dtype)
-    single = q_range[1] - q_range[0] == 1
-    rt.on_launch(dict(name=sp.name, kind=kind, blocks=cfg.blocks, threads=cfg.threads, smem=smem,
-                      step_range=q_range))
-    with host._small_grids_allowed():
-        launch_persistent(kern, (cfg.blocks, cfg.threads, smem), rt.stream(), args,
-                          direction="fwd" if kind.endswith("fwd") else "bwd",
-                          signature=None if rt.per_step_grid else sp.signature,
-                          single_step=single)
+_kernel = launching.KernelCache(kernels.spec)     # (rt, kind, dtype) -> (spec, kernel)
+_launch_persistent = _kernel.persistent
+# the launch configuration (gpurnn.backends.cuda.LaunchConfig): options where given, the
+# plan (gpurnn.planning.mlstm) for the rest
+choose_launch = functools.partial(launching.choose_layer_launch, planning)
 
 
 def _launch_pointwise(rt, dtype, n, threads, args, step):
-    sp, kern = _kernel(rt, "pointwise_dm", dtype)
-    blocks = -(-n // threads)
-    rt.on_launch(dict(name=sp.name, kind="pointwise_dm", blocks=blocks, threads=threads, smem=0,
-                      step_range=(step, step + 1)))
-    with host._small_grids_allowed():
-        kern[blocks, threads, rt.stream(), 0](*args)
-
-
-def _phase_ranges(rt, blocks, n):
-    """Half-step ranges of the persistent launches: all n in one launch, or one per launch
-    where the grid barrier cannot be trusted across blocks (Numba's stock simulator)."""
-    if rt.per_step_grid and blocks > 1:
-        return [(q, q + 1) for q in range(n)]
-    return [(0, n)]
+    _kernel.pointwise(rt, "pointwise_dm", dtype, n, threads, args, step)
 
 
 def _seen(xp, a, lengths):
@@ -137,7 +84,7 @@ def run_forward(rt, form, x, params, h0, c0, lengths, reverse, need_saved, optio
         m = xp.empty((B, H), dt)
         U, bt = cfg.units_per_block, cfg.batch_tile
         smem = kernels.smem_bytes("fwd", H, bt, U, dtype, threads=cfg.threads)
-        for q_range in _phase_ranges(rt, cfg.blocks, 2 * T):
+        for q_range in launching.phase_ranges(rt, cfg.blocks, 2 * T):
             _launch_persistent(rt, "persistent_fwd", dtype, cfg, smem,
                                (gx, mx, w_mh_c, w_hh_c, b_rec, h, c, gates, y, mh, m, lengths_k,
                                 rev, q_range[0], q_range[1], U, save, bt), q_range)
@@ -193,7 +140,7 @@ def run_backward(rt, form, x, params, saved, lengths, reverse, dy, dh_n, dc_n, o
     if cfg.path == "persistent":
         U, bt = cfg.units_per_block, cfg.batch_tile
         smem = kernels.smem_bytes("bwd", H, bt, U, dtype, threads=cfg.threads)
-        for q_range in _phase_ranges(rt, cfg.blocks, 2 * T + 1):
+        for q_range in launching.phase_ranges(rt, cfg.blocks, 2 * T + 1):
             _launch_persistent(rt, "persistent_bwd", dtype, cfg, smem,
                                (w_mh_c, w_hh_c, b_rec, h, c, gates, dy, mx, mh, dgh, dgx, dmh,
                                 dmx, dh_carry, dc_carry, lengths_k, rev, q_range[0], q_range[1],

@@ -20,15 +20,12 @@ Scratch beyond the saved (h, c, gates): forward m (T+1, B, H) and fwd_unit's unu
 """
 from __future__ import annotations
 
-import warnings
-from contextlib import contextmanager
-
 import numpy as np
 
 from . import cuda as host
+from . import launching
 from .numpy import inputs_seen
 from ..kernels import projection as kproj
-from ..kernels.launch import launch_persistent
 
 _COMPILED = {}      # (id(rt), cell, kind, dtype) -> (rt, spec, compiled kernel)
 
@@ -46,48 +43,24 @@ def kernel(rt, cell, kind, dtype):
     return _COMPILED[key][1:]
 
 
-@contextmanager
-def _small_grids_allowed():
-    # as cuda.py: Numba warns below 128 blocks; a persistent grid is small on purpose
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Grid size \d+ will likely result in GPU "
-                                r"under-utilization")
-        yield
-
-
 def _launch_persistent(rt, cell, kind, dtype, cfg, smem, args, step_range):
     sp, kern = kernel(rt, cell, kind, dtype)
-    rt.on_launch(dict(name=sp.name, kind=kind, blocks=cfg.blocks, threads=cfg.threads,
-                      smem=smem, step_range=step_range))
-    with _small_grids_allowed():
-        launch_persistent(kern, (cfg.blocks, cfg.threads, smem), rt.stream(), args,
-                          direction="fwd" if kind.endswith("fwd") else "bwd",
-                          signature=None if rt.per_step_grid else sp.signature)
+    launching.launch_persistent(rt, sp, kern, kind, cfg.blocks, cfg.threads, smem, args,
+                                step_range)
 
 
 def _launch_pointwise(rt, cell, kind, dtype, n, threads, args, step):
     sp, kern = kernel(rt, cell, kind, dtype)
-    blocks = -(-n // threads)
-    rt.on_launch(dict(name=sp.name, kind=kind, blocks=blocks, threads=threads, smem=0,
-                      step_range=(step, step + 1)))
-    with _small_grids_allowed():
-        kern[blocks, threads, rt.stream(), 0](*args)
+    launching.launch_pointwise(rt, sp, kern, kind, n, threads, args, step)
 
 
 def choose(rt, form, I, H, B, dtype, options):
     """The projection plan (gpurnn.planning.projection.Plan) with the options' forcing; a
     ValueError where a forced persistent launch cannot run."""
     from ..planning import projection as pplan
-    options = host.check_options(options)
-    blocks, threads, tile = options.get("blocks"), options.get("threads"), options.get("batch_tile")
-    if tile is not None and tile > B:
-        raise ValueError(f"options['batch_tile'] must be <= the batch ({B}); got {tile}")
-    p = pplan.plan(form.kernel_cell, I, H, form.proj_size, B, dtype, device=rt.device,
-                   blocks=None if blocks is None else int(blocks),
-                   threads=None if threads is None else int(threads),
-                   batch_tile=None if tile is None else int(tile))
-    forced = blocks is not None or tile is not None
-    path = options.get("path", "persistent" if forced else p.path)
+    options, kw = launching.forced(options, B)
+    p = pplan.plan(form.kernel_cell, I, H, form.proj_size, B, dtype, device=rt.device, **kw)
+    path = launching.chosen_path(options, p, kw)
     if path == "persistent" and not p.persistent_fits:
         raise ValueError(f"the persistent projection kernel cannot run {form.name} H={H} "
                          f"R={form.proj_size} B={B} {dtype} on {p.device.name}: "
@@ -109,19 +82,23 @@ def _check_form(form):
         raise ValueError(f"cuda_proj runs the projected LSTM forms; got {form.name}")
 
 
+def _call(rt, form, x, params, reverse, options):
+    """What run_forward and run_backward start from: (T, B, I, H, the dtype's name, rev, the
+    plan), the form checked."""
+    _check_form(form)
+    T, B, I = x.shape
+    dtype = np.dtype(x.dtype).name
+    H = params["weight_hr"].shape[1]
+    return T, B, I, H, dtype, 1 if reverse else 0, choose(rt, form, I, H, B, dtype, options)
+
+
 def run_forward(rt, form, x, params, h0, c0, lengths, reverse, need_saved, options):
     """gpurnn.variants' lstm_forward for a projected form: (y (T, B, R), h_n (B, R),
     c_n (B, H), (h, c, gates) | None)."""
-    _check_form(form)
-    xp = rt.xp
+    T, B, I, H, dtype, rev, cfg = _call(rt, form, x, params, reverse, options)
+    xp, dt = rt.xp, x.dtype
     cell, G, R = form.kernel_cell, form.gates, form.proj_size
-    T, B, I = x.shape
-    dt = x.dtype
-    dtype = np.dtype(dt).name
     w_ih, w_hh, w_hr = params["weight_ih"], params["weight_hh"], params["weight_hr"]
-    H = w_hr.shape[1]
-    rev = 1 if reverse else 0
-    cfg = choose(rt, form, I, H, B, dtype, options)
 
     gx = xp.matmul(x.reshape(T * B, I), w_ih.T).reshape(T, B, G * H)
     if params.get("bias_ih") is not None:
@@ -168,17 +145,11 @@ def run_forward(rt, form, x, params, h0, c0, lengths, reverse, need_saved, optio
 
 def run_backward(rt, form, x, params, saved, lengths, reverse, dy, dh_n, dc_n, options):
     """gpurnn.variants' lstm_backward for a projected form: (dx, dh0, dc0, {name: grad})."""
-    _check_form(form)
-    xp = rt.xp
+    T, B, I, H, dtype, rev, cfg = _call(rt, form, x, params, reverse, options)
+    xp, dt = rt.xp, x.dtype
     cell, G, R = form.kernel_cell, form.gates, form.proj_size
-    T, B, I = x.shape
-    dt = x.dtype
-    dtype = np.dtype(dt).name
     w_ih, w_hh, w_hr = params["weight_ih"], params["weight_hh"], params["weight_hr"]
-    H = w_hr.shape[1]
     GH = G * H
-    rev = 1 if reverse else 0
-    cfg = choose(rt, form, I, H, B, dtype, options)
     h, c, gates = (xp.ascontiguousarray(a) for a in saved[:3])
     b_rec = (xp.ascontiguousarray(params["weight_ch"]) if form.peephole else xp.zeros(1, dt))
     w_hh_c, w_hr_c = xp.ascontiguousarray(w_hh), xp.ascontiguousarray(w_hr)

@@ -31,27 +31,19 @@ dgx), for the tests' bit-level comparison with the per-layer kernels.
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from . import cuda as host
+from . import launching
 from .numpy import input_bias, inputs_seen
 from ..cells import GATES, RESERVE_GATES, has_cell_state
 from ..kernels import wavefront as kernels
 from ..kernels.dtypes import COMPUTE, host_view
 
-_COMPILED = weakref.WeakKeyDictionary()     # Runtime -> {(cell, kind, dtype): (spec, kernel)}
-
-
-def _kernel(rt, cell, kind, dtype):
-    cache = _COMPILED.setdefault(rt, {})
-    if (cell, kind, dtype) not in cache:
-        sp = kernels.spec(cell, kind, dtype)
-        cache[cell, kind, dtype] = (sp, rt.compile(sp))
-    return cache[cell, kind, dtype]
+_kernel = launching.KernelCache(kernels.spec)     # (rt, cell, kind, dtype) -> (spec, kernel)
 
 
 @dataclass(frozen=True)
@@ -69,33 +61,29 @@ def choose_launch(cell, hidden, batch, layers, dtype, device, options, backend=h
     if options.get("path", "persistent") != "persistent":
         raise ValueError(f"the wavefront is one persistent launch; options['path'] must be "
                          f"'persistent' or absent, got {options['path']!r}")
-    blocks, threads, tile = options.get("blocks"), options.get("threads"), options.get("batch_tile")
-    if tile is not None and tile > batch:
-        raise ValueError(f"options['batch_tile'] must be <= the batch ({batch}); got {tile}")
-    f = planning.fit(cell, hidden, batch, layers, dtype, device,
-                     blocks=None if blocks is None else int(blocks),
-                     threads=None if threads is None else int(threads),
-                     batch_tile=None if tile is None else int(tile))
+    options, kw = launching.forced(options, batch, backend)
+    f = planning.fit(cell, hidden, batch, layers, dtype, device, **kw)
     if not f.fits:
         raise ValueError(f"the wavefront cannot run {layers} x {cell} H={hidden} B={batch} "
                          f"{dtype} on {f.device.name}: " + "; ".join(f.reasons))
     return WavefrontLaunch(f.blocks_per_layer, f.threads, f.units, f.batch_tile, f)
 
 
-def _launch(rt, cell, kind, dtype, cfg, layers, smem, args, stages):
-    from ..kernels.launch import launch_persistent
+def _launch(rt, cell, kind, dtype, cfg, layers, hidden, args, stages):
+    """The wavefront kernel `kind` over `stages` stages (one launch, or one a stage where the
+    grid barrier cannot be trusted); args(s0, s1) are the launch's arguments."""
     sp, kern = _kernel(rt, cell, kind, dtype)
     blocks = layers * cfg.blocks_per_layer
-    ranges = ([(s, s + 1) for s in range(stages)] if rt.per_step_grid and blocks > 1
-              else [(0, stages)])
-    for s0, s1 in ranges:
-        rt.on_launch(dict(name=sp.name, kind=kind, blocks=blocks, threads=cfg.threads, smem=smem,
-                          step_range=(s0, s1)))
-        with host._small_grids_allowed():
-            launch_persistent(kern, (blocks, cfg.threads, smem), rt.stream(), args(s0, s1),
-                              direction="fwd" if kind.endswith("fwd") else "bwd",
-                              signature=None if rt.per_step_grid else sp.signature,
-                              single_step=s1 - s0 == 1)
+    smem = kernels.smem_bytes("fwd" if kind.endswith("fwd") else "bwd", GATES[cell], hidden,
+                              cfg.batch_tile, cfg.units, dtype, threads=cfg.threads)
+    for s0, s1 in launching.phase_ranges(rt, blocks, stages):
+        launching.launch_persistent(rt, sp, kern, kind, blocks, cfg.threads, smem, args(s0, s1),
+                                    (s0, s1), single_step=s1 - s0 == 1)
+
+
+def _stacked_lengths(xp, lengths, T, B, L):
+    """The kernels' lengths, one per row of the stacked (L*B) batch."""
+    return xp.asarray(np.tile(np.asarray(host._kernel_lengths(np, lengths, T, B)), L))
 
 
 def _check_layers(cell, x, layers):
@@ -120,6 +108,25 @@ def _stacked(xp, layers, key, dt, rows):
                                 if layers else xp.zeros(rows, dt))
 
 
+def _stacked_weights(xp, layers, dt, GH, H):
+    """(W_hh of every layer, W_ih of layers 1.. (zeros for one layer)), stacked along rows."""
+    w_hh = _stacked(xp, layers, "weight_hh", dt, (GH, H))
+    w_ih = (_stacked(xp, layers[1:], "weight_ih", dt, (GH, H)) if len(layers) > 1
+            else xp.zeros((GH, H), dt))
+    return w_hh, w_ih
+
+
+def _call(rt, cell, x, layers, options):
+    """What _stack_forward and _stack_backward start from: (T, B, H, L, the dtype's name, the
+    storage and the compute dtype, the launch), the layers checked."""
+    T, B, _ = x.shape
+    H = _check_layers(cell, x, layers)
+    L = len(layers)
+    dtype = np.dtype(x.dtype).name
+    cfg = choose_launch(cell, H, B, L, dtype, rt.device, options, rt.name)
+    return T, B, H, L, dtype, x.dtype, np.dtype(COMPUTE[dtype]), cfg
+
+
 @dataclass
 class ForwardState:
     """Everything the forward kernel wrote, stacked along the batch (kernels docstring)."""
@@ -133,22 +140,15 @@ class ForwardState:
 
 def _stack_forward(rt, cell, x, layers, h0, c0, lengths, need_saved, options):
     xp = rt.xp
-    T, B, I = x.shape
-    H = _check_layers(cell, x, layers)
-    L = len(layers)
+    T, B, H, L, dtype, sdt, cdt, cfg = _call(rt, cell, x, layers, options)
     G, S = GATES[cell], RESERVE_GATES[cell]
     GH = G * H
-    dtype = np.dtype(x.dtype).name
-    sdt, cdt = x.dtype, np.dtype(COMPUTE[dtype])
-    cfg = choose_launch(cell, H, B, L, dtype, rt.device, options, rt.name)
 
     gx = xp.empty((T, L * B, GH), cdt)
     gx[:, :B] = host._input_projection(xp, x, layers[0]["weight_ih"],
                                        input_bias(cell, layers[0].get("bias_ih"),
                                                   layers[0].get("bias_hh")), cdt)
-    w_hh = _stacked(xp, layers, "weight_hh", sdt, (GH, H))
-    w_ih = (_stacked(xp, layers[1:], "weight_ih", sdt, (GH, H)) if L > 1
-            else xp.zeros((GH, H), sdt))
+    w_hh, w_ih = _stacked_weights(xp, layers, sdt, GH, H)
     bias = xp.zeros(L * GH, cdt)
     bhn = xp.zeros(L * H if cell == "gru" else 1, cdt)
     for l, p in enumerate(layers):
@@ -169,13 +169,12 @@ def _stack_forward(rt, cell, x, layers, h0, c0, lengths, need_saved, options):
     save = 1 if (S and need_saved) else 0
     gates = xp.empty((T, L * B, S * H), sdt) if save else xp.zeros((1, 1, 1), sdt)
     y = xp.empty((T, L * B, H), sdt)
-    lengths_k = xp.asarray(np.tile(np.asarray(host._kernel_lengths(np, lengths, T, B)), L))
+    lengths_k = _stacked_lengths(xp, lengths, T, B, L)
 
     def k(a):
         return host_view(xp, a, dtype)
     U, bt = cfg.units, cfg.batch_tile
-    smem = kernels.smem_bytes("fwd", G, H, bt, U, dtype, threads=cfg.threads)
-    _launch(rt, cell, "wavefront_fwd", dtype, cfg, L, smem,
+    _launch(rt, cell, "wavefront_fwd", dtype, cfg, L, H,
             lambda s0, s1: (gx, k(w_hh), k(w_ih), bias, bhn, b_rec, k(h), c, k(gates), k(y),
                             lengths_k, L, s0, s1, U, save, bt), T + L - 1)
     return ForwardState(gx=gx, h=h, c=c, gates=gates, y=y, launch=cfg)
@@ -223,14 +222,9 @@ class BackwardState:
 
 def _stack_backward(rt, cell, x, layers, saved, lengths, dy, dh_n, dc_n, options):
     xp = rt.xp
-    T, B, I = x.shape
-    H = _check_layers(cell, x, layers)
-    L = len(layers)
+    T, B, H, L, dtype, sdt, cdt, cfg = _call(rt, cell, x, layers, options)
     G, S = GATES[cell], RESERVE_GATES[cell]
     GH = G * H
-    dtype = np.dtype(x.dtype).name
-    sdt, cdt = x.dtype, np.dtype(COMPUTE[dtype])
-    cfg = choose_launch(cell, H, B, L, dtype, rt.device, options, rt.name)
     reserves, _ = saved
     if reserves is None or len(reserves) != L:
         raise ValueError("saved must be the (reserves, outputs) of a training forward of the "
@@ -241,9 +235,7 @@ def _stack_backward(rt, cell, x, layers, saved, lengths, dy, dh_n, dc_n, options
         cdt, copy=False) if lstm else xp.zeros((1, 1, 1), cdt))
     gates = (xp.ascontiguousarray(xp.concatenate([r[-1] for r in reserves], axis=1)) if S
              else xp.zeros((1, 1, 1), sdt))
-    w_hh = _stacked(xp, layers, "weight_hh", sdt, (GH, H))
-    w_ih = (_stacked(xp, layers[1:], "weight_ih", sdt, (GH, H)) if L > 1
-            else xp.zeros((GH, H), sdt))
+    w_hh, w_ih = _stacked_weights(xp, layers, sdt, GH, H)
     b_rec = xp.zeros(1, cdt)                # no plain cell's backward reads b_rec
     dy_all = xp.zeros((T, L * B, H), sdt)   # the lower layers' rows: written by the kernel
     if dy is not None:
@@ -255,13 +247,12 @@ def _stack_backward(rt, cell, x, layers, saved, lengths, dy, dh_n, dc_n, options
     dc_carry = xp.zeros((L * B, H) if lstm else (1, 1), cdt)
     if lstm and dc_n is not None:
         dc_carry[...] = xp.asarray(dc_n).reshape(L * B, H).astype(cdt, copy=False)
-    lengths_k = xp.asarray(np.tile(np.asarray(host._kernel_lengths(np, lengths, T, B)), L))
+    lengths_k = _stacked_lengths(xp, lengths, T, B, L)
 
     def k(a):
         return host_view(xp, a, dtype)
     U, bt = cfg.units, cfg.batch_tile
-    smem = kernels.smem_bytes("bwd", G, H, bt, U, dtype, threads=cfg.threads)
-    _launch(rt, cell, "wavefront_bwd", dtype, cfg, L, smem,
+    _launch(rt, cell, "wavefront_bwd", dtype, cfg, L, H,
             lambda s0, s1: (k(w_hh), k(w_ih), b_rec, k(h), c, k(gates), k(dy_all), dgh, dgx,
                             dh_carry, dc_carry, lengths_k, L, s0, s1, U, bt), T + L)
     return BackwardState(dy=dy_all, dgh=dgh, dgx=dgh if cell != "gru" else dgx,

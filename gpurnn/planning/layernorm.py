@@ -23,17 +23,17 @@ path runs where both fit; a forced blocks or batch_tile keeps the persistent one
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+import sys
+from dataclasses import dataclass
 from typing import Optional
 
 from ..kernels import layernorm as kernels
-from ..kernels.dtypes import ITEMSIZE
 from ..kernels.layout import KERNEL_REGS_MAX as KERNEL_REGS_MAX_PLAIN
-from ..kernels.layout import units_per_block
-from . import cost, grid
-from .capacity import Fit, check_int, kb, persistent_failures, resident_limit, resolve
-from .profiles import KB, DeviceProfile
+from . import cost, family
+from .capacity import kb, persistent_failures
 
+NAME = kernels.CELL
 DTYPES = kernels.DTYPES
 GATES = kernels.GATES
 GRID_BARRIERS_PER_STEP = 2
@@ -45,69 +45,19 @@ KERNEL_REGS = 224
 
 
 @dataclass(frozen=True)
-class LayerNormPlan:
+class LayerNormPlan(family.FamilyPlan):
     """The path for one LayerNormLSTM layer and direction, and why (fields as
     gpurnn.planning.Plan)."""
-    input_size: int
-    hidden_size: int
-    batch: int
-    dtype: str
-    device: DeviceProfile
-    path: str                       # "persistent" | "stepwise"
-    blocks: int
-    threads: int
-    units_per_block: int
-    smem_bytes_fwd: int
-    smem_bytes_bwd: int
-    blocks_per_sm: int
-    max_cooperative_blocks: int
-    regs_per_thread: int
-    batch_tile: int
-    persistent_fits: bool
-    reasons: tuple = field(default=())
-    predicted: Optional[dict] = None
     cell: str = kernels.CELL
 
-    @property
-    def itemsize(self) -> int:
-        return ITEMSIZE[self.dtype]
 
-    def __str__(self):
-        head = (f"layernorm_lstm H={self.hidden_size} I={self.input_size} B={self.batch} "
-                f"{self.dtype} on {self.device.name}: {self.path}")
-        return "\n".join([head] + [f"  - {r}" for r in self.reasons])
+# this kernel's grid: planning.family's fit_at and search by its smem_bytes
+fit_at = functools.partial(family.fit_at, kernels.smem_bytes)
+search = functools.partial(family.search, kernels.smem_bytes)
+_resolve = functools.partial(family.resolve_family, NAME, DTYPES)
 
 
-def _fit_tile(hidden, dtype, blocks, cap, dev, threads, tile):
-    units = units_per_block(hidden, blocks)
-    fwd = kernels.smem_bytes("fwd", hidden, tile, units, dtype, threads=threads)
-    bwd = kernels.smem_bytes("bwd", hidden, tile, units, dtype, threads=threads)
-    per_sm = min(cap, dev.smem_per_sm // (max(fwd, bwd) + dev.smem_reserved_per_block))
-    return Fit(blocks, units, fwd, bwd, per_sm, per_sm * dev.sm_count, tile)
-
-
-def fit_at(hidden, batch, dtype, blocks, cap, dev, threads, tile=None):
-    """The fit of a P = blocks grid: with `tile` if given, else the largest tile that fits (the
-    whole batch first), else the one-row attempt (which says why nothing fits)."""
-    return grid.best_tile(lambda t: _fit_tile(hidden, dtype, blocks, cap, dev, threads, t),
-                          batch, dev, tile)
-
-
-def search(hidden, batch, dtype, cap, dev, threads, tile=None):
-    """planning.grid.search's grid (smallest slice per block that fits) for this kernel."""
-    return grid.search(lambda blocks, t: fit_at(hidden, batch, dtype, blocks, cap, dev, threads, t),
-                       hidden, batch, cap, dev, tile)
-
-
-def _resolve(batch, dtype, device, threads, regs_per_thread):
-    name = getattr(dtype, "name", None) or getattr(dtype, "__name__", None) or dtype
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES} for the layernorm_lstm; got {dtype!r}")
-    # the plain LSTM's checks of batch, device, threads and the register budget
-    return resolve("lstm", batch, name, device, threads, regs_per_thread)
-
-
-def _failures(f, cap, threads, regs, dev):
+def failures(f, cap, threads, regs, dev):
     """planning.capacity.persistent_failures plus this kernel's own register need."""
     out = persistent_failures(f, cap, threads, regs, dev)
     if 1 <= cap and KERNEL_REGS_MAX_PLAIN <= regs < KERNEL_REGS:
@@ -151,106 +101,40 @@ def stepwise_step(direction, hidden, batch, itemsize, dev, timing):
     return cost.StepTime(base.total + extra + 3 * timing.launch_s, parts)
 
 
+def stepwise_reason(H, itemsize):
+    return (f"stepwise: per step a GEMM re-reads W_hh ({kb(4 * H * H * itemsize)}), "
+            f"the host forms the row statistics, two pointwise kernels")
+
+
+def persistent_reasons(f, H, batch, itemsize, dev):
+    w = 4 * f.units * H * itemsize
+    return family.persistent_reasons(
+        f, batch, dev, f"W_hh slices of {f.units} units (4 x {f.units} x H={H} = {kb(w)})",
+        "two grid barriers per step (the LN statistics of the gates and of c~ span every "
+        "block: per-block partials, a barrier, a fixed-order sum)")
+
+
+_FAMILY = sys.modules[__name__]      # what family.plan_layer and layer_capacity call
+
+
 def plan(input_size, hidden_size, batch, dtype="float32", device=None, *, blocks=None,
          threads=None, regs_per_thread=None, batch_tile=None) -> LayerNormPlan:
     """The persistent or the stepwise path for one LayerNormLSTM layer and direction
     (arguments as gpurnn.planning.plan's, without the cell)."""
-    check_int("input_size", input_size)
-    check_int("hidden_size", hidden_size)
-    dtype, dev, threads, regs = _resolve(batch, dtype, device, threads, regs_per_thread)
-    if blocks is not None:
-        check_int("blocks", blocks)
-    if batch_tile is not None:
-        check_int("batch_tile", batch_tile)
-        if batch_tile > batch:
-            raise ValueError(f"batch_tile must be <= batch ({batch}); got {batch_tile}")
-    H, itemsize = hidden_size, ITEMSIZE[dtype]
-    cap = resident_limit(threads, regs, dev)
-    reasons = []
-    if blocks is None:
-        f = search(H, batch, dtype, cap, dev, threads, batch_tile)
-    else:
-        f = fit_at(H, batch, dtype, blocks, cap, dev, threads, batch_tile)
-        reasons.append(f"blocks={blocks} forced by the caller")
-    if batch_tile is not None:
-        reasons.append(f"batch_tile={batch_tile} forced by the caller")
-    failures = _failures(f, cap, threads, regs, dev)
-    timing = cost.timing_for(dev)
-    predicted = None
-    if timing is not None:
-        predicted = {"stepwise": tuple(stepwise_step(d, H, batch, itemsize, dev, timing)
-                                       for d in ("fwd", "bwd"))}
-        if not failures:
-            predicted["persistent"] = tuple(persistent_step(d, H, batch, itemsize, f, dev, timing)
-                                            for d in ("fwd", "bwd"))
-    if failures:
-        path = "stepwise"
-        reasons += failures
-        reasons.append(f"stepwise: per step a GEMM re-reads W_hh ({kb(4 * H * H * itemsize)}), "
-                       f"the host forms the row statistics, two pointwise kernels")
-    else:
-        path = "persistent"
-        w = 4 * f.units * H * itemsize
-        reasons.append(f"W_hh slices of {f.units} units (4 x {f.units} x H={H} = {kb(w)}) stay "
-                       f"in shared memory, staging {f.tile} of {batch} rows at once; forward "
-                       f"needs {kb(f.fwd)}, backward {kb(f.bwd)} per block, within the "
-                       f"{kb(dev.smem_per_block_optin)} opt-in limit of {dev.name}")
-        reasons.append(f"grid of P={f.blocks} blocks <= cooperative limit {f.coop}; two grid "
-                       f"barriers per step (the LN statistics of the gates and of c~ span every "
-                       f"block: per-block partials, a barrier, a fixed-order sum)")
-        if f.smem > 48 * KB and not dev.simulator:
-            reasons.append("shared memory above 48 KB per block: the launch opts in with "
-                           "cuKernelSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)")
-    if predicted is not None:
-        s_total = sum(p.total for p in predicted["stepwise"])
-        line = f"step-time model (unmeasured): stepwise {s_total * 1e6:.2f} us per fwd+bwd step"
-        if "persistent" in predicted:
-            p_total = sum(p.total for p in predicted["persistent"])
-            line += f", persistent {p_total * 1e6:.2f} us"
-            if s_total < p_total and blocks is None and batch_tile is None:
-                path = "stepwise"
-                line += "; stepwise is predicted faster, so it runs"
-        reasons.append(line)
-    return LayerNormPlan(input_size=input_size, hidden_size=H, batch=batch, dtype=dtype,
-                         device=dev, path=path, blocks=f.blocks, threads=threads,
-                         units_per_block=f.units, smem_bytes_fwd=f.fwd, smem_bytes_bwd=f.bwd,
-                         blocks_per_sm=f.per_sm, max_cooperative_blocks=f.coop,
-                         regs_per_thread=regs, batch_tile=f.tile,
-                         persistent_fits=not failures, reasons=tuple(reasons),
-                         predicted=predicted)
+    return family.plan_layer(LayerNormPlan, _FAMILY, input_size, hidden_size, batch, dtype,
+                             device, blocks, threads, regs_per_thread, batch_tile)
 
 
 def capacity(dtype="float32", device="H100", batch=1, *, threads=None,
              regs_per_thread=None) -> int:
     """The largest H the persistent LayerNormLSTM fits on `device` (0 if none); feasibility
     falls monotonically with H, so a bisection finds the edge (as planning.capacity.capacity)."""
-    dtype, dev, threads, regs = _resolve(batch, dtype, device, threads, regs_per_thread)
-    cap = resident_limit(threads, regs, dev)
-
-    def fits(h):
-        return not _failures(search(h, batch, dtype, cap, dev, threads), cap, threads, regs, dev)
-
-    if not fits(1):
-        return 0
-    lo, hi = 1, 2
-    while fits(hi):
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    return family.layer_capacity(_FAMILY, dtype, device, batch, threads, regs_per_thread)
 
 
 def capacity_table(devices=("H100", "A100"), batches=(1, 8)):
     """Text: the LayerNormLSTM's capacity beside the plain LSTM's, per device, dtype and batch."""
-    from .capacity import capacity as lstm_capacity
-    lines = ["device  dtype    batch  layernorm_lstm  lstm"]
-    for d in devices:
-        for dt in DTYPES:
-            for b in batches:
-                lines.append(f"{d:<7} {dt:<8} {b:>5}  {capacity(dt, d, b):>14}  "
-                             f"{lstm_capacity('lstm', dt, d, b):>4}")
-    return "\n".join(lines)
+    return family.capacity_table(_FAMILY, devices, batches)
 
 
 def step_traffic(p: LayerNormPlan, path: Optional[str] = None, *, training: bool = True) -> dict:
@@ -266,9 +150,7 @@ def step_traffic(p: LayerNormPlan, path: Optional[str] = None, *, training: bool
                   host's statistics read Gh and write hhat; the gate kernel reads hhat, the
                   host reads c~ for its statistics, the output kernel reads c~ and o
     dram_bytes counts the per-block staging once (the other P-1 copies are L2 hits)."""
-    path = p.path if path is None else path
-    if path not in ("persistent", "stepwise"):
-        raise ValueError(f"path must be 'persistent', 'stepwise' or None; got {path!r}")
+    path = family.traffic_path(p, path)
     s, H, B, P = p.itemsize, p.hidden_size, p.batch, p.blocks
     state = B * H * s
     common = {"read gx_t": 4 * state, "read c_prev": state, "write h_t": state,
@@ -289,10 +171,7 @@ def step_traffic(p: LayerNormPlan, path: Optional[str] = None, *, training: bool
                     "out read c~, o": 2 * state}
         dram = per_path
         launches = 3            # the GEMM and two pointwise kernels (and the host's statistics)
-    breakdown = {k: v for k, v in {**common, **per_path}.items() if v}
-    return {"path": path, "bytes": breakdown, "global_bytes": sum(breakdown.values()),
-            "dram_bytes": sum(common.values()) + sum(dram.values()), "launches": launches,
-            "weight_bytes": 4 * H * H * s}
+    return family.traffic(path, common, per_path, dram, launches, weight_bytes=4 * H * H * s)
 
 
 __all__ = ["LayerNormPlan", "plan", "capacity", "capacity_table", "step_traffic",

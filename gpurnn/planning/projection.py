@@ -29,7 +29,7 @@ from typing import Optional
 from ..kernels import projection as kproj
 from ..kernels.dtypes import ITEMSIZE
 from ..kernels.layout import batch_tiles
-from . import cost, grid
+from . import cost, family, grid
 from .capacity import check_int, kb, resident_limit, resolve
 from .profiles import KB, DeviceProfile
 
@@ -57,8 +57,8 @@ def _fit_tile(G, H, R, dtype, blocks, cap, dev, threads, tile):
     units, feats = kproj.slices(H, R, blocks)
     fwd = kproj.smem_bytes("fwd", G, H, R, tile, blocks, dtype, threads=threads)
     bwd = kproj.smem_bytes("bwd", G, H, R, tile, blocks, dtype, threads=threads)
-    per_sm = min(cap, dev.smem_per_sm // (max(fwd, bwd) + dev.smem_reserved_per_block))
-    return Fit(blocks, units, feats, tile, fwd, bwd, per_sm, per_sm * dev.sm_count)
+    k = family.per_sm(cap, dev, fwd, bwd)
+    return Fit(blocks, units, feats, tile, fwd, bwd, k, k * dev.sm_count)
 
 
 def fit_at(G, H, R, B, dtype, blocks, cap, dev, threads, tile=None):
@@ -185,7 +185,7 @@ class Plan:
         if self.path == "persistent":
             head += (f", {self.blocks} blocks x {self.threads} threads, {self.units_per_block} "
                      f"units and {self.feats_per_block} features per block")
-        return "\n".join([head] + [f"  - {r}" for r in self.reasons])
+        return family.explained(head, self.reasons)
 
 
 def _check(cell, input_size, hidden, proj):
@@ -217,12 +217,7 @@ def plan(cell, input_size, hidden_size, proj_size, batch, dtype="float32", devic
     the faster (none on the simulator profile: persistent where it fits)."""
     _check(cell, input_size, hidden_size, proj_size)
     dtype, dev, nthreads, regs = _resolve(batch, dtype, device, threads, regs_per_thread)
-    if blocks is not None:
-        check_int("blocks", blocks)
-    if batch_tile is not None:
-        check_int("batch_tile", batch_tile)
-        if batch_tile > batch:
-            raise ValueError(f"batch_tile must be <= batch ({batch}); got {batch_tile}")
+    family.check_forced(batch, blocks, batch_tile)
     G, H, R, B = kproj.GATES[cell], hidden_size, proj_size, batch
     cap = resident_limit(nthreads, regs, dev)
     reasons = []
@@ -234,13 +229,9 @@ def plan(cell, input_size, hidden_size, proj_size, batch, dtype="float32", devic
     fails = failures(f, cap, nthreads, regs, dev)
     itemsize = ITEMSIZE[dtype]
     timing = cost.timing_for(dev)
-    predicted = None
-    if timing is not None:
-        predicted = {"stepwise": tuple(stepwise_step(d, G, H, R, B, itemsize, dev, timing)
-                                       for d in ("fwd", "bwd"))}
-        if not fails:
-            predicted["persistent"] = tuple(persistent_step(d, G, H, R, B, itemsize, f, dev,
-                                                            timing) for d in ("fwd", "bwd"))
+    predicted = family.predict(
+        lambda d: stepwise_step(d, G, H, R, B, itemsize, dev, timing),
+        lambda d: persistent_step(d, G, H, R, B, itemsize, f, dev, timing), fails, timing)
     if fails:
         path = "stepwise"
         reasons += fails
@@ -258,15 +249,9 @@ def plan(cell, input_size, hidden_size, proj_size, batch, dtype="float32", devic
         if f.smem > 48 * KB and not dev.simulator:
             reasons.append("shared memory above 48 KB per block: the launch opts in")
     if predicted is not None:
-        sw = sum(p.total for p in predicted["stepwise"])
-        line = f"step-time model (unmeasured): stepwise {sw * 1e6:.2f} us per fwd+bwd step"
-        if "persistent" in predicted:
-            pe = sum(p.total for p in predicted["persistent"])
-            line = (f"step-time model (unmeasured): persistent {pe * 1e6:.2f} us, stepwise "
-                    f"{sw * 1e6:.2f} us per fwd+bwd step")
-            if sw < pe and blocks is None and batch_tile is None:
-                path = "stepwise"
-                line += "; stepwise is predicted faster, so it runs"
+        path, line = family.model_choice(predicted, path,
+                                         blocks is not None or batch_tile is not None,
+                                         both_first=True)
         reasons.append(line)
     return Plan(cell=cell, input_size=input_size, hidden_size=H, proj_size=R, batch=B,
                 dtype=dtype, device=dev, path=path, blocks=f.blocks, threads=nthreads,
@@ -301,15 +286,7 @@ def capacity(cell, dtype="float32", device="H100", batch=1, *, proj_size=None, r
         f = search(G, H, R, batch, dtype, cap, dev, nthreads)
         return not failures(f, cap, nthreads, regs, dev)
 
-    if not fits(lo_h):
-        return 0
-    lo, hi = lo_h, 2 * lo_h
-    while fits(hi):
-        lo, hi = hi, 2 * hi
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    return family.largest(fits, lo_h)
 
 
 def step_traffic(p: Plan, path: Optional[str] = None, *, training: bool = True) -> dict:
@@ -321,9 +298,7 @@ def step_traffic(p: Plan, path: Optional[str] = None, *, training: bool = True) 
     which the pointwise kernel and the masking read back."""
     if not isinstance(p, Plan):
         raise TypeError(f"p must be a gpurnn.planning.projection.Plan; got {type(p).__name__}")
-    path = p.path if path is None else path
-    if path not in ("persistent", "stepwise"):
-        raise ValueError(f"path must be 'persistent', 'stepwise' or None; got {path!r}")
+    path = family.traffic_path(p, path)
     s, G, H, R, B = p.itemsize, p.gates, p.hidden_size, p.proj_size, p.batch
     common = {"read gx_t": B * G * H * s, "read c_prev": B * H * s, "write c_t": B * H * s,
               "write h_t": B * R * s, "write y_t": B * R * s,
@@ -338,9 +313,7 @@ def step_traffic(p: Plan, path: Optional[str] = None, *, training: bool = True) 
                  "gemm read w_hr": R * H * s, "gemm read m": B * H * s,
                  "gemm write h_proj": B * R * s, "masking read h_proj, h_prev": 2 * B * R * s}
         launches = STEPWISE_LAUNCHES["fwd"]
-    breakdown = {k: v for k, v in {**common, **extra}.items() if v}
-    return {"path": path, "bytes": breakdown, "global_bytes": sum(breakdown.values()),
-            "launches": launches}
+    return family.traffic(path, common, extra, None, launches)
 
 
 __all__ = ["Plan", "plan", "capacity", "step_traffic", "persistent_step", "stepwise_step"]

@@ -34,7 +34,7 @@ from ..cells import CELLS, GATES, RESERVE_GATES
 from ..kernels import wavefront as kernels
 from ..kernels.dtypes import ITEMSIZE
 from ..kernels.layout import units_per_block
-from . import cost
+from . import cost, family
 from .capacity import check_int, kb, resident_limit, resolve
 from .profiles import DeviceProfile, device_profile
 
@@ -72,7 +72,7 @@ def _one(cell, H, B, L, dtype, dev, threads, cap, P, tile):
     U = units_per_block(H, P)
     fwd = kernels.smem_bytes("fwd", GATES[cell], H, tile, U, dtype, threads=threads)
     bwd = kernels.smem_bytes("bwd", GATES[cell], H, tile, U, dtype, threads=threads)
-    per_sm = min(cap, dev.smem_per_sm // (max(fwd, bwd) + dev.smem_reserved_per_block))
+    per_sm = family.per_sm(cap, dev, fwd, bwd)
     return P, U, tile, fwd, bwd, per_sm, per_sm * dev.sm_count
 
 
@@ -116,12 +116,7 @@ def fit(cell, hidden, batch, layers, dtype="float32", device="H100", *, blocks=N
     check_int("hidden", hidden)
     check_int("layers", layers)
     dtype, dev, nthreads, regs = resolve(cell, batch, dtype, device, threads, regs_per_thread)
-    if blocks is not None:
-        check_int("blocks", blocks)
-    if batch_tile is not None:
-        check_int("batch_tile", batch_tile)
-        if batch_tile > batch:
-            raise ValueError(f"batch_tile must be <= batch ({batch}); got {batch_tile}")
+    family.check_forced(batch, blocks, batch_tile)
     cap = resident_limit(nthreads, regs, dev)
     row, ok = _search(cell, hidden, batch, layers, dtype, dev, nthreads, cap, blocks, batch_tile)
     P, U, tile, fwd, bwd, per_sm, coop = row
@@ -155,17 +150,8 @@ def fit(cell, hidden, batch, layers, dtype="float32", device="H100", *, blocks=N
 
 def capacity(cell, layers, dtype="float32", device="H100", batch=1, *, threads=None) -> int:
     """The largest H the wavefront of `layers` layers fits on `device` (0 if none)."""
-    def ok(h):
-        return fit(cell, h, batch, layers, dtype, device, threads=threads).fits
-    if not ok(1):
-        return 0
-    lo, hi = 1, 2
-    while ok(hi):
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-    return lo
+    return family.largest(lambda h: fit(cell, h, batch, layers, dtype, device,
+                                        threads=threads).fits)
 
 
 def stage_time(direction, f: WavefrontFit, timing) -> cost.StepTime:
@@ -200,7 +186,7 @@ class Choice:
     reasons: tuple
 
     def __str__(self):
-        return "\n".join([f"{self.choice}"] + [f"  - {r}" for r in self.reasons])
+        return family.explained(f"{self.choice}", self.reasons)
 
 
 def predict(cell, input_size, hidden, batch, layers, steps, dtype="float32", device="H100", *,
