@@ -284,6 +284,23 @@ class Stack:
         return [dict(spec) for _ in range(self.num_layers * self.directions)]
 
     # ---- forward / backward --------------------------------------------------------------
+    def _wavefront(self, run, x, masks, noise):
+        """Whether the whole stack runs as one layer-wavefront launch (gpurnn/kernels/
+        wavefront.py) instead of a launch per layer: a unidirectional stack of a kernel cell
+        with no dropout masks between layers and no regularisers, on a backend whose plan
+        chooses it (the cuda backend where the stack fits and is predicted faster; any kernel
+        backend when backend_options={'wavefront': True})."""
+        if (self.directions != 1 or self.num_layers < 2 or type(self.layer) is not KernelLayer
+                or any(m is not None for m in (masks or [])) or (noise and any(noise))):
+            return False
+        choose = getattr(get_backend(run.backend), "use_wavefront", None)
+        return bool(choose is not None and choose(self.cell, self.input_size, self.hidden_size,
+                                                  x.shape[1], self.num_layers, x.shape[0],
+                                                  x.dtype, run.options))
+
+    def _layers(self, params):
+        return [self._of(params, layer, 0) for layer in range(self.num_layers)]
+
     def check_states(self, x, states, names):
         """`states` (h0[, c0]) each None or (L*D, B, R) / (L*D, B, H) in x's dtype."""
         for state, name, s in zip(("h", "c"), names, states):
@@ -308,6 +325,13 @@ class Stack:
             raise ValueError(f"zoneout and recurrent_dropout are not supported for {self.cell}")
         B = x.shape[1]
         has_c = self.layer.cell.has_cell_state
+        if self._wavefront(run, x, masks, noise):
+            y, h_n, c_n, reserves, outputs = get_backend(run.backend).stack_forward(
+                self.cell, x, self._layers(params), h0, c0, run.lengths, run.need_saved,
+                options=run.options)
+            keep = (Saved([x] + list(outputs[:-1]), list(reserves), [None] * (self.num_layers - 1))
+                    if run.need_saved else None)
+            return y, h_n, c_n, keep
         zeros_h = xp.zeros((B, R), x.dtype) if h0 is None else None
         zeros_c = xp.zeros((B, H), x.dtype) if has_c and c0 is None else None
         inputs, saved, h_n, c_n = [x], [], [], []
@@ -348,6 +372,13 @@ class Stack:
         check_dtype("dy", dy, x.dtype, "the dtype of x")
         self.check_states(x, (dh_n, dc_n), ("dh_n", "dc_n"))
         has_c = self.layer.cell.has_cell_state
+        if self._wavefront(run, x, saved.masks, saved.noise):
+            dx, dh0, dc0, per_layer = get_backend(run.backend).stack_backward(
+                self.cell, x, self._layers(params), (saved.saved, saved.inputs[1:]), run.lengths,
+                dy, dh_n, dc_n, options=run.options)
+            grads = {name + self.suffix(layer, 0): g
+                     for layer, g_l in enumerate(per_layer) for name, g in g_l.items()}
+            return dx, dh0, dc0, grads
         zeros_h, zeros_c = xp.zeros((B, R), x.dtype), xp.zeros((B, H), x.dtype)
         grads, dh0, dc0 = {}, [None] * (L * D), [None] * (L * D)
         grad_out = dy
