@@ -34,6 +34,17 @@ Ownership and barriers (layout contract: gpurnn/kernels/layout.py):
             L > 1 that is one round (L x outputs <= threads), so rounds need no barrier
             between them. tests/test_sim_mutations.py deletes each barrier in turn.
   Threads   any multiple of 32; every loop strides by blockDim.x.
+  Regularisers (zoneout, variational recurrent dropout; gpurnn/layernorm.py's contract)
+            make_fwd/make_bwd(cell, dtype, regularised=True) build a separate specialization
+            taking the masks and a flags word (cellmath.NOISE_*) after the plain arguments; the
+            plain kernel is the same body with the flags fixed to 0 at compile time, so nothing
+            of it is compiled in (its PTX is what it was before the regularisers). Recurrent
+            dropout masks the staged h (forward; the update then reads its own units' h_{t-1}
+            unmasked from global memory, for GRU's z*h, zoneout and padded steps) and dh_rec
+            (backward, before it is carried); zoneout is cellmath's. No barrier is added. With
+            recurrent dropout on, the update no longer reads the staged h, which makes the
+            barrier between batch tiles redundant there (the staging barrier orders `pre`);
+            with zoneout alone it is needed as in the plain kernel (test_sim_mutations.py).
 Step ranges: forward launches cover processing steps s in [t_begin, t_end) (s = 0 is the first
 step taken: t = s forward, t = T-1-s reverse); backward launches cover phases [k_begin,
 k_end) within [0, T+1). On a GPU, and in gpurnn's strict simulator, one launch covers

@@ -5,6 +5,9 @@ Ownership and barriers: 1-D grid over the B*H (b, u) elements of one step, one e
 thread (idx = b*H + u, so consecutive threads touch consecutive units: coalesced). No shared
 memory and no barriers: the kernel boundary is the step's barrier. The cell math is the
 persistent kernels' own (gpurnn.kernels.cellmath), so both paths write the same reserve.
+Regularisers: make_fwd/make_bwd(cell, dtype, regularised=True), as in the persistent kernels
+(a separate specialization; the plain kernel fixes the flags to 0 at compile time). The forward's
+recurrent dropout is the host's (the GEMM reads h_{t-1} * mask); the backward masks dh_rec.
 """
 from __future__ import annotations
 
