@@ -63,7 +63,7 @@ __all__ = ["FeedbackStack", "FeedbackLayer", "CELLS", "DTYPES", "BACKENDS", "par
 
 CELLS = ("gf_rnn_tanh", "gf_rnn_relu", "gf_gru", "gf_lstm")
 DTYPES = ("float32", "float64")
-BACKENDS = ("numpy", "cpu")          # the backends that run the gated-feedback cells
+BACKENDS = ("numpy", "cpu", "sim", "cuda")     # the backends that run the gated-feedback cells
 
 # the cells' facts; torch_class names the module family the skins build (GFRNN/GFGRU/GFLSTM)
 FACTS = {
@@ -162,14 +162,18 @@ def _check_int(name, v, low):
 
 
 def _backend(run):
-    """The module running the GF cells on run.backend, with the options it takes."""
+    """The module running the GF cells on run.backend: the NumPy reference on 'numpy' and
+    'cpu' (the cpu backend checks its own options first), the whole-stack kernels
+    (gpurnn/kernels/feedback.py) on 'sim' and 'cuda'; each has feedback_forward/backward."""
     if run.backend not in BACKENDS:
-        raise ValueError(f"the gated-feedback cells run on the backends {BACKENDS} (the NumPy "
-                         f"reference; no kernels yet); got backend {run.backend!r}")
-    from .backends import check_options
-    from .backends import numpy_feedback
-    check_options(run.backend, run.options)      # the cpu backend's own keys stay valid
-    return numpy_feedback
+        raise ValueError(f"the gated-feedback cells run on the backends {BACKENDS}; got "
+                         f"backend {run.backend!r}")
+    from .backends import check_options, get_backend
+    check_options(run.backend, run.options)
+    if run.backend in ("numpy", "cpu"):
+        from .backends import numpy_feedback
+        return numpy_feedback
+    return get_backend(run.backend)
 
 
 class FeedbackStack:
@@ -268,7 +272,7 @@ class FeedbackStack:
         masks = self._masks(masks)
         y, h_n, c_n, saved = mod.feedback_forward(
             self.cell, x, self._own(params), h0, c0, run.lengths,
-            masks, run.need_saved, options=run.options if run.backend == "numpy" else None)
+            masks, run.need_saved, options=run.options if run.backend != "cpu" else None)
         keep = None
         if run.need_saved:
             keep = Saved([x], [saved], list(masks) if masks else [None] * (self.num_layers - 1))
@@ -286,7 +290,7 @@ class FeedbackStack:
         return mod.feedback_backward(
             self.cell, x, self._own(params), saved.saved[0],
             run.lengths, self._masks(saved.masks), dy, dh_n, dc_n,
-            options=run.options if run.backend == "numpy" else None)
+            options=run.options if run.backend != "cpu" else None)
 
     # ---- what crosses a framework boundary -------------------------------------------------
     def saved_specs(self, run, steps, batch, dtype):

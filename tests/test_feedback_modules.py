@@ -52,9 +52,6 @@ def test_checks():
         gt.GFGRU(I, H, 2, bidirectional=True)
     with pytest.raises(ValueError, match="zoneout and recurrent_dropout are not supported"):
         gpurnn.GFGRU(I, H, 2, zoneout=0.1)
-    m = gpurnn.GFLSTM(I, H, 2, backend="sim")
-    with pytest.raises(ValueError, match="gated-feedback cells run on the backends"):
-        m(np.zeros((T, B, I), np.float32))
     sd = gpurnn.GFRNN(I, H, 2, bias=False).state_dict()
     assert list(sd) == ["weight_ih_l0", "weight_fb_l0", "weight_gx_l0", "weight_gh_l0",
                         "weight_ih_l1", "weight_fb_l1", "weight_gx_l1", "weight_gh_l1"]
@@ -84,3 +81,22 @@ def test_opcheck_and_compile_on_a_gated_feedback_lstm():
     assert_close(compiled.detach().numpy(), eager.detach().numpy(), 1e-12, "loss")
     for n, p in m.named_parameters():
         assert_close(p.grad.numpy(), want[n].numpy(), 1e-12, n)
+
+
+@pytest.mark.skipif(not __import__("gpurnn.backends", fromlist=["availability"]).availability("sim")[0],
+                    reason="the simulator backend needs numba-cuda")
+@pytest.mark.parametrize("cell", ["gf_lstm", "gf_gru"])
+def test_the_module_reaches_the_whole_stack_kernels_on_the_simulator(cell, rng):
+    """FeedbackStack on the sim backend runs gpurnn/kernels/feedback.py (P = 2 blocks in one
+    launch, strict simulator) and agrees with the NumPy family in float64."""
+    np_cls, _, kw = FAMILIES[cell]
+    ref = np_cls(3, 5, 2, dtype="float64", backend="numpy", seed=3, **kw)
+    sim = np_cls(3, 5, 2, dtype="float64", backend="sim", seed=3, **kw)
+    x, lengths = rng.standard_normal((4, 2, 3)), np.array([4, 2])
+    opts = {"threads": 32, "blocks": 2}
+    a, b = ref(x, lengths=lengths), sim(x, lengths=lengths, backend_options=opts)
+    assert_close(b[0], a[0], 1e-12, "y")
+    dy = rng.standard_normal(a[0].shape)
+    assert_close(sim.backward(dy)[0], ref.backward(dy)[0], 1e-12, "dx")
+    for key, g in ref.grads.items():
+        assert_close(sim.grads[key], g, 1e-12, key)

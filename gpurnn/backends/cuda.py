@@ -44,7 +44,7 @@ from ..kernels.dtypes import COMPUTE, host_view, numpy_dtype
 
 NAME = "cuda"
 PATHS = ("persistent", "stepwise")
-OPTION_KEYS = ("path", "blocks", "threads", "batch_tile")
+OPTION_KEYS = ("path", "blocks", "threads", "batch_tile", "wavefront")
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,10 @@ def check_options(options, backend=NAME, extra=()):
     if threads is not None and (threads % 32 or threads > 1024):
         raise ValueError(f"backend_options['threads'] must be a multiple of 32 in 32..1024; "
                          f"got {threads}")
+    wave = options.get("wavefront")
+    if wave is not None and not isinstance(wave, bool):
+        raise ValueError(f"backend_options['wavefront'] must be True, False or None (the plan "
+                         f"decides); got {wave!r}")
     return options
 
 
@@ -638,3 +642,53 @@ def layernorm_backward(x, params, saved, lengths, reverse, dy, dh_n, dc_n, *, no
     from . import cuda_layernorm
     return cuda_layernorm.run_backward(_runtime(), x, params, saved, lengths, reverse, dy, dh_n,
                                        dc_n, noise, options)
+
+
+# ---- whole stacks: the layer wavefront and the gated-feedback cells -------------------------
+def _stack_options(options):
+    """The launch options without the stack-level 'wavefront' choice."""
+    return {k: v for k, v in (options or {}).items() if k != "wavefront"}
+
+
+def use_wavefront(cell, input_size, hidden, batch, layers, steps, dtype, options, device=None):
+    """Whether a unidirectional stack runs as one layer-wavefront launch
+    (gpurnn/kernels/wavefront.py): backend_options['wavefront'] where given; else the plan
+    (gpurnn.planning.wavefront.choose: the stack fits and is predicted faster) on a GPU; never
+    by default in the simulator, which has no timing to predict a gain from."""
+    want = (options or {}).get("wavefront")
+    if want is not None:
+        return want
+    name = np.dtype(dtype).name
+    if device == "sim" or name not in ("float32", "float64"):
+        return False
+    from ..planning import wavefront
+    return wavefront.choose(cell, input_size, hidden, batch, layers, steps, name,
+                            device).choice == "wavefront"
+
+
+def stack_forward(cell, x, layers, h0, c0, lengths, need_saved, *, options=None):
+    """A whole unidirectional stack in one wavefront launch (gpurnn.backends.cuda_wavefront)."""
+    from . import cuda_wavefront
+    return cuda_wavefront.run_stack_forward(_runtime(), cell, x, layers, h0, c0, lengths,
+                                            need_saved, _stack_options(options))
+
+
+def stack_backward(cell, x, layers, saved, lengths, dy, dh_n, dc_n, *, options=None):
+    """The reverse wavefront of stack_forward."""
+    from . import cuda_wavefront
+    return cuda_wavefront.run_stack_backward(_runtime(), cell, x, layers, saved, lengths, dy,
+                                             dh_n, dc_n, _stack_options(options))
+
+
+def feedback_forward(cell, x, params, h0, c0, lengths, masks, need_saved, *, options=None):
+    """The gated-feedback stack (gpurnn.feedback) on its whole-stack kernels
+    (gpurnn.backends.cuda_feedback); returns what numpy_feedback.feedback_forward returns."""
+    from . import cuda_feedback
+    return cuda_feedback.run_forward(_runtime(), cell, x, params, h0, c0, lengths, masks,
+                                     need_saved, _stack_options(options))
+
+
+def feedback_backward(cell, x, params, saved, lengths, masks, dy, dh_n, dc_n, *, options=None):
+    from . import cuda_feedback
+    return cuda_feedback.run_backward(_runtime(), cell, x, params, saved, lengths, masks, dy,
+                                      dh_n, dc_n, _stack_options(options))

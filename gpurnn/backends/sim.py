@@ -192,3 +192,48 @@ def layernorm_backward(x, params, saved, lengths, reverse, dy, dh_n, dc_n, *, no
         with _STOCK_LOCK:
             return cuda_layernorm.run_backward(*args)
     return cuda_layernorm.run_backward(*args)
+
+
+# ---- whole stacks: the layer wavefront and the gated-feedback cells -------------------------
+def _on(rt, fn, *args):
+    """fn(rt, *args) on the chosen simulator (the stock one serialised by its lock)."""
+    if rt is STOCK_RUNTIME:
+        enable_stock_simulator()
+        with _STOCK_LOCK:
+            return fn(rt, *args)
+    return fn(rt, *args)
+
+
+def use_wavefront(cell, input_size, hidden, batch, layers, steps, dtype, options):
+    """cuda.use_wavefront in the simulator: only where backend_options ask for it."""
+    _, rest = _split(options)
+    return _host.use_wavefront(cell, input_size, hidden, batch, layers, steps, dtype, rest,
+                               device="sim")
+
+
+def stack_forward(cell, x, layers, h0, c0, lengths, need_saved, *, options=None):
+    from . import cuda_wavefront
+    rt, options = _split(options)
+    return _on(rt, cuda_wavefront.run_stack_forward, cell, x, layers, h0, c0, lengths,
+               need_saved, _host._stack_options(options))
+
+
+def stack_backward(cell, x, layers, saved, lengths, dy, dh_n, dc_n, *, options=None):
+    from . import cuda_wavefront
+    rt, options = _split(options)
+    return _on(rt, cuda_wavefront.run_stack_backward, cell, x, layers, saved, lengths, dy, dh_n,
+               dc_n, _host._stack_options(options))
+
+
+def feedback_forward(cell, x, params, h0, c0, lengths, masks, need_saved, *, options=None):
+    from . import cuda_feedback
+    rt, options = _split(options)
+    return _on(rt, cuda_feedback.run_forward, cell, x, params, h0, c0, lengths, masks,
+               need_saved, _host._stack_options(options))
+
+
+def feedback_backward(cell, x, params, saved, lengths, masks, dy, dh_n, dc_n, *, options=None):
+    from . import cuda_feedback
+    rt, options = _split(options)
+    return _on(rt, cuda_feedback.run_backward, cell, x, params, saved, lengths, masks, dy, dh_n,
+               dc_n, _host._stack_options(options))

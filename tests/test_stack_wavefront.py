@@ -1,0 +1,57 @@
+"""The stack core routes a unidirectional stack of a kernel cell to one layer-wavefront launch
+(gpurnn/kernels/wavefront.py) when the backend's plan chooses it or backend_options ask for it,
+and the results are the per-layer launches' (the kernels' own parity is
+tests/test_sim_wavefront.py)."""
+import numpy as np
+import pytest
+
+import gpurnn
+from gpurnn.backends import availability
+from gpurnn.testing import GRAD_TOL, TOL, assert_close
+
+pytestmark = pytest.mark.skipif(not availability("sim")[0],
+                                reason="the simulator backend needs numba-cuda")
+T, B, I, H, L = 4, 2, 3, 5, 3
+OPTS = {"threads": 32, "blocks": 2}
+
+
+def _launches(fn):
+    from gpurnn.backends import sim
+    log = []
+    sim.RUNTIME.launch_hook = log.append
+    try:
+        out = fn()
+    finally:
+        sim.RUNTIME.launch_hook = None
+    return out, [d["kind"] for d in log]
+
+
+@pytest.mark.parametrize("cls", [gpurnn.LSTM, gpurnn.GRU, gpurnn.RNN])
+def test_a_stack_runs_as_one_wavefront_when_asked_and_equals_per_layer_launches(cls, rng):
+    wave = cls(I, H, L, backend="sim", seed=2)
+    per = cls(I, H, L, backend="sim", seed=2)
+    x, lengths = rng.standard_normal((T, B, I)).astype(np.float32), np.array([4, 2])
+    (y, _), kinds = _launches(lambda: wave(x, lengths=lengths,
+                                           backend_options={**OPTS, "wavefront": True}))
+    assert kinds == ["wavefront_fwd"] and len(kinds) == 1     # the whole stack, one launch
+    (y_per, _), kinds_per = _launches(lambda: per(x, lengths=lengths, backend_options=OPTS))
+    assert "wavefront_fwd" not in kinds_per and len(kinds_per) == L   # default: per layer
+    assert_close(y, y_per, TOL["float32"], "y")
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    (dx, _), kinds = _launches(lambda: wave.backward(dy))
+    assert kinds == ["wavefront_bwd"]
+    dx_per, _ = per.backward(dy)
+    assert_close(dx, dx_per, GRAD_TOL["float32"], "dx")
+    for key, g in per.grads.items():
+        assert_close(wave.grads[key], g, GRAD_TOL["float32"], key)
+
+
+def test_stacks_the_wavefront_cannot_run_keep_per_layer_launches(rng):
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    for m in (gpurnn.LSTM(I, H, L, backend="sim", bidirectional=True),
+              gpurnn.LSTM(I, H, L, backend="sim", dropout=0.5),
+              gpurnn.LSTM(I, H, L, backend="sim", zoneout=(0.1, 0.1))):
+        _, kinds = _launches(lambda: m(x, backend_options={**OPTS, "wavefront": True}))
+        assert "wavefront_fwd" not in kinds
+    with pytest.raises(ValueError, match="wavefront"):
+        gpurnn.LSTM(I, H, L, backend="sim")(x, backend_options={"wavefront": "yes"})
