@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ..cells import ALL_CELLS, GATES
 from ..kernels.dtypes import STORAGE
 from ..kernels.layout import KERNEL_REGS_MAX, smem_bytes_for, units_per_block
+from . import grid
 from .profiles import KB, device_profile
 
 # Dtypes the kernels exist for; the capacity model also takes 16-bit storage (see capacity()).
@@ -114,50 +115,20 @@ def _fit_tile(gates, hidden, dtype, blocks, cap, dev, threads, tile):
     return Fit(blocks, units, fwd, bwd, per_sm, per_sm * dev.sm_count, tile)
 
 
-def _fits(f, dev):
-    return f.smem <= dev.smem_per_block_optin and 1 <= f.blocks <= f.coop
-
-
 def fit_at(gates, hidden, batch, dtype, blocks, cap, dev, threads, tile=None):
     """The fit of a P = blocks grid: with `tile` rows staged at once if given, else with the
     largest tile (whole batch first) that fits; else the one-row attempt, which explains why
-    nothing does. Shared memory grows with the tile, so a bisection finds the largest."""
-    if tile is not None:
-        return _fit_tile(gates, hidden, dtype, blocks, cap, dev, threads, tile)
-    whole = _fit_tile(gates, hidden, dtype, blocks, cap, dev, threads, batch)
-    if _fits(whole, dev) or batch == 1:
-        return whole
-    one = _fit_tile(gates, hidden, dtype, blocks, cap, dev, threads, 1)
-    if not _fits(one, dev):
-        return one
-    lo, hi = 1, batch          # fits at lo, not at hi
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if _fits(_fit_tile(gates, hidden, dtype, blocks, cap, dev, threads, mid), dev):
-            lo = mid
-        else:
-            hi = mid
-    return _fit_tile(gates, hidden, dtype, blocks, cap, dev, threads, lo)
+    nothing does (planning.grid.best_tile)."""
+    return grid.best_tile(lambda t: _fit_tile(gates, hidden, dtype, blocks, cap, dev, threads, t),
+                          batch, dev, tile)
 
 
 def search(gates, hidden, batch, dtype, cap, dev, threads, tile=None):
-    """The persistent grid with the smallest slice per block: P = min(H, SMs x k) for the most
-    resident blocks per SM k that still fit, then U = ceil(H/P) and P = ceil(H/U) (no empty
-    block) — first staging the whole batch at once, then in the largest batch tiles that fit
-    (so the weights, not the batch, decide whether a layer is persistent). Returns the fit, or
-    the k = 1 attempt (which explains the failure)."""
-    tries = (tile,) if tile is not None else (batch, None)
-    first = None
-    for t in tries:
-        for k in range(max(cap, 1), 0, -1):
-            blocks = min(hidden, dev.sm_count * k)
-            units = units_per_block(hidden, blocks)
-            f = fit_at(gates, hidden, batch, dtype, -(-hidden // units), cap, dev, threads, t)
-            if _fits(f, dev):
-                return f
-            if k == 1:
-                first = f
-    return first
+    """The persistent grid with the smallest slice per block that fits (planning.grid.search:
+    P = min(H, SMs x k) for the most resident blocks per SM k, the whole batch staged first,
+    then the largest batch tile), or the k = 1 attempt (which explains the failure)."""
+    return grid.search(lambda blocks, t: fit_at(gates, hidden, batch, dtype, blocks, cap, dev,
+                                                threads, t), hidden, batch, cap, dev, tile)
 
 
 def kb(n):

@@ -30,7 +30,7 @@ from typing import Optional
 from ..kernels import feedback as kernels
 from ..kernels.dtypes import ITEMSIZE
 from ..kernels.layout import units_per_block
-from . import cost
+from . import cost, grid
 from .capacity import Fit, check_int, kb, persistent_failures, resident_limit, resolve
 from .profiles import KB, DeviceProfile
 
@@ -80,21 +80,11 @@ def fit_at(cell, hidden, layers, batch, dtype, blocks, cap, dev):
     return Fit(blocks, units, fwd, bwd, per_sm, per_sm * dev.sm_count, batch)
 
 
-def _fits(f, dev):
-    return f.smem <= dev.smem_per_block_optin and 1 <= f.blocks <= f.coop
-
-
 def search(cell, hidden, layers, batch, dtype, cap, dev):
-    """The smallest slice per block that fits (planning.capacity.search's grid)."""
-    first = None
-    for k in range(max(cap, 1), 0, -1):
-        units = units_per_block(hidden, min(hidden, dev.sm_count * k))
-        f = fit_at(cell, hidden, layers, batch, dtype, -(-hidden // units), cap, dev)
-        if _fits(f, dev):
-            return f
-        if k == 1:
-            first = f
-    return first
+    """The smallest slice per block that fits (planning.grid.search; these kernels stage no
+    batch tile, so one pass)."""
+    return grid.search(lambda blocks, _: fit_at(cell, hidden, layers, batch, dtype, blocks, cap,
+                                                dev), hidden, batch, cap, dev, tile=batch)
 
 
 def _resolve(cell, batch, dtype, device, threads, regs_per_thread):
