@@ -13,7 +13,8 @@ Two simulators, chosen by backend_options={"simulator": ...}:
                       acting as the grid barrier. It is not re-entrant: its launches are
                       serialised by a lock.
 The host side of the algorithm is the CUDA backend's (cuda.run_forward / run_backward, and for
-the LSTM family of gpurnn.variants cuda.run_lstm_forward / run_lstm_backward).
+the LSTM family of gpurnn.variants cuda.run_lstm_forward / run_lstm_backward, for the
+LayerNormLSTM gpurnn.backends.cuda_layernorm), regularisers (forward's noise=) included.
 """
 from __future__ import annotations
 
