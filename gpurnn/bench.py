@@ -230,31 +230,40 @@ def make_runner(impl, case, seed=0):
             for key, p in (("w_ih", m.weight_ih_l0), ("w_hh", m.weight_hh_l0), ("b_ih", m.bias_ih_l0),
                            ("b_hh", m.bias_hh_l0)):
                 p.copy_(torch.from_numpy(d[key]))
-        x = torch.tensor(d["x"], device=device, requires_grad=training)
-        dy = torch.tensor(d["dy"], device=device)
-        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-        def run():
-            if training:
-                x.grad = None
-                m.zero_grad(set_to_none=True)
-                y, _ = m(x)
-                y.backward(dy)
-            else:
-                with torch.no_grad():
-                    y, _ = m(x)
-            sync()
-            return y
-
-        def outputs():
-            y = run()
-            out = {"y": y}
-            if training:
-                out.update(dx=x.grad, dw_ih=m.weight_ih_l0.grad, dw_hh=m.weight_hh_l0.grad,
-                           db_ih=m.bias_ih_l0.grad, db_hh=m.bias_hh_l0.grad)
-            return {k: _host64(v) for k, v in out.items()}
-        return Runner(run, outputs)
+        grads = {"dw_ih": m.weight_ih_l0, "dw_hh": m.weight_hh_l0, "db_ih": m.bias_ih_l0,
+                 "db_hh": m.bias_hh_l0}
+        return _torch_runner(m, d["x"], d["dy"], device, training, grads)
     raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+
+
+def _torch_runner(m, x, dy, device, training, grads):
+    """A Runner of torch module m on x (with dy for fwdbw): its outputs y, and for fwdbw dx and
+    the gradient of each parameter in `grads` ({output name: parameter})."""
+    import torch
+    x = torch.tensor(x, device=device, requires_grad=training)
+    dy = torch.tensor(dy, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def run():
+        if training:
+            x.grad = None
+            m.zero_grad(set_to_none=True)
+            y, _ = m(x)
+            y.backward(dy)
+        else:
+            with torch.no_grad():
+                y, _ = m(x)
+        sync()
+        return y
+
+    def outputs():
+        y = run()
+        out = {"y": y}
+        if training:
+            out["dx"] = x.grad
+            out.update((name, p.grad) for name, p in grads.items())
+        return {k: _host64(v) for k, v in out.items()}
+    return Runner(run, outputs)
 
 
 def _variant_runner(impl, case, rng):
@@ -288,30 +297,8 @@ def _variant_runner(impl, case, rng):
     with torch.no_grad():
         for name, value in params.items():
             getattr(m, name + "_l0").copy_(torch.from_numpy(value))
-    x = torch.tensor(d["x"], device=device, requires_grad=training)
-    dy = torch.tensor(d["dy"], device=device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def run():
-        if training:
-            x.grad = None
-            m.zero_grad(set_to_none=True)
-            y, _ = m(x)
-            y.backward(dy)
-        else:
-            with torch.no_grad():
-                y, _ = m(x)
-        sync()
-        return y
-
-    def outputs():
-        y = run()
-        out = {"y": y}
-        if training:
-            out["dx"] = x.grad
-            out.update((name, getattr(m, name + "_l0").grad) for name in params)
-        return {k: _host64(v) for k, v in out.items()}
-    return Runner(run, outputs)
+    return _torch_runner(m, d["x"], d["dy"], device, training,
+                         {name: getattr(m, name + "_l0") for name in params})
 
 
 _references = {}

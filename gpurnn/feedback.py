@@ -51,12 +51,12 @@ What a training forward saves (a tuple, x and the masks excluded: the caller has
 """
 from __future__ import annotations
 
-import numbers
 
 import numpy as np
 
 from . import cells
 from .arrays import check_dtype, check_shape
+from .stack import check_sizes
 
 __all__ = ["FeedbackStack", "FeedbackLayer", "CELLS", "DTYPES", "BACKENDS", "param_shapes",
            "saved_specs", "plain_cell", "stack_flops"]
@@ -153,14 +153,6 @@ class FeedbackLayer:
         return hidden_size
 
 
-def _check_int(name, v, low):
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name} must be an int; got {type(v).__name__}")
-    if v < low:
-        raise ValueError(f"{name} must be >= {low}; got {v}")
-    return int(v)
-
-
 def _backend(run):
     """The module running the GF cells on run.backend: the NumPy reference on 'numpy' and
     'cpu' (the cpu backend checks its own options first), the whole-stack kernels
@@ -186,12 +178,8 @@ class FeedbackStack:
                  bidirectional=False, zoneout=None, recurrent_dropout=0.0):
         self.layer = FeedbackLayer(cell)
         self.cell = cell
-        self.input_size = _check_int("input_size", input_size, 1)
-        self.hidden_size = _check_int("hidden_size", hidden_size, 1)
-        self.num_layers = _check_int("num_layers", num_layers, 1)
-        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout <= 1:
-            raise ValueError(f"dropout must be a number in [0, 1]; got {dropout!r}")
-        self.dropout = float(dropout)
+        self.input_size, self.hidden_size, self.num_layers, self.dropout = check_sizes(
+            input_size, hidden_size, num_layers, dropout)
         if bidirectional:
             raise ValueError(f"bidirectional=True is not supported for {cell}: the gated "
                              f"feedback couples every layer's previous state (h*_{{t-1}}), so a "

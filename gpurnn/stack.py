@@ -30,7 +30,7 @@ from .arrays import check_dtype, check_shape
 from .backends import Reserve, get_backend, reserve_dtypes
 
 __all__ = ["Stack", "Run", "Saved", "Layer", "KernelLayer", "register", "layer_of", "LAYERS",
-           "split_states", "draw_noise", "make_stack"]
+           "split_states", "draw_noise", "make_stack", "check_sizes"]
 
 
 @dataclass
@@ -181,6 +181,17 @@ def _check_int(name, v, low):
     return int(v)
 
 
+def check_sizes(input_size, hidden_size, num_layers, dropout):
+    """(input_size, hidden_size, num_layers, dropout) checked as torch.nn's constructors check
+    them (every stack core: Stack, gpurnn.feedback.FeedbackStack)."""
+    sizes = (_check_int("input_size", input_size, 1), _check_int("hidden_size", hidden_size, 1),
+             _check_int("num_layers", num_layers, 1))
+    # any real number, as torch.nn (np.float32(0.25) included); NaN fails the range test
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout <= 1:
+        raise ValueError(f"dropout must be a number in [0, 1]; got {dropout!r}")
+    return sizes + (float(dropout),)
+
+
 class Stack:
     """A stack of `num_layers` layers of one cell, each in one or two directions, with torch.nn's
     parameter names and the constructor checks both module families share."""
@@ -189,13 +200,8 @@ class Stack:
                  bidirectional=False, zoneout=None, recurrent_dropout=0.0):
         self.layer = layer_of(cell)
         self.cell = cell
-        self.input_size = _check_int("input_size", input_size, 1)
-        self.hidden_size = _check_int("hidden_size", hidden_size, 1)
-        self.num_layers = _check_int("num_layers", num_layers, 1)
-        # any real number, as torch.nn (np.float32(0.25) included); NaN fails the range test
-        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout <= 1:
-            raise ValueError(f"dropout must be a number in [0, 1]; got {dropout!r}")
-        self.dropout = float(dropout)
+        self.input_size, self.hidden_size, self.num_layers, self.dropout = check_sizes(
+            input_size, hidden_size, num_layers, dropout)
         self.bias, self.bidirectional = bool(bias), bool(bidirectional)
         self.directions = 2 if self.bidirectional else 1
         self.states = self.layer.cell.states

@@ -23,26 +23,16 @@ from the same options. Arguments are the reference's (the caller, FeedbackStack,
 """
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
 
 from . import cuda as host
+from . import launching
 from .numpy import inputs_seen
 from ..feedback import param_shapes
 from ..kernels import feedback as kernels
 from ..kernels import layout
 
-_COMPILED = weakref.WeakKeyDictionary()     # Runtime -> {(kind, cell, dtype): (spec, kernel)}
-
-
-def _kernel(rt, kind, cell, dtype):
-    cache = _COMPILED.setdefault(rt, {})
-    key = (kind, cell, dtype)
-    if key not in cache:
-        sp = kernels.spec(kind, cell, dtype)
-        cache[key] = (sp, rt.compile(sp))
-    return cache[key]
+_kernel = launching.KernelCache(kernels.spec)     # (rt, kind, cell, dtype) -> (spec, kernel)
 
 
 def choose_launch(cell, input_size, hidden, num_layers, batch, dtype, device, options,
@@ -68,32 +58,14 @@ def choose_launch(cell, input_size, hidden, num_layers, batch, dtype, device, op
 
 
 def _launch_persistent(rt, kind, cell, dtype, blocks, threads, smem, args, q_range):
-    from ..kernels.launch import launch_persistent
     sp, kern = _kernel(rt, kind, cell, dtype)
-    rt.on_launch(dict(name=sp.name, kind=kind, blocks=blocks, threads=threads, smem=smem,
-                      step_range=q_range))
-    with host._small_grids_allowed():
-        launch_persistent(kern, (blocks, threads, smem), rt.stream(), args,
-                          direction="fwd" if kind.endswith("fwd") else "bwd",
-                          signature=None if rt.per_step_grid else sp.signature,
-                          single_step=q_range[1] - q_range[0] == 1)
+    launching.launch_persistent(rt, sp, kern, kind, blocks, threads, smem, args, q_range,
+                                single_step=q_range[1] - q_range[0] == 1)
 
 
 def _launch_pointwise(rt, kind, cell, dtype, n, threads, args, step):
     sp, kern = _kernel(rt, kind, cell, dtype)
-    blocks = -(-n // threads)
-    rt.on_launch(dict(name=sp.name, kind=kind, blocks=blocks, threads=threads, smem=0,
-                      step_range=(step, step + 1)))
-    with host._small_grids_allowed():
-        kern[blocks, threads, rt.stream(), 0](*args)
-
-
-def _phase_ranges(rt, blocks, n):
-    """All n phases in one launch, or one per launch where the grid barrier is only a block
-    barrier (Numba's stock simulator)."""
-    if rt.per_step_grid and blocks > 1:
-        return [(q, q + 1) for q in range(n)]
-    return [(0, n)]
+    launching.launch_pointwise(rt, sp, kern, kind, n, threads, args, step)
 
 
 def _sigmoid(xp, a):
@@ -189,7 +161,7 @@ def run_forward(rt, cell, x, params, h0, c0, lengths, masks, need_saved, options
         sh = xp.empty((B, L * L), dt)
         gxl = xp.empty((B, G * H), dt)
         smem = kernels.smem_bytes("fwd", cell, H, L, B, U, P, dtype)
-        for q_range in _phase_ranges(rt, P, T * (L + 1)):
+        for q_range in launching.phase_ranges(rt, P, T * (L + 1)):
             _launch_persistent(rt, "persistent_fwd", cell, dtype, P, threads, smem,
                                (gx0, gs0, st.w_ih, st.w_hh, st.w_fb, st.w_gx, st.w_gh, st.b_in,
                                 st.b_hn, st.b_g, mask_arr, h, c, gates, fbgate, pfb, rec, sh, gxl,
@@ -273,7 +245,7 @@ def run_backward(rt, cell, x, params, saved, lengths, masks, dy, dh_n, dc_n, opt
 
     if path == "persistent":
         smem = kernels.smem_bytes("bwd", cell, H, L, B, U, P, dtype)
-        for q_range in _phase_ranges(rt, P, T * (L + 1)):
+        for q_range in launching.phase_ranges(rt, P, T * (L + 1)):
             _launch_persistent(rt, "persistent_bwd", cell, dtype, P, threads, smem,
                                (st.w_ih, st.w_hh, st.w_fb, st.w_gx, st.w_gh, mask_arr, h, c,
                                 gates, fbgate, pfb, dy, dgx, dfb, ds, carry_h, carry_c,

@@ -44,11 +44,6 @@ def _launch_pointwise(rt, dtype, n, threads, args, step):
     _kernel.pointwise(rt, "pointwise_dm", dtype, n, threads, args, step)
 
 
-def _seen(xp, a, lengths):
-    """a (T, B, F) with the padded steps (t >= lengths[b]) zeroed (NaN there stays out)."""
-    return inputs_seen(a, lengths, xp)
-
-
 def run_forward(rt, form, x, params, h0, c0, lengths, reverse, need_saved, options):
     xp = rt.xp
     T, B, I = x.shape
@@ -164,8 +159,8 @@ def run_backward(rt, form, x, params, saved, lengths, reverse, dy, dh_n, dc_n, o
 
     TB = T * B
     dgh2, dmh2, dmx2 = dgh.reshape(TB, 4 * H), dmh.reshape(TB, H), dmx.reshape(TB, H)
-    x_seen = _seen(xp, x, lengths).reshape(TB, I)
-    m_seen = _seen(xp, mx * mh, lengths).reshape(TB, H)
+    x_seen = inputs_seen(x, lengths, xp).reshape(TB, I)
+    m_seen = inputs_seen(mx * mh, lengths, xp).reshape(TB, H)
     h_in = h[rev: rev + T].reshape(TB, H)
     dx = (xp.matmul(dgh2, w_ih) + xp.matmul(dmx2, w_mx)).reshape(T, B, I)
     grads = {"weight_ih": xp.matmul(dgh2.T, x_seen), "weight_hh": xp.matmul(dgh2.T, m_seen)}

@@ -1,5 +1,5 @@
 """What the kernel families' host sides share (cuda_mlstm, cuda_layernorm, cuda_proj,
-cuda_wavefront): the per-runtime cache of compiled kernels, the options' forcing of a plan,
+cuda_wavefront, cuda_feedback): the per-runtime cache of compiled kernels, the options' forcing of a plan,
 the launch choice of a one-layer family, and the launches themselves (each reported to
 rt.on_launch, Numba's small-grid warning silenced as gpurnn.backends.cuda does).
 """

@@ -32,6 +32,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..feedback import CANDIDATE, DTYPES, FACTS, check_cell, param_shapes, saved_specs
+from .numpy import _masks as _idle_rows
+from .numpy import _sigmoid, inputs_seen
 
 __all__ = ["feedback_forward", "feedback_backward"]
 
@@ -130,35 +132,6 @@ def _check_grads_in(cell, x, L, H, saved, dy, dh_n, dc_n):
 
 
 # ---- helpers -----------------------------------------------------------------------------------
-def _sigmoid(a, out):
-    # 0.5*tanh(a/2) + 0.5: sigmoid without exp's overflow (gpurnn.backends.numpy)
-    np.multiply(a, 0.5, out=out)
-    np.tanh(out, out=out)
-    out *= 0.5
-    out += 0.5
-    return out
-
-
-def _idle_rows(lengths, T):
-    """Per step: None where every sequence is active, else the indices of the padded rows."""
-    if lengths is None:
-        return [None] * T
-    out = []
-    for t in range(T):
-        idle = np.flatnonzero(lengths <= t)
-        out.append(idle if idle.size else None)
-    return out
-
-
-def _seen(x, lengths):
-    """x with its padded steps zeroed (a new array only when there are lengths)."""
-    if lengths is None:
-        return x
-    T = x.shape[0]
-    active = (np.arange(T)[:, None] < lengths[None, :])[..., None]
-    return np.where(active, x, np.zeros((), x.dtype))
-
-
 def _layer_params(params, l, bias):
     p = {n: params.get(f"{n}_l{l}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh",
                                               "weight_fb", "weight_gx", "weight_gh", "bias_g")}
@@ -206,7 +179,7 @@ def _forward(cell, x, params, h0, c0, lengths, masks, need_saved):
     dtype = x.dtype
     lstm, gru = cell == "gf_lstm", cell == "gf_gru"
     bias = "bias_ih_l0" in params
-    x_seen = _seen(x, lengths)
+    x_seen = inputs_seen(x, lengths, np)
 
     h = np.empty((T + 1, B, LH), dtype)
     h4 = h.reshape(T + 1, B, L, H)
@@ -429,7 +402,7 @@ def _backward(cell, x, params, saved, lengths, masks, dy, dh_n, dc_n):
     for l in range(L):
         p = P[l]
         sfx = f"_l{l}"
-        xl = (_seen(x, lengths) if l == 0 else _layer_input(h4, masks, l)).reshape(TB, -1)
+        xl = (inputs_seen(x, lengths, np) if l == 0 else _layer_input(h4, masks, l)).reshape(TB, -1)
         dg2 = dgx[l].reshape(TB, G * H)
         ds2 = ds[l].reshape(TB, L)
         grads["weight_ih" + sfx] = np.matmul(dg2.T, xl)

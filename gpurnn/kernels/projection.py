@@ -74,12 +74,17 @@ from __future__ import annotations
 import functools
 
 from numba import cuda, int32, void
-from numba.cuda.core import config
 
 from . import cellmath
 from .cellmath import NUMBA_COMPUTE, step_times
 from .dtypes import NP_COMPUTE, SHORT
 from .layout import KernelSpec, lanes_per_output, padded_row
+# the persistent kernels' device helpers: the grid intrinsics, the lane split, a block's share
+# of units (here also of projected features) and the padded row stride
+from .persistent import _grid_group_sync, _this_grid
+from .persistent import _lane_split as _lanes
+from .persistent import _owned_units as _owned
+from .persistent import _padded_row as _row_stride
 
 CELLS = ("lstm", "lstm_peephole", "cifg", "cifg_peephole")
 GATES = {"lstm": 4, "lstm_peephole": 4, "cifg": 3, "cifg_peephole": 3}
@@ -91,19 +96,6 @@ KINDS = ("proj_persistent_fwd", "proj_persistent_bwd", "proj_pointwise_fwd",
 # take up to ~250 on sm_80/sm_90 (the registry kernels' layout.KERNEL_REGS_MAX is 192), so a
 # persistent projection block has at most 256 threads (65536 / 256); the plan refuses more.
 REGS_MAX = 255
-
-if config.ENABLE_CUDASIM:
-    # as gpurnn.kernels.persistent: Numba's own simulator has no cooperative-groups intrinsics
-    @cuda.jit(device=True)
-    def _this_grid():
-        return cuda.cg.this_grid()
-
-    @cuda.jit(device=True)
-    def _grid_group_sync(grid):
-        grid.sync()
-else:
-    from numba.cuda.cg import _grid_group_sync, _this_grid
-
 
 # ---- the shared-memory contract (host side; the kernels compute the same on the device) ----
 
@@ -138,30 +130,6 @@ def smem_bytes(direction, gates, hidden, proj, batch_tile, blocks, dtype, *, thr
     """smem_elements in bytes for a dtype name (float32 | float64)."""
     return smem_elements(direction, gates, hidden, proj, batch_tile, blocks,
                          threads=threads) * NP_COMPUTE[dtype](0).itemsize
-
-
-# ---- device helpers ----
-
-@cuda.jit(device=True, inline=True)
-def _lanes(n_nominal, threads):
-    """(L, groups) for n_nominal outputs: layout.lanes_per_output, uniform over the block."""
-    lanes = 1
-    while lanes < 32 and 2 * lanes * n_nominal <= threads:
-        lanes *= 2
-    return lanes, threads // lanes
-
-
-@cuda.jit(device=True, inline=True)
-def _owned(per_block, total):
-    """(first index, how many) this block owns of `total` split `per_block` at a time."""
-    first = cuda.blockIdx.x * per_block
-    return first, max(0, min(per_block, total - first))
-
-
-@cuda.jit(device=True, inline=True)
-def _row_stride(length, lanes):
-    """layout.padded_row."""
-    return length + (lanes - length % 32 + 32) % 32
 
 
 def _check(cell, dtype):
