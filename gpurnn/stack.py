@@ -60,6 +60,11 @@ class Layer:
         proj_size; H otherwise). A cell state c, where there is one, is always H wide."""
         return hidden_size
 
+    def wavefront_cell(self, dtype):
+        """The kernel cell the layer wavefront (gpurnn/kernels/wavefront.py) runs a whole
+        unidirectional stack of this layer as, for x of `dtype`; None where it has none."""
+        return None
+
     def init_bound(self, hidden_size):
         """Parameters are drawn from uniform(-bound, bound) (torch.nn's rule by default)."""
         return 1.0 / np.sqrt(hidden_size)
@@ -98,6 +103,9 @@ class KernelLayer(Layer):
             ("gates",) if self.cell.reserve_gates else ())
 
     takes_noise = True          # zoneout and recurrent dropout (gpurnn.layernorm's contract)
+
+    def wavefront_cell(self, dtype):
+        return self.cell.name
 
     def forward(self, run, x, params, h0, c0, reverse, noise=None):
         extra = {"noise": noise} if noise else {}
@@ -291,18 +299,21 @@ class Stack:
 
     # ---- forward / backward --------------------------------------------------------------
     def _wavefront(self, run, x, masks, noise):
-        """Whether the whole stack runs as one layer-wavefront launch (gpurnn/kernels/
-        wavefront.py) instead of a launch per layer: a unidirectional stack of a kernel cell
-        with no dropout masks between layers and no regularisers, on a backend whose plan
-        chooses it (the cuda backend where the stack fits and is predicted faster; any kernel
-        backend when backend_options={'wavefront': True})."""
-        if (self.directions != 1 or self.num_layers < 2 or type(self.layer) is not KernelLayer
+        """The cell the whole stack runs as in one layer-wavefront launch (gpurnn/kernels/
+        wavefront.py) instead of a launch per layer, or None: a unidirectional stack of a cell
+        the wavefront runs (Layer.wavefront_cell: the kernel cells and the kernel-cell LSTM
+        variants) with no dropout masks between layers and no regularisers, on a backend whose
+        plan chooses it (the cuda backend where the stack fits and is predicted faster; any
+        kernel backend when backend_options={'wavefront': True})."""
+        cell = self.layer.wavefront_cell(x.dtype)
+        if (cell is None or self.directions != 1 or self.num_layers < 2
                 or any(m is not None for m in (masks or [])) or (noise and any(noise))):
-            return False
+            return None
         choose = getattr(get_backend(run.backend), "use_wavefront", None)
-        return bool(choose is not None and choose(self.cell, self.input_size, self.hidden_size,
-                                                  x.shape[1], self.num_layers, x.shape[0],
-                                                  x.dtype, run.options))
+        if choose is not None and choose(cell, self.input_size, self.hidden_size, x.shape[1],
+                                         self.num_layers, x.shape[0], x.dtype, run.options):
+            return cell
+        return None
 
     def _layers(self, params):
         return [self._of(params, layer, 0) for layer in range(self.num_layers)]
@@ -331,9 +342,10 @@ class Stack:
             raise ValueError(f"zoneout and recurrent_dropout are not supported for {self.cell}")
         B = x.shape[1]
         has_c = self.layer.cell.has_cell_state
-        if self._wavefront(run, x, masks, noise):
+        wave = self._wavefront(run, x, masks, noise)
+        if wave is not None:
             y, h_n, c_n, reserves, outputs = get_backend(run.backend).stack_forward(
-                self.cell, x, self._layers(params), h0, c0, run.lengths, run.need_saved,
+                wave, x, self._layers(params), h0, c0, run.lengths, run.need_saved,
                 options=run.options)
             keep = (Saved([x] + list(outputs[:-1]), list(reserves), [None] * (self.num_layers - 1))
                     if run.need_saved else None)
@@ -378,9 +390,10 @@ class Stack:
         check_dtype("dy", dy, x.dtype, "the dtype of x")
         self.check_states(x, (dh_n, dc_n), ("dh_n", "dc_n"))
         has_c = self.layer.cell.has_cell_state
-        if self._wavefront(run, x, saved.masks, saved.noise):
+        wave = self._wavefront(run, x, saved.masks, saved.noise)
+        if wave is not None:
             dx, dh0, dc0, per_layer = get_backend(run.backend).stack_backward(
-                self.cell, x, self._layers(params), (saved.saved, saved.inputs[1:]), run.lengths,
+                wave, x, self._layers(params), (saved.saved, saved.inputs[1:]), run.lengths,
                 dy, dh_n, dc_n, options=run.options)
             grads = {name + self.suffix(layer, 0): g
                      for layer, g_l in enumerate(per_layer) for name, g in g_l.items()}

@@ -174,6 +174,14 @@ class VariantLayer(Layer):
     def state_size(self, hidden_size):
         return self.form.state_size(hidden_size)
 
+    def wavefront_cell(self, dtype):
+        """The kernel-cell variants (lstm_peephole, cifg, cifg_peephole) run as a layer
+        wavefront; the projection and the mLSTM, whose step has two phases, do not."""
+        form = self.form
+        if form.name in cells.KERNEL_CELLS and np.dtype(dtype).name in DTYPES:
+            return form.name
+        return None
+
     @staticmethod
     def _check_dtype(x):
         if np.dtype(x.dtype).name not in DTYPES:

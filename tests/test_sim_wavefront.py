@@ -32,11 +32,12 @@ from gpurnn.backends import cuda as host
 from gpurnn.backends import cuda_wavefront as wf
 from gpurnn.backends import sim
 from gpurnn.backends.numpy import input_bias
-from gpurnn.cells import GATES, RESERVE_GATES, has_cell_state
+from gpurnn.cells import GATES, KERNEL_CELLS, PEEPHOLES, RESERVE_GATES, has_cell_state
 from gpurnn.kernels import wavefront as kernels
 from gpurnn.kernels.layout import KERNEL_REGS_MAX, lanes_per_output, units_per_block
 from gpurnn.planning import wavefront as planning
 from gpurnn.testing import GRAD_TOL, TOL, assert_close
+from gpurnn.variants import form_of
 
 from simtools import (MutantRuntime, anchor_hits, barrier_kinds, barriers_before_and_after,
                       compile_errors, compile_rows, compiled_pairs, first_catch, kernel_source,
@@ -56,6 +57,8 @@ def make_case(cell, T, B, I, H, L, dtype, bias, seed):
         p = {"weight_ih": rand(G * H, I if l == 0 else H), "weight_hh": rand(G * H, H)}
         if bias:
             p["bias_ih"], p["bias_hh"] = rand(G * H), rand(G * H)
+        if PEEPHOLES.get(cell):
+            p["weight_ch"] = rand(PEEPHOLES[cell] * H)
         layers.append(p)
     args = dict(x=rand(T, B, I), layers=layers, h0=rand(L, B, H),
                 c0=rand(L, B, H) if has_cell_state(cell) else None)
@@ -89,6 +92,11 @@ CASES = [
     ("lstm", 3, 3, 4, 17, 2, 2, 32, 2, [3, 0, 1], True, np.float32),       # U 9: bwd lanes 1
     ("gru", 1, 3, 4, 7, 3, 2, 32, None, [1, 0, 1], True, np.float32),      # edges: T 1
     ("lstm", 4, 3, 4, 7, 1, 2, 32, None, [4, 2, 0], True, np.float64),     # L 1
+    # the kernel-cell LSTM variants (each layer's own peephole vector in the stacked b_rec)
+    ("lstm_peephole", 4, 3, 4, 7, 3, 2, 32, 2, [4, 0, 2], True, np.float32),
+    ("cifg", 3, 3, 5, 9, 2, 3, 32, None, [3, 1, 0], False, np.float64),
+    ("cifg_peephole", 4, 1, 3, 7, 2, 6, 32, None, [4], True, np.float32),   # blocks 4, 5 idle
+    ("lstm_peephole", 3, 3, 3, 9, 2, 2, 64, None, None, False, np.float64),
 ]
 
 
@@ -111,9 +119,23 @@ def test_cases_cover_what_the_docstring_promises():
         if lengths:
             zero += 0 in lengths
             full += T in lengths
-    assert {"lstm", "gru", "rnn_tanh"} <= cells
+    assert {"lstm", "gru", "rnn_tanh", "rnn_relu", *KERNEL_CELLS} == cells
     assert 1 in lanes_f and max(lanes_f) >= 16 and 1 in lanes_b and max(lanes_b) >= 16
     assert idle and tiles and zero and full
+
+
+def _b_rec(cell, p, H, dt):
+    """What layer p's per-layer launch reads as b_rec (gpurnn.backends.cuda)."""
+    if cell == "gru":
+        return np.ascontiguousarray(p["bias_hh"]) if "bias_hh" in p else np.zeros(3 * H, dt)
+    if PEEPHOLES.get(cell):
+        return np.ascontiguousarray(p["weight_ch"])
+    return np.zeros(1, dt)
+
+
+def _names(cell):
+    return ("h",) + (("c",) if has_cell_state(cell) else ()) + (
+        ("gates",) if RESERVE_GATES[cell] else ())
 
 
 def _per_layer_forward_fed(cell, args, l, gx_l, lengths, P, threads, bt):
@@ -124,26 +146,44 @@ def _per_layer_forward_fed(cell, args, l, gx_l, lengths, P, threads, bt):
     H = p["weight_hh"].shape[1]
     dtype = np.dtype(x.dtype).name
     cfg = host.choose_launch(cell, H, H, B, dtype, RT.device, _layer_options(P, threads, bt, B))
-    if cell == "gru":
-        b_rec = (np.ascontiguousarray(p["bias_hh"]) if "bias_hh" in p
-                 else np.zeros(3 * H, x.dtype))
-    else:
-        b_rec = np.zeros(1, x.dtype)
     c0 = args["c0"][l] if args["c0"] is not None else None
-    return host._recur_forward(RT, cell, cfg, np.ascontiguousarray(gx_l), p["weight_hh"], b_rec,
-                               args["h0"][l], c0, lengths, 0, True, x.dtype)
+    return host._recur_forward(RT, cell, cfg, np.ascontiguousarray(gx_l), p["weight_hh"],
+                               _b_rec(cell, p, H, x.dtype), args["h0"][l], c0, lengths, 0, True,
+                               x.dtype)
+
+
+def _layer_forward(cell, x, p, h0, c0, lengths, opts):
+    """One layer's per-layer launches: (y, h_n, c_n, {reserve name: array}); the variants by
+    gpurnn.variants' lstm_forward on the sim runtime, the other cells by the sim backend."""
+    if cell in KERNEL_CELLS:
+        y, h_n, c_n, saved = host.run_lstm_forward(RT, form_of(cell), x, p, h0, c0, lengths,
+                                                   False, True, opts)
+        return y, h_n, c_n, dict(zip(("h", "c", "gates"), saved))
+    y, h_n, c_n, res = sim.forward(cell, x, p["weight_ih"], p["weight_hh"], p.get("bias_ih"),
+                                   p.get("bias_hh"), h0, c0, lengths, False, True, options=opts)
+    return y, h_n, c_n, {name: getattr(res, name) for name in _names(cell)}
+
+
+def _layer_backward(cell, x, p, kept, lengths, dy, dh_n, dc_n, opts):
+    """One layer's per-layer backward: (dx, dh0, dc0, {param name: gradient})."""
+    if cell in KERNEL_CELLS:
+        return host.run_lstm_backward(RT, form_of(cell), x, p, tuple(kept[n] for n in
+                                                                     _names(cell)),
+                                      lengths, False, dy, dh_n, dc_n, opts)
+    res = Reserve(cell=cell, backend="sim", reverse=False, x=x, w_ih=p["weight_ih"],
+                  w_hh=p["weight_hh"], has_bias="bias_ih" in p, lengths=lengths, h=kept["h"],
+                  c=kept.get("c"), gates=kept.get("gates"))
+    g = sim.backward(res, dy, dh_n, dc_n, options=opts)
+    grads = {"weight_ih": g.dw_ih, "weight_hh": g.dw_hh}
+    if g.db_ih is not None:
+        grads.update(bias_ih=g.db_ih, bias_hh=g.db_hh)
+    return g.dx, g.dh0, g.dc0, grads
 
 
 def _per_layer_backward(cell, args, l, x_l, kept, lengths, dy_l, dh_n, dc_n, P, threads, bt):
-    p = args["layers"][l]
-    B = x_l.shape[1]
-    names = ("h",) + (("c",) if has_cell_state(cell) else ()) + (
-        ("gates",) if RESERVE_GATES[cell] else ())
-    k = dict(zip(names, kept))
-    res = Reserve(cell=cell, backend="sim", reverse=False, x=x_l, w_ih=p["weight_ih"],
-                  w_hh=p["weight_hh"], has_bias="bias_ih" in p, lengths=lengths, h=k["h"],
-                  c=k.get("c"), gates=k.get("gates"))
-    return sim.backward(res, dy_l, dh_n, dc_n, options=_layer_options(P, threads, bt, B))
+    return _layer_backward(cell, x_l, args["layers"][l], dict(zip(_names(cell), kept)),
+                           lengths, dy_l, dh_n, dc_n, _layer_options(P, threads, bt,
+                                                                     x_l.shape[1]))
 
 
 def _chain(cell, args, cot, lengths, P, threads, bt):
@@ -155,24 +195,16 @@ def _chain(cell, args, cot, lengths, P, threads, bt):
     inp, outs = args["x"], []
     for l, p in enumerate(args["layers"]):
         c0 = args["c0"][l] if args["c0"] is not None else None
-        y, h_n, c_n, res = sim.forward(cell, inp, p["weight_ih"], p["weight_hh"], p.get("bias_ih"),
-                                       p.get("bias_hh"), args["h0"][l], c0, lengths, False, True,
-                                       options=opts)
-        outs.append((y, h_n, c_n, res))
-        inp = y
+        outs.append(_layer_forward(cell, inp, p, args["h0"][l], c0, lengths, opts))
+        inp = outs[-1][0]
     dy, grads = cot["dy"], [None] * L
     for l in range(L - 1, -1, -1):
         dc = cot["dc_n"][l] if cot["dc_n"] is not None else None
-        grads[l] = sim.backward(outs[l][3], dy, cot["dh_n"][l], dc, options=opts)
-        dy = grads[l].dx
+        x_l = args["x"] if l == 0 else outs[l - 1][0]
+        grads[l] = _layer_backward(cell, x_l, args["layers"][l], outs[l][3], lengths, dy,
+                                   cot["dh_n"][l], dc, opts)
+        dy = grads[l][0]
     return outs, grads
-
-
-def _grads_of(g):
-    d = {"weight_ih": g.dw_ih, "weight_hh": g.dw_hh}
-    if g.db_ih is not None:
-        d.update(bias_ih=g.db_ih, bias_hh=g.db_hh)
-    return d
 
 
 @pytest.mark.parametrize("cell,T,B,I,H,L,P,threads,bt,lengths,bias,dtype", CASES,
@@ -214,8 +246,7 @@ def test_wavefront_equals_the_per_layer_launches(request, cell, T, B, I, H, L, P
 
     # ---- forward, bit for bit, layer by layer
     chain, chain_grads = _chain(cell, args, cot, lengths, P, threads, bt)
-    names = ("h",) + (("c",) if has_cell_state(cell) else ()) + (
-        ("gates",) if RESERVE_GATES[cell] else ())
+    names = _names(cell)
     for l in range(L):
         gx_l = st.gx[:, l * B:(l + 1) * B]
         if l == 0:
@@ -225,7 +256,7 @@ def test_wavefront_equals_the_per_layer_launches(request, cell, T, B, I, H, L, P
             if c_n is not None:
                 assert np.array_equal(c_n[0], want[2]), "layer 0 c_n"
             for name, a in zip(names, reserves[0]):
-                assert np.array_equal(a, getattr(want[3], name)), f"layer 0 reserve {name}"
+                assert np.array_equal(a, want[3][name]), f"layer 0 reserve {name}"
         else:
             # the input pre-activations: a dot product here, a BLAS GEMM per layer (TOL)
             p = args["layers"][l]
@@ -258,32 +289,31 @@ def test_wavefront_equals_the_per_layer_launches(request, cell, T, B, I, H, L, P
             assert np.array_equal(dy_l, cot["dy"])
         x_l = args["x"] if l == 0 else outputs[l - 1]
         dc_n_l = cot["dc_n"][l] if cot["dc_n"] is not None else None
-        g = _per_layer_backward(cell, args, l, x_l, reserves[l], lengths,
-                                np.ascontiguousarray(dy_l), cot["dh_n"][l], dc_n_l, P, threads,
-                                bt)
-        assert np.array_equal(dh0[l], g.dh0), f"layer {l} dh0"
+        g_dx, g_dh0, g_dc0, want = _per_layer_backward(
+            cell, args, l, x_l, reserves[l], lengths, np.ascontiguousarray(dy_l), cot["dh_n"][l],
+            dc_n_l, P, threads, bt)
+        assert np.array_equal(dh0[l], g_dh0), f"layer {l} dh0"
         if dc0 is not None:
-            assert np.array_equal(dc0[l], g.dc0), f"layer {l} dc0"
-        want = _grads_of(g)
+            assert np.array_equal(dc0[l], g_dc0), f"layer {l} dc0"
         assert set(wgrads[l]) == set(want) == (
-            {"weight_ih", "weight_hh", "bias_ih", "bias_hh"} if bias else
-            {"weight_ih", "weight_hh"})
+            {"weight_ih", "weight_hh"} | ({"bias_ih", "bias_hh"} if bias else set())
+            | ({"weight_ch"} if PEEPHOLES.get(cell) else set()))
         for name in want:
             assert wgrads[l][name].dtype == sdt
             assert np.array_equal(wgrads[l][name], want[name]), f"layer {l} {name}"
         if l == 0:
-            assert np.array_equal(dx, g.dx), "dx"
+            assert np.array_equal(dx, g_dx), "dx"
         else:
             # the lower layer's dy: a dot product here, a GEMM per layer (TOL)
-            assert_close(bst.dy[:, (l - 1) * B:l * B], g.dx, GRAD_TOL[dtype], f"layer {l} dx")
+            assert_close(bst.dy[:, (l - 1) * B:l * B], g_dx, GRAD_TOL[dtype], f"layer {l} dx")
     # the chained per-layer stack's gradients, end to end
     gtol = GRAD_TOL[dtype]
-    assert_close(dx, chain_grads[0].dx, gtol, "dx vs the per-layer stack")
-    assert_close(dh0, np.stack([g.dh0 for g in chain_grads]), gtol, "dh0")
+    assert_close(dx, chain_grads[0][0], gtol, "dx vs the per-layer stack")
+    assert_close(dh0, np.stack([g[1] for g in chain_grads]), gtol, "dh0")
     if dc0 is not None:
-        assert_close(dc0, np.stack([g.dc0 for g in chain_grads]), gtol, "dc0")
+        assert_close(dc0, np.stack([g[2] for g in chain_grads]), gtol, "dc0")
     for l in range(L):
-        for name, want in _grads_of(chain_grads[l]).items():
+        for name, want in chain_grads[l][3].items():
             assert_close(wgrads[l][name], want, gtol, f"layer {l} {name} vs the per-layer stack")
 
 
@@ -358,8 +388,15 @@ def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="one hidden size"):
         wf.run_stack_forward(RT, "lstm", args["x"], bad, args["h0"], args["c0"], None, True, None)
     with pytest.raises(ValueError, match="the wavefront runs"):
-        wf.run_stack_forward(RT, "cifg", args["x"], args["layers"], args["h0"], args["c0"], None,
+        wf.run_stack_forward(RT, "mlstm", args["x"], args["layers"], args["h0"], args["c0"], None,
                              True, None)
+    # a peephole stack without (or with a wrong) peephole vector
+    with pytest.raises(ValueError, match=r"layer 0: lstm_peephole needs weight_ch of shape \(21,\); "
+                                         r"got None"):
+        wf.run_stack_forward(RT, "lstm_peephole", *a[2:], None)
+    short = [{**p, "weight_ch": np.zeros(14, np.float32)} for p in args["layers"]]
+    with pytest.raises(ValueError, match=r"layer 0: lstm_peephole needs weight_ch .* got \(14,\)"):
+        wf.run_stack_forward(RT, "lstm_peephole", args["x"], short, *a[4:], None)
 
 
 STOCK_SCRIPT = """
@@ -424,6 +461,15 @@ def test_fit_uses_the_kernels_smem_model_and_fills_the_device():
     assert not planning.fit("lstm", c2 + 1, 1, 2, "float32", "H100").fits
 
 
+def test_fit_refuses_blocks_that_leave_too_few_registers():
+    # 512 threads leave 128 registers a thread, under the kernels' kernels.REGS_MAX
+    f = planning.fit("cifg_peephole", 64, 1, 2, "float32", "H100", threads=512)
+    assert not f.fits and any("registers per thread" in r for r in f.reasons), f.reasons
+    assert planning.fit("cifg_peephole", 64, 1, 2, "float32", "H100", threads=256).fits
+    c = planning.choose("lstm_peephole", 64, 64, 1, 2, 16, "float32", "H100", threads=512)
+    assert c.choice == "per_layer"
+
+
 def test_smem_regions_hold_both_weight_slices():
     for G, H, bt, U, threads in ((4, 7, 3, 4, 32), (3, 9, 2, 3, 32), (1, 7, 1, 1, 64)):
         wf_, rf = kernels.smem_regions("fwd", G, H, bt, U, threads)
@@ -469,13 +515,16 @@ def rows():
 @needs_ptxas
 def test_every_wavefront_kernel_compiles_without_spills(rows):
     names = {sp.name for sp in kernels.specializations()}
-    assert len(names) == 4 * len(kernels.DTYPES) * 2
+    assert len(names) == len(kernels.WAVEFRONT_CELLS) * len(kernels.DTYPES) * 2 == 7 * 2 * 2
     assert compiled_pairs(rows) == wanted_pairs(names)
     assert compile_errors(rows) == []
     assert spilled(rows) == []
     for r in rows:
         assert r.linked_cudadevrt and r.grid_sync, r.kernel
-        assert 0 < r.registers <= KERNEL_REGS_MAX, (r.kernel, r.arch, r.registers)
+        assert 0 < r.registers <= kernels.REGS_MAX, (r.kernel, r.arch, r.registers)
+    # the plain cells stay within the registry kernels' budget
+    assert max(r.registers for r in rows if r.cell in ("lstm", "rnn_tanh", "rnn_relu", "gru")
+               ) <= KERNEL_REGS_MAX
 
 
 @needs_ptxas

@@ -1,4 +1,5 @@
-"""The stack core routes a unidirectional stack of a kernel cell to one layer-wavefront launch
+"""The stack core routes a unidirectional stack of a kernel cell (or of a kernel-cell LSTM
+variant: peephole, CIFG) to one layer-wavefront launch
 (gpurnn/kernels/wavefront.py) when the backend's plan chooses it or backend_options ask for it,
 and the results are the per-layer launches' (the kernels' own parity is
 tests/test_sim_wavefront.py)."""
@@ -26,10 +27,15 @@ def _launches(fn):
     return out, [d["kind"] for d in log]
 
 
-@pytest.mark.parametrize("cls", [gpurnn.LSTM, gpurnn.GRU, gpurnn.RNN])
-def test_a_stack_runs_as_one_wavefront_when_asked_and_equals_per_layer_launches(cls, rng):
-    wave = cls(I, H, L, backend="sim", seed=2)
-    per = cls(I, H, L, backend="sim", seed=2)
+@pytest.mark.parametrize("cls,kw", [
+    (gpurnn.LSTM, {}), (gpurnn.GRU, {}), (gpurnn.RNN, {}),
+    # the kernel-cell LSTM variants: lstm_peephole, cifg, cifg_peephole
+    (gpurnn.LSTM, {"peephole": True}), (gpurnn.LSTM, {"coupled": True}),
+    (gpurnn.LSTM, {"peephole": True, "coupled": True})],
+    ids=["lstm", "gru", "rnn", "lstm_peephole", "cifg", "cifg_peephole"])
+def test_a_stack_runs_as_one_wavefront_when_asked_and_equals_per_layer_launches(cls, kw, rng):
+    wave = cls(I, H, L, backend="sim", seed=2, **kw)
+    per = cls(I, H, L, backend="sim", seed=2, **kw)
     x, lengths = rng.standard_normal((T, B, I)).astype(np.float32), np.array([4, 2])
     (y, _), kinds = _launches(lambda: wave(x, lengths=lengths,
                                            backend_options={**OPTS, "wavefront": True}))
@@ -42,6 +48,9 @@ def test_a_stack_runs_as_one_wavefront_when_asked_and_equals_per_layer_launches(
     assert kinds == ["wavefront_bwd"]
     dx_per, _ = per.backward(dy)
     assert_close(dx, dx_per, GRAD_TOL["float32"], "dx")
+    assert set(wave.grads) == set(per.grads)
+    if kw.get("peephole"):
+        assert {f"weight_ch_l{k}" for k in range(L)} <= set(per.grads)
     for key, g in per.grads.items():
         assert_close(wave.grads[key], g, GRAD_TOL["float32"], key)
 
@@ -50,7 +59,10 @@ def test_stacks_the_wavefront_cannot_run_keep_per_layer_launches(rng):
     x = rng.standard_normal((T, B, I)).astype(np.float32)
     for m in (gpurnn.LSTM(I, H, L, backend="sim", bidirectional=True),
               gpurnn.LSTM(I, H, L, backend="sim", dropout=0.5),
-              gpurnn.LSTM(I, H, L, backend="sim", zoneout=(0.1, 0.1))):
+              gpurnn.LSTM(I, H, L, backend="sim", zoneout=(0.1, 0.1)),
+              # two phases per step: the projection and the mLSTM keep their own kernels
+              gpurnn.LSTM(I, H, L, backend="sim", proj_size=3),
+              gpurnn.MLSTM(I, H, L, backend="sim")):
         _, kinds = _launches(lambda: m(x, backend_options={**OPTS, "wavefront": True}))
         assert "wavefront_fwd" not in kinds
     with pytest.raises(ValueError, match="wavefront"):

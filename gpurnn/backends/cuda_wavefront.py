@@ -1,6 +1,7 @@
 """The layer wavefront's host side (kernels: gpurnn/kernels/wavefront.py, plan:
-gpurnn/planning/wavefront.py): a whole stacked unidirectional LSTM / GRU / RNN in ONE persistent
-launch forward and ONE backward, written against `rt.xp` as gpurnn.backends.cuda is, so the
+gpurnn/planning/wavefront.py): a whole stacked unidirectional LSTM / GRU / RNN, or a stack of
+the kernel-cell LSTM variants (lstm_peephole, cifg, cifg_peephole), in ONE persistent launch
+forward and ONE backward, written against `rt.xp` as gpurnn.backends.cuda is, so the
 CUDA runtime and the strict simulator (gpurnn.backends.sim.RUNTIME) run the same code.
 
   forward   Gx_0 = x W_ih0^T + folded bias (one GEMM over all T*B rows, as per layer) -> the
@@ -8,8 +9,9 @@ CUDA runtime and the strict simulator (gpurnn.backends.sim.RUNTIME) run the same
             input product in the launch (written to the stacked gx)
   backward  the reverse wavefront kernel: T+L stages (the last only finishes layer 0's dh0);
             it writes every lower layer's dy (the upper layer's dx); then per layer, as
-            gpurnn.backends.cuda does: dW_ih = dgx^T x_l, dW_hh = dgh^T h_in, db, and the
-            stack's dx = dgx_0 W_ih0 (GEMMs)
+            gpurnn.backends.cuda does: dW_ih = dgx^T x_l, dW_hh = dgh^T h_in, db, the
+            peephole weights' (cuda.peephole_grads, from dgh and c), and the stack's
+            dx = dgx_0 W_ih0 (GEMMs)
 No dropout between layers (the caller keeps per-layer launches when dropout > 0); unidirectional
 only; every layer of one hidden size H (layer 0's input size I is free).
 Entry points:
@@ -21,8 +23,10 @@ Entry points:
         (T, B, H) (layer l+1's input; the last is y)
     run_stack_backward(rt, cell, x, layers, saved, lengths, dy, dh_n, dc_n, options)
         -> (dx, dh0 (L, B, H), dc0 | None, [per-layer grads {weight_ih, weight_hh, bias_ih,
-        bias_hh}]); saved = (reserves, outputs) of the forward
-layers: per layer a dict {weight_ih, weight_hh, bias_ih?, bias_hh?} (torch's names, no suffix).
+        bias_hh, weight_ch}]); saved = (reserves, outputs) of the forward
+layers: per layer a dict {weight_ih, weight_hh, bias_ih?, bias_hh?, weight_ch (the peephole
+cells)} (torch's and gpurnn.variants' names, no suffix). The variants' reserves are
+gpurnn.variants' saved layout (h, c, gates), which is the LSTM's.
 h0, c0 (L, B, H) or None (zeros); dy, dh_n, dc_n may be None (zeros).
 options: {"blocks": P per layer, "threads", "batch_tile"} (and "path": "persistent" only);
 the rest from gpurnn.planning.wavefront.fit. Backward plans again from the same options.
@@ -39,9 +43,10 @@ import numpy as np
 from . import cuda as host
 from . import launching
 from .numpy import input_bias, inputs_seen
-from ..cells import GATES, RESERVE_GATES, has_cell_state
+from ..cells import GATES, PEEPHOLES, RESERVE_GATES, has_cell_state
 from ..kernels import wavefront as kernels
 from ..kernels.dtypes import COMPUTE, host_view
+from ..variants import form_of
 
 _kernel = launching.KernelCache(kernels.spec)     # (rt, cell, kind, dtype) -> (spec, kernel)
 
@@ -93,12 +98,16 @@ def _check_layers(cell, x, layers):
         raise ValueError("layers must hold at least one layer's parameters")
     G = GATES[cell]
     H = layers[0]["weight_hh"].shape[1]
+    peep = PEEPHOLES.get(cell, 0) * H
     for l, p in enumerate(layers):
         want_ih = (G * H, x.shape[2] if l == 0 else H)
         if tuple(p["weight_hh"].shape) != (G * H, H) or tuple(p["weight_ih"].shape) != want_ih:
             raise ValueError(f"layer {l}: weight_ih {tuple(p['weight_ih'].shape)} / weight_hh "
                              f"{tuple(p['weight_hh'].shape)} must be {want_ih} / {(G * H, H)} "
                              f"(one hidden size for the whole stack)")
+        if peep and (p.get("weight_ch") is None or tuple(p["weight_ch"].shape) != (peep,)):
+            got = None if p.get("weight_ch") is None else tuple(p["weight_ch"].shape)
+            raise ValueError(f"layer {l}: {cell} needs weight_ch of shape {(peep,)}; got {got}")
     return H
 
 
@@ -114,6 +123,20 @@ def _stacked_weights(xp, layers, dt, GH, H):
     w_ih = (_stacked(xp, layers[1:], "weight_ih", dt, (GH, H)) if len(layers) > 1
             else xp.zeros((GH, H), dt))
     return w_hh, w_ih
+
+
+def _stacked_b_rec(xp, cell, layers, cdt, H):
+    """Every layer's b_rec of its per-layer launch, stacked (kernels docstring): GRU's b_hh
+    (zeros without bias), the peephole vector, else one placeholder element per layer."""
+    if cell == "gru":
+        parts = [p["bias_hh"] if p.get("bias_hh") is not None else xp.zeros(3 * H, cdt)
+                 for p in layers]
+    elif PEEPHOLES.get(cell):
+        parts = [p["weight_ch"] for p in layers]
+    else:
+        return xp.zeros(len(layers), cdt)
+    return xp.ascontiguousarray(xp.concatenate([xp.asarray(a).astype(cdt, copy=False)
+                                                for a in parts]))
 
 
 def _call(rt, cell, x, layers, options):
@@ -150,16 +173,11 @@ def _stack_forward(rt, cell, x, layers, h0, c0, lengths, need_saved, options):
                                                   layers[0].get("bias_hh")), cdt)
     w_hh, w_ih = _stacked_weights(xp, layers, sdt, GH, H)
     bias = xp.zeros(L * GH, cdt)
-    bhn = xp.zeros(L * H if cell == "gru" else 1, cdt)
     for l, p in enumerate(layers):
-        if p.get("bias_ih") is not None:
-            if l > 0:
-                bias[l * GH:(l + 1) * GH] = input_bias(cell, p["bias_ih"], p["bias_hh"]).astype(
-                    cdt, copy=False)
-            if cell == "gru":
-                bhn[l * H:(l + 1) * H] = p["bias_hh"][2 * H:].astype(cdt, copy=False)
-    # fwd_unit adds b_rec[2H+u] to GRU's n gate: the kernel adds each layer's b_hn itself
-    b_rec = xp.zeros(GH if cell == "gru" else 1, cdt)
+        if l > 0 and p.get("bias_ih") is not None:
+            bias[l * GH:(l + 1) * GH] = input_bias(cell, p["bias_ih"], p["bias_hh"]).astype(
+                cdt, copy=False)
+    b_rec = _stacked_b_rec(xp, cell, layers, cdt, H)
     h = xp.empty((T + 1, L * B, H), sdt)
     h[0] = 0 if h0 is None else xp.asarray(h0).reshape(L * B, H)
     c = xp.zeros((1, 1, 1), cdt)
@@ -175,7 +193,7 @@ def _stack_forward(rt, cell, x, layers, h0, c0, lengths, need_saved, options):
         return host_view(xp, a, dtype)
     U, bt = cfg.units, cfg.batch_tile
     _launch(rt, cell, "wavefront_fwd", dtype, cfg, L, H,
-            lambda s0, s1: (gx, k(w_hh), k(w_ih), bias, bhn, b_rec, k(h), c, k(gates), k(y),
+            lambda s0, s1: (gx, k(w_hh), k(w_ih), bias, b_rec, k(h), c, k(gates), k(y),
                             lengths_k, L, s0, s1, U, save, bt), T + L - 1)
     return ForwardState(gx=gx, h=h, c=c, gates=gates, y=y, launch=cfg)
 
@@ -236,7 +254,7 @@ def _stack_backward(rt, cell, x, layers, saved, lengths, dy, dh_n, dc_n, options
     gates = (xp.ascontiguousarray(xp.concatenate([r[-1] for r in reserves], axis=1)) if S
              else xp.zeros((1, 1, 1), sdt))
     w_hh, w_ih = _stacked_weights(xp, layers, sdt, GH, H)
-    b_rec = xp.zeros(1, cdt)                # no plain cell's backward reads b_rec
+    b_rec = _stacked_b_rec(xp, cell, layers, cdt, H)   # read by the peephole cells only
     dy_all = xp.zeros((T, L * B, H), sdt)   # the lower layers' rows: written by the kernel
     if dy is not None:
         dy_all[:, (L - 1) * B:] = dy
@@ -291,6 +309,9 @@ def _backward_results(xp, cell, st, x, layers, saved, lengths):
             db_ih = dgx_l.reshape(T * B, -1).sum(axis=0)
             g["bias_ih"] = db_ih
             g["bias_hh"] = dgh_l.reshape(T * B, -1).sum(axis=0) if cell == "gru" else db_ih.copy()
+        if PEEPHOLES.get(cell):
+            g["weight_ch"] = host.peephole_grads(xp, form_of(cell), dgh_l,
+                                                 reserves[l][1].astype(cdt, copy=False), 0)
         grads.append({name: a.astype(sdt, copy=False) for name, a in g.items()})
     dc0 = st.dc0.astype(sdt, copy=False) if st.dc0 is not None else None
     return dx.astype(sdt, copy=False), st.dh0.astype(sdt, copy=False), dc0, grads

@@ -122,7 +122,7 @@ def make(cell: str, dtype: str, regularised: bool = False):
     if regularised and cell not in REGULARISED_CELLS:
         raise ValueError(f"no regularised kernels for cell {cell!r}; they exist for "
                          f"{REGULARISED_CELLS}")
-    fwd_reg, bwd_reg = units(cell, dtype)
+    fwd_reg, bwd_reg = units(cell, dtype)[:2]
     if regularised:
         return fwd_reg, bwd_reg
     NOISE_OFF = 0
@@ -145,9 +145,35 @@ def make(cell: str, dtype: str, regularised: bool = False):
 
 
 @functools.lru_cache(maxsize=None)
+def make_stacked(cell: str, dtype: str):
+    """(fwd_unit, bwd_unit) of make(cell, dtype) for a kernel whose b_rec stacks several
+    layers' (the layer wavefront, gpurnn.kernels.wavefront): each takes one more argument after
+    b_rec, rb, where the layer's b_rec starts; the math is make()'s, index for index."""
+    _, _, fwd_at, bwd_at = units(cell, dtype)
+    NOISE_OFF = 0
+
+    @cuda.jit(device=True, inline=True)
+    def fwd_unit(gx, b_rec, rb, h, c, gates, y, lengths, t, t_in, t_out, b, u, r0, r1, r2, r3,
+                 h_in, save_gates):
+        fwd_at(gx, b_rec, rb, h, c, gates, y, lengths, t, t_in, t_out, b, u, r0, r1, r2, r3,
+               h_in, save_gates, c, c, NOISE_OFF)
+
+    @cuda.jit(device=True, inline=True)
+    def bwd_unit(b_rec, rb, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, t, t_in,
+                 t_out, b, u, dh):
+        bwd_at(b_rec, rb, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, t, t_in, t_out,
+               b, u, dh, c, c, NOISE_OFF)
+
+    return fwd_unit, bwd_unit
+
+
+@functools.lru_cache(maxsize=None)
 def units(cell: str, dtype: str):
-    """make()'s functions with the three noise arguments, for any kernel cell (the kernels'
-    shared bodies call these; the LSTM variants always with noise = 0)."""
+    """(fwd_reg, bwd_reg, fwd_at, bwd_at): make()'s functions with the three noise arguments,
+    for any kernel cell (the kernels' shared bodies call these; the LSTM variants always with
+    noise = 0). fwd_at / bwd_at take one more argument after b_rec, rb: where the unit's
+    b_rec starts in a b_rec that stacks several layers' (the layer wavefront's); fwd_reg and
+    bwd_reg are them with rb = 0."""
     DT = NP_COMPUTE[dtype]
     LOAD, STORE = codec(dtype)
     ZERO, HALF, ONE = DT(0), DT(0.5), DT(1)
@@ -158,8 +184,8 @@ def units(cell: str, dtype: str):
     G = {"lstm": 4, "lstm_peephole": 4, "gru": 3, "cifg": 3, "cifg_peephole": 3}.get(cell, 1)
 
     @cuda.jit(device=True, inline=True)
-    def fwd_reg(gx, b_rec, h, c, gates, y, lengths, t, t_in, t_out, b, u, r0, r1, r2, r3, h_in,
-                save_gates, zh, zc, noise):
+    def fwd_at(gx, b_rec, rb, h, c, gates, y, lengths, t, t_in, t_out, b, u, r0, r1, r2, r3,
+               h_in, save_gates, zh, zc, noise):
         H = h.shape[2]
         active = t < lengths[b]
         if IS_LSTM:
@@ -184,11 +210,11 @@ def units(cell: str, dtype: str):
             c[t_out, b, u] = c_out
         elif IS_PEEP_LSTM:
             c_in = c[t_in, b, u]
-            i = HALF * math.tanh(HALF * (gx[t, b, u] + r0 + b_rec[u] * c_in)) + HALF
-            f = HALF * math.tanh(HALF * (gx[t, b, H + u] + r1 + b_rec[H + u] * c_in)) + HALF
+            i = HALF * math.tanh(HALF * (gx[t, b, u] + r0 + b_rec[rb + u] * c_in)) + HALF
+            f = HALF * math.tanh(HALF * (gx[t, b, H + u] + r1 + b_rec[rb + H + u] * c_in)) + HALF
             gg = math.tanh(gx[t, b, 2 * H + u] + r2)
             c_new = f * c_in + i * gg
-            a_o = gx[t, b, 3 * H + u] + r3 + b_rec[2 * H + u] * c_new
+            a_o = gx[t, b, 3 * H + u] + r3 + b_rec[rb + 2 * H + u] * c_new
             o = HALF * math.tanh(HALF * a_o) + HALF
             if save_gates:
                 gates[t, b, u] = STORE(i)
@@ -206,12 +232,12 @@ def units(cell: str, dtype: str):
             a_i = gx[t, b, u] + r0
             a_o = gx[t, b, 2 * H + u] + r2
             if PEEP:
-                a_i += b_rec[u] * c_in
+                a_i += b_rec[rb + u] * c_in
             i = HALF * math.tanh(HALF * a_i) + HALF
             gg = math.tanh(gx[t, b, H + u] + r1)
             c_new = c_in + i * (gg - c_in)          # (1 - i)*c_in + i*g
             if PEEP:
-                a_o += b_rec[H + u] * c_new
+                a_o += b_rec[rb + H + u] * c_new
             o = HALF * math.tanh(HALF * a_o) + HALF
             if save_gates:
                 gates[t, b, u] = STORE(i)
@@ -226,7 +252,7 @@ def units(cell: str, dtype: str):
         elif IS_GRU:
             r = HALF * math.tanh(HALF * (gx[t, b, u] + r0)) + HALF
             z = HALF * math.tanh(HALF * (gx[t, b, H + u] + r1)) + HALF
-            hn = r2 + b_rec[2 * H + u]
+            hn = r2 + b_rec[rb + 2 * H + u]
             n = math.tanh(gx[t, b, 2 * H + u] + r * hn)
             if save_gates:
                 gates[t, b, u] = STORE(r)
@@ -252,8 +278,8 @@ def units(cell: str, dtype: str):
         y[t, b, u] = STORE(h_out if active else ZERO)
 
     @cuda.jit(device=True, inline=True)
-    def bwd_reg(b_rec, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, t, t_in, t_out,
-                b, u, dh, zh, zc, noise):
+    def bwd_at(b_rec, rb, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, t, t_in,
+               t_out, b, u, dh, zh, zc, noise):
         H = h.shape[2]
         if t >= lengths[b]:
             # masked step: the state was copied through, y was a constant 0
@@ -304,14 +330,14 @@ def units(cell: str, dtype: str):
             c_in = c[t_in, b, u]
             tanh_c = math.tanh(c[t_out, b, u])
             da_o = dh * tanh_c * (o * (ONE - o))
-            dc = dc_carry[b, u] + dh * o * (ONE - tanh_c * tanh_c) + da_o * b_rec[2 * H + u]
+            dc = dc_carry[b, u] + dh * o * (ONE - tanh_c * tanh_c) + da_o * b_rec[rb + 2 * H + u]
             da_i = dc * gg * (i * (ONE - i))
             da_f = dc * c_in * (f * (ONE - f))
             dgh[t, b, u] = da_i
             dgh[t, b, H + u] = da_f
             dgh[t, b, 2 * H + u] = dc * i * (ONE - gg * gg)
             dgh[t, b, 3 * H + u] = da_o
-            dc_carry[b, u] = dc * f + da_i * b_rec[u] + da_f * b_rec[H + u]
+            dc_carry[b, u] = dc * f + da_i * b_rec[rb + u] + da_f * b_rec[rb + H + u]
             dh_carry[b, u] = ZERO
         elif IS_CIFG:
             i = LOAD(gates[t, b, u])
@@ -322,14 +348,14 @@ def units(cell: str, dtype: str):
             da_o = dh * tanh_c * (o * (ONE - o))
             dc = dc_carry[b, u] + dh * o * (ONE - tanh_c * tanh_c)
             if PEEP:
-                dc += da_o * b_rec[H + u]
+                dc += da_o * b_rec[rb + H + u]
             da_i = dc * (gg - c_in) * (i * (ONE - i))
             dgh[t, b, u] = da_i
             dgh[t, b, H + u] = dc * i * (ONE - gg * gg)
             dgh[t, b, 2 * H + u] = da_o
             dc_in = dc * (ONE - i)
             if PEEP:
-                dc_in += da_i * b_rec[u]
+                dc_in += da_i * b_rec[rb + u]
             dc_carry[b, u] = dc_in
             dh_carry[b, u] = ZERO
         elif IS_GRU:
@@ -364,7 +390,19 @@ def units(cell: str, dtype: str):
             dgh[t, b, u] = da
             dh_carry[b, u] = held
 
-    return fwd_reg, bwd_reg
+    @cuda.jit(device=True, inline=True)
+    def fwd_reg(gx, b_rec, h, c, gates, y, lengths, t, t_in, t_out, b, u, r0, r1, r2, r3, h_in,
+                save_gates, zh, zc, noise):
+        fwd_at(gx, b_rec, 0, h, c, gates, y, lengths, t, t_in, t_out, b, u, r0, r1, r2, r3,
+               h_in, save_gates, zh, zc, noise)
+
+    @cuda.jit(device=True, inline=True)
+    def bwd_reg(b_rec, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, t, t_in, t_out,
+                b, u, dh, zh, zc, noise):
+        bwd_at(b_rec, 0, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, t, t_in, t_out,
+               b, u, dh, zh, zc, noise)
+
+    return fwd_reg, bwd_reg, fwd_at, bwd_at
 
 
 # ---------------------------------------------------------------- LayerNormLSTM

@@ -148,7 +148,7 @@ def make_fwd(cell: str, dtype: str, regularised: bool = False):
     ZERO = DT(0)                  # typed: a float64 literal would promote f32 math
     if regularised:
         cellmath.make(cell, dtype, True)            # a cell without regularised kernels: raise
-    fwd_unit, _ = cellmath.units(cell, dtype)       # the cell math with its noise arguments
+    fwd_unit = cellmath.units(cell, dtype)[0]       # the cell math with its noise arguments
     NOISE_REC = cellmath.NOISE_REC
 
     @cuda.jit(device=True, inline=True)
@@ -300,7 +300,7 @@ def make_bwd(cell: str, dtype: str, regularised: bool = False):
     ZERO = DT(0)
     if regularised:
         cellmath.make(cell, dtype, True)
-    _, bwd_unit = cellmath.units(cell, dtype)
+    bwd_unit = cellmath.units(cell, dtype)[1]
     NOISE_REC = cellmath.NOISE_REC
 
     @cuda.jit(device=True, inline=True)

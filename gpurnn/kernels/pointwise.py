@@ -52,7 +52,7 @@ def make_fwd(cell: str, dtype: str, regularised: bool = False):
     LOAD, _ = codec(dtype)
     if regularised:
         cellmath.make(cell, dtype, True)            # a cell without regularised kernels: raise
-    fwd_unit, _ = cellmath.units(cell, dtype)
+    fwd_unit = cellmath.units(cell, dtype)[0]
 
     @cuda.jit(device=True, inline=True)
     def body(gx, gh, b_rec, h, c, gates, y, lengths, reverse, s, save_gates, zh, zc, noise):
@@ -112,7 +112,7 @@ def make_bwd(cell: str, dtype: str, regularised: bool = False):
     """
     if regularised:
         cellmath.make(cell, dtype, True)
-    _, bwd_unit = cellmath.units(cell, dtype)
+    bwd_unit = cellmath.units(cell, dtype)[1]
     NOISE_REC = cellmath.NOISE_REC
 
     @cuda.jit(device=True, inline=True)

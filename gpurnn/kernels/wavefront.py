@@ -1,7 +1,9 @@
-"""The layer wavefront: a whole stacked unidirectional LSTM / GRU / RNN (tanh, relu) in ONE
-persistent cooperative launch each way (host side: gpurnn/backends/cuda_wavefront.py, plan:
-gpurnn/planning/wavefront.py). The per-unit math is cellmath.make(cell, dtype)'s fwd_unit /
-bwd_unit, unchanged, and the dot products are split and summed exactly as
+"""The layer wavefront: a whole stacked unidirectional LSTM / GRU / RNN (tanh, relu), or a stack
+of the LSTM variants that are kernel cells (lstm_peephole, cifg, cifg_peephole: gpurnn.cells),
+in ONE persistent cooperative launch each way (host side: gpurnn/backends/cuda_wavefront.py,
+plan: gpurnn/planning/wavefront.py). The per-unit math is cellmath.make(cell, dtype)'s fwd_unit
+/ bwd_unit, unchanged (make_stacked: the same functions, told where their layer's b_rec
+starts), and the dot products are split and summed exactly as
 gpurnn.kernels.persistent's, so every layer's recurrence is the per-layer kernel's, bit for bit,
 given the same inputs (tests/test_sim_wavefront.py).
 
@@ -17,6 +19,10 @@ and layer l's reserve is the row block [l*B, (l+1)*B) in gpurnn.cells' layout:
   gates  (T, L*B, S*H)  activated gates (training forward); y (T, L*B, H) every layer's output
   w_hh   (L*G*H, H)     the layers' W_hh stacked; w_ih (max(L-1, 1)*G*H, H) W_ih of layers
                         1..L-1 (layer 0's W_ih is only the host's GEMM)
+  b_rec  (L*n,)         each layer's b_rec of its per-layer launch, stacked: GRU's b_hh (n = 3H,
+                        zeros without bias), the peephole vector (lstm_peephole 3H,
+                        cifg_peephole 2H), else a placeholder (n = 1); layer l's starts at
+                        l*n
 Grid: L*P blocks, 1-D; block q belongs to layer l = q // P and owns the unit slice
 U_j = [j*U, min((j+1)*U, H)) of it, j = q % P, U = `units` (gpurnn.kernels.layout). A block
 past H owns no unit and only takes part in the barriers.
@@ -28,9 +34,8 @@ Forward: stage s = 0 .. T+L-2, layer l computes step t = s - l where 0 <= t < T.
   `lanes` lanes per (b, g, k) forms the recurrent product into `pre` and (l > 0) the input
   product; lane 0 adds the partial sums in lane order (after a syncthreads when lanes > 1),
   writes the input pre-activation + bias to gx -> syncthreads -> thread per (b, k): fwd_unit.
-  GRU: fwd_unit adds b_rec[2H+u] (b_hn) to the n gate's recurrent part; the layers' b_hn
-  differ, so the kernel adds its layer's b_hn (bhn) to that sum itself and passes a zero
-  b_rec: (r2 + b_hn) + 0 is r2 + b_hn, bit for bit.
+  fwd_unit reads its layer's b_rec (GRU's b_hn inside the reset product, the peepholes) at
+  offset l*n, exactly as the per-layer kernel reads its own.
 Backward: the reverse wavefront, stage s = 0 .. T+L-1, layer l runs the per-layer backward's
   phase kk = s - (L-1-l) where 0 <= kk <= T (kk = T only finishes dh0), i.e. step
   t = T-1-kk. Its block keeps the W_hh columns of its units and (l < L-1) the W_ih columns of
@@ -73,7 +78,7 @@ import functools
 from numba import cuda, int32, void
 
 from . import cellmath
-from ..cells import CELLS, GATES
+from ..cells import CELLS, GATES, KERNEL_CELLS
 from .cellmath import NUMBA_COMPUTE, NUMBA_STORAGE, codec
 from .dtypes import ITEMSIZE, NP_COMPUTE, SHORT
 from .layout import KernelSpec, lanes_per_output, padded_row
@@ -84,7 +89,15 @@ KINDS = ("wavefront_fwd", "wavefront_bwd")
 # cellmath.codec), but untested in the simulator, and GRU's 16-bit forward needs 191 (sm_80) /
 # 199 (sm_90) registers, over layout.KERNEL_REGS_MAX: not offered until both are addressed.
 DTYPES = ("float32", "float64")
-WAVEFRONT_CELLS = CELLS          # lstm, gru, rnn_tanh, rnn_relu
+# lstm, gru, rnn_tanh, rnn_relu and the kernel-cell LSTM variants (the projection and the
+# mLSTM take a second phase per step: gpurnn.kernels.projection / mlstm, per layer)
+WAVEFRONT_CELLS = CELLS + KERNEL_CELLS
+# Registers per thread the wavefront kernels are held to (tests/test_sim_wavefront.py checks
+# ptxas' counts against it): each stage forms two dot products (the input's and the recurrent
+# one) before the cell math; ptxas gives up to 202 on sm_90 (cifg_peephole's forward), over the
+# registry kernels' layout.KERNEL_REGS_MAX (192). 208 allows 304 threads; the plan refuses a
+# block size that leaves fewer registers (gpurnn.planning.wavefront.fit).
+REGS_MAX = 208
 
 
 def smem_regions(direction: str, gates: int, hidden: int, batch_tile: int, units: int,
@@ -114,17 +127,16 @@ def make_fwd(cell: str, dtype: str):
     """The wavefront forward kernel for cell, dtype (arguments: the module docstring and
     signature() below; layers, s_begin, s_end, units, save_gates, batch_tile are int32)."""
     G = GATES[cell]
-    IS_GRU = cell == "gru"
     DT = NP_COMPUTE[dtype]
     SMEM_TYPE = NUMBA_COMPUTE[dtype]
     W_SMEM_TYPE = NUMBA_STORAGE[dtype]
     W_BYTES, C_BYTES = ITEMSIZE[dtype], DT(0).itemsize
     LOAD, _ = codec(dtype)
     ZERO = DT(0)
-    fwd_unit, _ = cellmath.make(cell, dtype)
+    fwd_unit, _ = cellmath.make_stacked(cell, dtype)
 
-    def kernel(gx, w_hh, w_ih, bias, bhn, b_rec, h, c, gates, y, lengths, layers, s_begin,
-               s_end, units, save_gates, batch_tile):
+    def kernel(gx, w_hh, w_ih, bias, b_rec, h, c, gates, y, lengths, layers, s_begin, s_end,
+               units, save_gates, batch_tile):
         grid = _this_grid()
         wsm = cuda.shared.array(0, dtype=W_SMEM_TYPE)
         smem = cuda.shared.array(0, dtype=SMEM_TYPE)
@@ -206,8 +218,6 @@ def make_fwd(cell: str, dtype: str):
                                     acx += smem[scr_off + stride + tid + q]
                         if lane == 0 and oi < n_out:
                             row = g * H + u0 + k
-                            if IS_GRU and g == 2:
-                                acc = acc + bhn[layer * H + u0 + k]
                             smem[pre_off + (b * G + g) * units + k] = acc
                             if layer > 0:
                                 gx[t, lb + b0 + b, row] = acx + bias[layer * GH + row]
@@ -229,8 +239,9 @@ def make_fwd(cell: str, dtype: str):
                             r3 = smem[p + 3 * units]
                         u = u0 + k
                         h_in = smem[h_off + b * H + u]
-                        fwd_unit(gx, b_rec, h, c, gates, y, lengths, t, t, t + 1, lb + b0 + b,
-                                 u, r0, r1, r2, r3, h_in, save_gates)
+                        rb = layer * (b_rec.shape[0] // layers)     # its layer's b_rec
+                        fwd_unit(gx, b_rec, rb, h, c, gates, y, lengths, t, t, t + 1,
+                                 lb + b0 + b, u, r0, r1, r2, r3, h_in, save_gates)
             if s + 1 < s_end:
                 _grid_group_sync(grid)
 
@@ -252,7 +263,7 @@ def make_bwd(cell: str, dtype: str):
     W_BYTES, C_BYTES = ITEMSIZE[dtype], DT(0).itemsize
     LOAD, STORE = codec(dtype)
     ZERO = DT(0)
-    _, bwd_unit = cellmath.make(cell, dtype)
+    _, bwd_unit = cellmath.make_stacked(cell, dtype)
 
     def kernel(w_hh, w_ih, b_rec, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths,
                layers, s_begin, s_end, units, batch_tile):
@@ -270,6 +281,7 @@ def make_bwd(cell: str, dtype: str):
         u0 = (cuda.blockIdx.x - layer * P) * units
         nu = max(0, min(units, H - u0))
         lb = layer * B
+        rb = layer * (b_rec.shape[0] // layers)     # this layer's b_rec
         up = layer + 1 < layers             # a layer above reads this layer's output
         lanes, groups = _lane_split(batch_tile * units, stride)
         lane = tid % lanes
@@ -345,8 +357,8 @@ def make_bwd(cell: str, dtype: str):
                             if t < 0:
                                 dh_carry[b, u] = dh
                             else:
-                                bwd_unit(b_rec, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry,
-                                         lengths, t, t, t + 1, b, u, dh)
+                                bwd_unit(b_rec, rb, h, c, gates, dy, dgh, dgx, dh_carry,
+                                         dc_carry, lengths, t, t, t + 1, b, u, dh)
             # lanes > 1 means one round, and the grid barrier orders this stage's scratch reads
             # before the next stage's writes
             if s + 1 < s_end:
@@ -364,10 +376,10 @@ def signature(kind: str, dtype: str):
     c1, c2, c3 = c[::1], c[:, ::1], c[:, :, ::1]
     i1 = int32[::1]
     if kind == "wavefront_fwd":
-        # gx, w_hh, w_ih, bias, bhn, b_rec, h, c, gates, y, lengths, layers, s_begin, s_end,
-        # units, save_gates, batch_tile
-        return void(c3, s2, s2, c1, c1, c1, s3, c3, s3, s3, i1, int32, int32, int32, int32,
-                    int32, int32)
+        # gx, w_hh, w_ih, bias, b_rec, h, c, gates, y, lengths, layers, s_begin, s_end, units,
+        # save_gates, batch_tile
+        return void(c3, s2, s2, c1, c1, s3, c3, s3, s3, i1, int32, int32, int32, int32, int32,
+                    int32)
     if kind == "wavefront_bwd":
         # w_hh, w_ih, b_rec, h, c, gates, dy, dgh, dgx, dh_carry, dc_carry, lengths, layers,
         # s_begin, s_end, units, batch_tile
@@ -391,6 +403,6 @@ def spec(cell: str, kind: str, dtype: str) -> KernelSpec:
 
 
 def specializations(dtypes=DTYPES) -> list[KernelSpec]:
-    """Every wavefront kernel: 4 cells x the storage dtypes x (fwd, bwd)."""
+    """Every wavefront kernel: 7 cells (WAVEFRONT_CELLS) x the storage dtypes x (fwd, bwd)."""
     return [spec(cell, kind, dtype) for cell in WAVEFRONT_CELLS for dtype in dtypes
             for kind in KINDS]

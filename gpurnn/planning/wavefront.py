@@ -30,7 +30,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..cells import CELLS, GATES, RESERVE_GATES
+from ..cells import GATES, RESERVE_GATES
 from ..kernels import wavefront as kernels
 from ..kernels.dtypes import ITEMSIZE
 from ..kernels.layout import units_per_block
@@ -109,10 +109,11 @@ def _search(cell, H, B, L, dtype, dev, threads, cap, blocks, tile):
 
 def fit(cell, hidden, batch, layers, dtype="float32", device="H100", *, blocks=None,
         threads=None, batch_tile=None, regs_per_thread=None) -> WavefrontFit:
-    """The wavefront's configuration for L = layers layers of `cell` (lstm, gru, rnn_tanh,
-    rnn_relu), or the attempt that shows why none fits (fits False, reasons)."""
-    if cell not in CELLS:
-        raise ValueError(f"cell must be one of {CELLS}; got {cell!r}")
+    """The wavefront's configuration for L = layers layers of `cell` (kernels.WAVEFRONT_CELLS:
+    lstm, gru, rnn_tanh, rnn_relu, lstm_peephole, cifg, cifg_peephole), or the attempt that
+    shows why none fits (fits False, reasons)."""
+    if cell not in kernels.WAVEFRONT_CELLS:
+        raise ValueError(f"cell must be one of {kernels.WAVEFRONT_CELLS}; got {cell!r}")
     check_int("hidden", hidden)
     check_int("layers", layers)
     dtype, dev, nthreads, regs = resolve(cell, batch, dtype, device, threads, regs_per_thread)
@@ -125,7 +126,12 @@ def fit(cell, hidden, batch, layers, dtype="float32", device="H100", *, blocks=N
     G = GATES[cell]
     if blocks is not None:
         reasons.append(f"blocks={blocks} per layer forced by the caller")
-    if ok:
+    if ok and regs < kernels.REGS_MAX:
+        ok = False
+        reasons.append(f"{nthreads} threads per block leave {regs} registers per thread; the "
+                       f"wavefront kernels use up to {kernels.REGS_MAX} (at most "
+                       f"{dev.regs_per_block // kernels.REGS_MAX // 32 * 32} threads per block)")
+    elif ok:
         w = 2 * G * U * hidden * ITEMSIZE[dtype]
         reasons.append(f"{layers} layers x P={P} blocks = {layers * P} blocks <= cooperative "
                        f"limit {coop} ({per_sm} resident per SM x {dev.sm_count} SMs)")
