@@ -301,15 +301,18 @@ def mutation_tests(caught_by, source, lines, barrier_lines, filename, anchor, co
     still reach) is caught as a hang. caught_by(source, tag) is the family's: None, or what
     caught the mutant."""
 
+    @pytest.mark.mutation
     def unmutated_source_passes():
         found = caught_by(source, "original")
         assert found is None, found
 
+    @pytest.mark.mutation
     @pytest.mark.parametrize("line_no", barrier_lines, ids=barrier_ids(lines, barrier_lines))
     def deleting_any_barrier_is_caught(line_no):
         found = caught_by(delete_line(lines, line_no), f"L{line_no + 1}")
         assert found is not None, unnoticed(lines, line_no, filename)
 
+    @pytest.mark.mutation
     @pytest.mark.parametrize("kernel", ["fwd", "bwd"])
     def returning_early_is_caught(kernel):
         hits = anchor_hits(lines, anchor)

@@ -526,6 +526,7 @@ def caught_by(source, tag):
     return None
 
 
+@pytest.mark.mutation
 def test_unmutated_source_passes_every_mutant_case():
     assert caught_by(SOURCE, "original") is None
 
@@ -539,12 +540,14 @@ def _delete(line_no):
 
 @pytest.mark.parametrize("line_no", BARRIER_LINES,
                          ids=[f"L{i + 1}-{LINES[i].split('#')[0].strip()}" for i in BARRIER_LINES])
+@pytest.mark.mutation
 def test_deleting_any_barrier_is_caught(line_no):
     found = caught_by(_delete(line_no), f"L{line_no + 1}")
     assert found is not None, (f"deleting line {line_no + 1} ({LINES[line_no].strip()}) of "
                                f"feedback.py went unnoticed: redundant, or a gap in the checks")
 
 
+@pytest.mark.mutation
 @pytest.mark.parametrize("kernel", ["fwd", "bwd"])
 def test_idle_blocks_returning_early_is_caught(kernel):
     # `if nu == 0: return` after the unit slice: a GPU would hang at the next grid barrier,

@@ -199,6 +199,7 @@ def caught_by(source, tag, regularised=False):
     return None
 
 
+@pytest.mark.mutation
 def test_unmutated_source_passes_every_case():
     assert caught_by(SOURCE, "original") is None
     assert caught_by(SOURCE, "original-regularised", regularised=True) is None
@@ -221,6 +222,7 @@ def _delete(line_no):
 
 @pytest.mark.parametrize("line_no", BARRIER_LINES,
                          ids=[f"L{i + 1}-{LINES[i].split('#')[0].strip()}" for i in BARRIER_LINES])
+@pytest.mark.mutation
 def test_deleting_any_barrier_is_caught(line_no):
     found = caught_by(_delete(line_no), f"L{line_no + 1}")
     assert found is not None, (f"deleting line {line_no + 1} ({LINES[line_no].strip()}) of "
@@ -229,12 +231,14 @@ def test_deleting_any_barrier_is_caught(line_no):
 
 @pytest.mark.parametrize("line_no", BARRIER_LINES,
                          ids=[f"L{i + 1}-{LINES[i].split('#')[0].strip()}" for i in BARRIER_LINES])
+@pytest.mark.mutation
 def test_deleting_any_barrier_is_caught_in_the_regularised_kernels(line_no):
     found = caught_by(_delete(line_no), f"L{line_no + 1}-reg", regularised=True)
     assert found is not None, (f"deleting line {line_no + 1} ({LINES[line_no].strip()}) of "
                                f"persistent.py went unnoticed by the regularised kernels")
 
 
+@pytest.mark.mutation
 @pytest.mark.parametrize("kernel", ["fwd", "bwd"])
 def test_idle_blocks_returning_early_is_caught(kernel):
     # After `u0, nu = _owned_units(units, H)` in the chosen kernel: `if nu == 0: return`.

@@ -611,6 +611,7 @@ def caught_by(source, tag):
     "nu == 0")
 
 
+@pytest.mark.mutation
 def test_a_layer_skipping_a_stage_barrier_is_caught():
     # a layer with no step at a stage leaving the loop instead of joining the barrier
     hits = anchor_hits(LINES, "if t >= 0 and t < T:            # uniform over the block")

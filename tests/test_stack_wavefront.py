@@ -67,3 +67,15 @@ def test_stacks_the_wavefront_cannot_run_keep_per_layer_launches(rng):
         assert "wavefront_fwd" not in kinds
     with pytest.raises(ValueError, match="wavefront"):
         gpurnn.LSTM(I, H, L, backend="sim")(x, backend_options={"wavefront": "yes"})
+
+
+def test_gpurnn_check_has_wavefront_rows_that_run_the_wavefront():
+    from gpurnn.commands import check
+    assert set(check.WAVEFRONT_ROWS) <= set(check.VARIANT_CELLS)
+    for row in check.WAVEFRONT_ROWS:
+        assert check.runs_on(row, "sim")
+    rng = np.random.default_rng(0)
+    checks, kinds = _launches(lambda: check._checks("sim", "cifg_peephole-wavefront", rng))
+    assert kinds == ["wavefront_fwd", "wavefront_bwd"]
+    (what, err, tol), = checks
+    assert what == "NumPy backend f32" and err <= tol

@@ -130,6 +130,12 @@ VARIANT_CELLS = ("lstm_peephole", "cifg", "cifg_peephole", "mlstm", "lstm_proj3"
                  "lstm_peephole_proj3", "layernorm_lstm", "lstm+zoneout+recdrop",
                  "gru+zoneout+recdrop", "layernorm_lstm+zoneout", "gf_lstm", "gf_gru",
                  "gf_rnn_tanh")
+# the layer wavefront (gpurnn/kernels/wavefront.py): a two-layer unidirectional stack in one
+# launch each way (backend_options {"wavefront": True}), on the kernel backends against the
+# NumPy reference's per-layer stack
+WAVEFRONT_ROWS = {"lstm-wavefront": "lstm", "gru-wavefront": "gru",
+                  "cifg_peephole-wavefront": "cifg_peephole"}
+VARIANT_CELLS += tuple(WAVEFRONT_ROWS)
 # the rows' stacks: (cell, keywords); the regularised rows draw their masks once per problem
 _STACKS = {"lstm+zoneout+recdrop": ("lstm", {"zoneout": (0.3, 0.2), "recurrent_dropout": 0.25}),
            "gru+zoneout+recdrop": ("gru", {"zoneout": 0.3, "recurrent_dropout": 0.25}),
@@ -140,6 +146,8 @@ def _variant_stack(row, I, H):
     """The stack of a row: one bidirectional layer (so reverse too), or for the
     gated-feedback cells (unidirectional by nature) two layers."""
     from gpurnn.stack import make_stack
+    if row in WAVEFRONT_ROWS:
+        return make_stack(WAVEFRONT_ROWS[row], I, H, 2)
     cell, kw = _STACKS.get(row, (row, {}))
     if cell.startswith("gf_"):
         return make_stack(cell, I, H, 2)
@@ -172,10 +180,11 @@ def _variant_problem(cell, dtype, rng, T=5, B=3, I=4, H=6):
     return st, conv(data), np.array([T, 2, T - 1][:B]), seeds
 
 
-def _variant_run(st, data, lengths, seeds, backend, training=True):
+def _variant_run(st, data, lengths, seeds, backend, training=True, options=None):
     """(objective, {name: gradient}) of one forward (+ backward) through the stack."""
     from gpurnn.stack import Run
-    run = Run(backend, np, None, lengths, need_saved=training)
+    from gpurnn.backends import check_options
+    run = Run(backend, np, check_options(backend, options), lengths, need_saved=training)
     params = {n: data[n] for n, _ in st.param_shapes()}
     has_c = st.layer.cell.has_cell_state
     y, h_n, c_n, saved = st.forward(run, data["x"], params, data["h0"], data.get("c0"),
@@ -241,7 +250,8 @@ def _check_variant_torch(cell, rng):
 def _check_variant_against_numpy(cell, backend, rng):
     st, data, lengths, seeds = _variant_problem(cell, np.float32, rng)
     _, ref_o, ref_g = _variant_run(st, data, lengths, seeds, "numpy")
-    _, o, g = _variant_run(st, data, lengths, seeds, backend)
+    options = {"wavefront": True} if cell in WAVEFRONT_ROWS else None
+    _, o, g = _variant_run(st, data, lengths, seeds, backend, options=options)
     errs = [rel_err(o[k], ref_o[k]) for k in ref_o if ref_o[k] is not None]
     errs += [rel_err(g[k], ref_g[k]) for k in ref_g]
     return max(errs)
@@ -284,6 +294,8 @@ def run(args):
                 # the stack runs on host arrays here; the cuda backend's variants are checked
                 # by the GPU test suite (tests/test_gpu_suite.py)
                 continue
+            if cell in WAVEFRONT_ROWS and name != "sim":
+                continue        # a kernel launch: the host-array kernel backend is the sim
             if not runs_on(cell, name):
                 rows.append((name, cell, "-", "-", "no kernels for this cell yet"))
                 continue
