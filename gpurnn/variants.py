@@ -175,10 +175,11 @@ class VariantLayer(Layer):
         return self.form.state_size(hidden_size)
 
     def wavefront_cell(self, dtype):
-        """The kernel-cell variants (lstm_peephole, cifg, cifg_peephole) run as a layer
-        wavefront; the projection and the mLSTM, whose step has two phases, do not."""
+        """Stacks of the kernel-cell variants (lstm_peephole, cifg, cifg_peephole) and of the
+        mLSTM run as a layer wavefront (gpurnn.backends.cuda.wavefront_modules); the
+        projection keeps per-layer launches."""
         form = self.form
-        if form.name in cells.KERNEL_CELLS and np.dtype(dtype).name in DTYPES:
+        if np.dtype(dtype).name in DTYPES and not form.proj_size:
             return form.name
         return None
 

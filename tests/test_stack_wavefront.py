@@ -31,8 +31,8 @@ def _launches(fn):
     (gpurnn.LSTM, {}), (gpurnn.GRU, {}), (gpurnn.RNN, {}),
     # the kernel-cell LSTM variants: lstm_peephole, cifg, cifg_peephole
     (gpurnn.LSTM, {"peephole": True}), (gpurnn.LSTM, {"coupled": True}),
-    (gpurnn.LSTM, {"peephole": True, "coupled": True})],
-    ids=["lstm", "gru", "rnn", "lstm_peephole", "cifg", "cifg_peephole"])
+    (gpurnn.LSTM, {"peephole": True, "coupled": True}), (gpurnn.MLSTM, {})],
+    ids=["lstm", "gru", "rnn", "lstm_peephole", "cifg", "cifg_peephole", "mlstm"])
 def test_a_stack_runs_as_one_wavefront_when_asked_and_equals_per_layer_launches(cls, kw, rng):
     wave = cls(I, H, L, backend="sim", seed=2, **kw)
     per = cls(I, H, L, backend="sim", seed=2, **kw)
@@ -60,9 +60,7 @@ def test_stacks_the_wavefront_cannot_run_keep_per_layer_launches(rng):
     for m in (gpurnn.LSTM(I, H, L, backend="sim", bidirectional=True),
               gpurnn.LSTM(I, H, L, backend="sim", dropout=0.5),
               gpurnn.LSTM(I, H, L, backend="sim", zoneout=(0.1, 0.1)),
-              # two phases per step: the projection and the mLSTM keep their own kernels
-              gpurnn.LSTM(I, H, L, backend="sim", proj_size=3),
-              gpurnn.MLSTM(I, H, L, backend="sim")):
+              gpurnn.LSTM(I, H, L, backend="sim", proj_size=3)):
         _, kinds = _launches(lambda: m(x, backend_options={**OPTS, "wavefront": True}))
         assert "wavefront_fwd" not in kinds
     with pytest.raises(ValueError, match="wavefront"):

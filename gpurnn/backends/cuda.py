@@ -650,6 +650,19 @@ def _stack_options(options):
     return {k: v for k, v in (options or {}).items() if k != "wavefront"}
 
 
+def wavefront_modules(cell):
+    """(host module, plan module) of the layer wavefront that runs stacks of `cell`: the plain
+    cells and the kernel-cell LSTM variants (gpurnn.backends.cuda_wavefront), the projection
+    (cuda_wavefront_proj), the mLSTM (cuda_wavefront_mlstm)."""
+    import importlib
+    from ..variants import form_of
+    form = form_of(cell)
+    suffix = ("_proj" if form is not None and form.proj_size else
+              "_mlstm" if form is not None and form.multiplicative else "")
+    return (importlib.import_module(f"{__package__}.cuda_wavefront{suffix}"),
+            importlib.import_module(f"{__package__.rsplit('.', 1)[0]}.planning.wavefront{suffix}"))
+
+
 def use_wavefront(cell, input_size, hidden, batch, layers, steps, dtype, options, device=None):
     """Whether a unidirectional stack runs as one layer-wavefront launch
     (gpurnn/kernels/wavefront.py): backend_options['wavefront'] where given; else the plan
@@ -661,23 +674,21 @@ def use_wavefront(cell, input_size, hidden, batch, layers, steps, dtype, options
     name = np.dtype(dtype).name
     if device == "sim" or name not in ("float32", "float64"):
         return False
-    from ..planning import wavefront
-    return wavefront.choose(cell, input_size, hidden, batch, layers, steps, name,
-                            device).choice == "wavefront"
+    plan = wavefront_modules(cell)[1]
+    return plan.choose(cell, input_size, hidden, batch, layers, steps, name,
+                       device).choice == "wavefront"
 
 
 def stack_forward(cell, x, layers, h0, c0, lengths, need_saved, *, options=None):
-    """A whole unidirectional stack in one wavefront launch (gpurnn.backends.cuda_wavefront)."""
-    from . import cuda_wavefront
-    return cuda_wavefront.run_stack_forward(_runtime(), cell, x, layers, h0, c0, lengths,
-                                            need_saved, _stack_options(options))
+    """A whole unidirectional stack in one wavefront launch (wavefront_modules(cell)'s host)."""
+    return wavefront_modules(cell)[0].run_stack_forward(
+        _runtime(), cell, x, layers, h0, c0, lengths, need_saved, _stack_options(options))
 
 
 def stack_backward(cell, x, layers, saved, lengths, dy, dh_n, dc_n, *, options=None):
     """The reverse wavefront of stack_forward."""
-    from . import cuda_wavefront
-    return cuda_wavefront.run_stack_backward(_runtime(), cell, x, layers, saved, lengths, dy,
-                                             dh_n, dc_n, _stack_options(options))
+    return wavefront_modules(cell)[0].run_stack_backward(
+        _runtime(), cell, x, layers, saved, lengths, dy, dh_n, dc_n, _stack_options(options))
 
 
 def feedback_forward(cell, x, params, h0, c0, lengths, masks, need_saved, *, options=None):

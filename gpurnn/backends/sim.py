@@ -213,17 +213,15 @@ def use_wavefront(cell, input_size, hidden, batch, layers, steps, dtype, options
 
 
 def stack_forward(cell, x, layers, h0, c0, lengths, need_saved, *, options=None):
-    from . import cuda_wavefront
     rt, options = _split(options)
-    return _on(rt, cuda_wavefront.run_stack_forward, cell, x, layers, h0, c0, lengths,
-               need_saved, _host._stack_options(options))
+    return _on(rt, _host.wavefront_modules(cell)[0].run_stack_forward, cell, x, layers, h0, c0,
+               lengths, need_saved, _host._stack_options(options))
 
 
 def stack_backward(cell, x, layers, saved, lengths, dy, dh_n, dc_n, *, options=None):
-    from . import cuda_wavefront
     rt, options = _split(options)
-    return _on(rt, cuda_wavefront.run_stack_backward, cell, x, layers, saved, lengths, dy, dh_n,
-               dc_n, _host._stack_options(options))
+    return _on(rt, _host.wavefront_modules(cell)[0].run_stack_backward, cell, x, layers, saved,
+               lengths, dy, dh_n, dc_n, _host._stack_options(options))
 
 
 def feedback_forward(cell, x, params, h0, c0, lengths, masks, need_saved, *, options=None):
