@@ -175,13 +175,10 @@ class VariantLayer(Layer):
         return self.form.state_size(hidden_size)
 
     def wavefront_cell(self, dtype):
-        """Stacks of the kernel-cell variants (lstm_peephole, cifg, cifg_peephole) and of the
-        mLSTM run as a layer wavefront (gpurnn.backends.cuda.wavefront_modules); the
-        projection keeps per-layer launches."""
-        form = self.form
-        if np.dtype(dtype).name in DTYPES and not form.proj_size:
-            return form.name
-        return None
+        """Every form runs as a layer wavefront (gpurnn.backends.cuda.wavefront_modules: the
+        kernel-cell variants lstm_peephole, cifg, cifg_peephole with the plain cells, the
+        projections and the mLSTM on their own kernels), in float32 / float64."""
+        return self.form.name if np.dtype(dtype).name in DTYPES else None
 
     @staticmethod
     def _check_dtype(x):

@@ -73,7 +73,11 @@ on, off = {"wavefront": True}, {"wavefront": False}
 cases = [("lstm", gpurnn.LSTM, {}), ("gru", gpurnn.GRU, {}), ("rnn_tanh", gpurnn.RNN, {}),
          ("lstm_peephole", gpurnn.LSTM, {"peephole": True}),
          ("cifg", gpurnn.LSTM, {"coupled": True}),
-         ("cifg_peephole", gpurnn.LSTM, {"peephole": True, "coupled": True})]
+         ("cifg_peephole", gpurnn.LSTM, {"peephole": True, "coupled": True}),
+         ("mlstm", gpurnn.MLSTM, {}),
+         ("lstm_proj16", gpurnn.LSTM, {"proj_size": 16}),
+         ("cifg_peephole_proj16", gpurnn.LSTM, {"proj_size": 16, "peephole": True,
+                                                "coupled": True})]
 i = 0
 for name, cls, extra in cases:
     for (T, B, I, H, L, dtype) in ((16, 1, 32, 128, 3, np.float32), (8, 5, 7, 33, 2, np.float64)):

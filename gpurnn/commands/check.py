@@ -134,7 +134,8 @@ VARIANT_CELLS = ("lstm_peephole", "cifg", "cifg_peephole", "mlstm", "lstm_proj3"
 # launch each way (backend_options {"wavefront": True}), on the kernel backends against the
 # NumPy reference's per-layer stack
 WAVEFRONT_ROWS = {"lstm-wavefront": "lstm", "gru-wavefront": "gru",
-                  "cifg_peephole-wavefront": "cifg_peephole"}
+                  "cifg_peephole-wavefront": "cifg_peephole", "mlstm-wavefront": "mlstm",
+                  "lstm_peephole_proj3-wavefront": "lstm_peephole_proj3"}
 VARIANT_CELLS += tuple(WAVEFRONT_ROWS)
 # the rows' stacks: (cell, keywords); the regularised rows draw their masks once per problem
 _STACKS = {"lstm+zoneout+recdrop": ("lstm", {"zoneout": (0.3, 0.2), "recurrent_dropout": 0.25}),
